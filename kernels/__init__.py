@@ -1,0 +1,1 @@
+"""Triton kernels with guarded wrappers and PyTorch fallbacks."""

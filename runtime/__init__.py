@@ -1,0 +1,1 @@
+"""The lean runtime: backends, buffers, the reuse-and-diffuse loop, CLI."""

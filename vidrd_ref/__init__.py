@@ -1,0 +1,1 @@
+"""The reference VidRD model and sampler (SPEC §1-§4)."""
