@@ -1,0 +1,53 @@
+"""The one attention switch of the reference model: `sdpa` (default), `math`, or `triton` (vidrd.kernels)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BACKENDS = ("sdpa", "math", "triton")
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
+    """Non-causal attention without mask. q (N,H,Lq,Dh), k/v (N,H,Lk,Dh) -> (N,H,Lq,Dh)."""
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if backend == "math":
+        w = torch.softmax((q @ k.transpose(-1, -2)).float() * scale, dim=-1).to(q.dtype)  # (N,H,Lq,Lk)
+        return w @ v
+    if backend == "triton":
+        from vidrd.kernels import attention
+        return attention(q, k, v, scale=scale)
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+
+
+class Attention(nn.Module):
+    """diffusers-0.14 `CrossAttention`: q/k/v without bias, to_out.0 with bias. x (N,L,C), ctx (N,Lk,Dc)."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None):
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.backend = "sdpa"
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        ctx = x if context is None else context
+        n, l, c = x.shape
+        q = self.to_q(x).view(n, l, self.heads, -1).transpose(1, 2)  # (N,H,L,Dh)
+        k = self.to_k(ctx).view(n, ctx.shape[1], self.heads, -1).transpose(1, 2)  # (N,H,Lk,Dh)
+        v = self.to_v(ctx).view(n, ctx.shape[1], self.heads, -1).transpose(1, 2)  # (N,H,Lk,Dh)
+        o = attend(q, k, v, self.scale, self.backend)
+        return self.to_out[0](o.transpose(1, 2).reshape(n, l, c))  # (N,L,C)
+
+
+def set_attention(model: nn.Module, backend: str) -> nn.Module:
+    """Route every Attention module of `model` through `backend`; returns the model."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.backend = backend
+    return model

@@ -1,0 +1,100 @@
+"""The VidRD UNet3D (official UNet3DConditionModel with add_temp_embed and add_temp_conv, SPEC §1)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import UNetConfig
+from .unet_blocks import Block3D, MidBlock3D, conv2d_5d
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """diffusers Timesteps(dim, flip_sin_to_cos=True, shift=0): [cos | sin], float32. t (N,) -> (N,dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    arg = t.float()[:, None] * freqs[None]  # (N,half)
+    return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    """linear_1 -> SiLU -> linear_2."""
+
+    def __init__(self, cin: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(cin, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class UNet3D(nn.Module):
+    """sample (B,4,F,h,w), timestep () or (B,), context (B,L,Dc) -> noise prediction (B,4,F,h,w)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch, heads, g, eps = cfg.block_out_channels, cfg.attention_head_dim, cfg.norm_num_groups, cfg.norm_eps
+        ctx, temb = cfg.cross_attention_dim, ch[0] * 4
+        n = len(ch)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], temb)
+
+        self.down_blocks = nn.ModuleList()
+        cout = ch[0]
+        for i, kind in enumerate(cfg.down_block_types):
+            cin, cout = cout, ch[i]
+            cins = [cin] + [cout] * (cfg.layers_per_block - 1)
+            self.down_blocks.append(Block3D(cins, cout, temb, heads[i], ctx, g, eps, attn=kind.startswith("CrossAttn"),
+                                            sampler="down" if i < n - 1 else None))
+        self.mid_block = MidBlock3D(ch[-1], temb, heads[-1], ctx, g, eps)
+
+        self.up_blocks = nn.ModuleList()
+        rch, rheads = ch[::-1], heads[::-1]
+        cout = rch[0]
+        for i, kind in enumerate(cfg.up_block_types):
+            prev, cout, skip_in = cout, rch[i], rch[min(i + 1, n - 1)]
+            layers = cfg.layers_per_block + 1
+            # layer j concatenates [h, skip]: h has `prev` channels at j=0, the skip of the last layer has `skip_in`
+            cins = [(prev if j == 0 else cout) + (skip_in if j == layers - 1 else cout) for j in range(layers)]
+            self.up_blocks.append(Block3D(cins, cout, temb, rheads[i], ctx, g, eps, attn=kind.startswith("CrossAttn"),
+                                          sampler="up" if i < n - 1 else None))
+        self.conv_norm_out = nn.GroupNorm(g, ch[0], eps=eps)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def forward(self, sample: torch.Tensor, timestep, context: torch.Tensor) -> torch.Tensor:
+        b = sample.shape[0]
+        dtype = self.conv_in.weight.dtype
+        t = torch.as_tensor(timestep, device=sample.device)
+        t = t.reshape(-1).expand(b) if t.numel() == 1 else t.reshape(b)  # (B,)
+        emb = self.time_embedding(timestep_embedding(t, self.conv_in.out_channels).to(dtype))  # (B,Dt)
+        x, context = sample.to(dtype), context.to(dtype)
+
+        n_up = len(self.up_blocks) - 1
+        # Up-sampling to an explicit size is needed when h or w is not a multiple of 2**(number of up-samplers).
+        explicit = any(s % (2 ** n_up) for s in x.shape[-2:])
+
+        x = conv2d_5d(self.conv_in, x)  # (B,C0,F,h,w)
+        skips = [x]
+        for blk in self.down_blocks:
+            for j in range(len(blk.resnets)):
+                x = blk.layer(j, x, emb, context)
+                skips.append(x)
+            if hasattr(blk, "downsamplers"):
+                x = blk.downsamplers[0](x)
+                skips.append(x)
+
+        x = self.mid_block(x, emb, context)
+
+        for blk in self.up_blocks:
+            for j in range(len(blk.resnets)):
+                x = torch.cat([x, skips.pop()], dim=1)  # (B,C+Cskip,F,h,w)
+                x = blk.layer(j, x, emb, context)
+            if hasattr(blk, "upsamplers"):
+                size = tuple(skips[-1].shape[2:]) if explicit else None  # (F,h,w) of the next skip
+                x = blk.upsamplers[0](x, size)
+        x = F.silu(self.conv_norm_out(x))  # 5-D GroupNorm: statistics over all frames
+        return conv2d_5d(self.conv_out, x)
