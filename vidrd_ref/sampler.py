@@ -1,0 +1,177 @@
+"""The reference long-video sampler: the official VidRD pipeline loop (SPEC §3), readable rather than fast."""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .text import dropped_words, tokenize
+
+ASSEMBLIES = ("official", "trim")
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Every setting of one generation, with the official defaults (configs/example.yaml + evaluator, SPEC §3.1)."""
+    height: int = 256
+    width: int = 256
+    frames: int = 8
+    steps: int = 50
+    clips: int = 1
+    overlap: int = 4
+    noise_recycle: float = 4.0
+    denoise_guidance: float = 0.4
+    guidance_scale: float = 10.0
+    noise_prior: float = 0.0
+    temporal_decode: bool = False
+    assembly: str = "official"
+
+    def validate(self, model=None) -> None:
+        """Raise ValueError naming the first bad setting; nothing expensive has run yet."""
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0 or v % 8:
+                raise ValueError(f"{name}={v!r} must be a positive multiple of 8 (the VAE's latent factor)")
+        for name in ("frames", "steps", "clips"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} must be an integer >= 1")
+        if model is not None and self.steps > model.scheduler.cfg.num_train_timesteps:
+            raise ValueError(f"steps={self.steps} exceeds the scheduler's {model.scheduler.cfg.num_train_timesteps}"
+                             " training timesteps")
+        if not isinstance(self.overlap, int) or not 0 <= self.overlap < self.frames:
+            raise ValueError(f"overlap={self.overlap!r} must be an integer with 0 <= overlap < frames={self.frames}")
+        if not 0.0 <= self.denoise_guidance <= 1.0:
+            raise ValueError(f"denoise_guidance={self.denoise_guidance!r} must be between 0 and 1")
+        for name in ("noise_recycle", "noise_prior", "guidance_scale"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name}={v!r} must be a finite number >= 0")
+        if self.assembly not in ASSEMBLIES:
+            raise ValueError(f"assembly={self.assembly!r} must be one of {ASSEMBLIES}")
+
+    @property
+    def cfg(self) -> bool:
+        """Classifier-free guidance runs only when guidance_scale > 1 (official do_classifier_free_guidance)."""
+        return self.guidance_scale > 1.0
+
+    def output_frames(self) -> int:
+        trimmed = self.overlap if self.assembly == "trim" else 0
+        return self.frames + (self.clips - 1) * (self.frames - trimmed)
+
+    def guided(self, i: int, k: int) -> bool:
+        """Staged guidance: overlap frame k is pinned at step i while i < (O-k)*(T/O)*g (python float order)."""
+        return i < (self.overlap - k) * (self.steps / self.overlap) * self.denoise_guidance
+
+
+def check_prompts(tokenizer, prompts, negative_prompts) -> tuple[list[str], list[str]]:
+    """Validated prompt lists; negatives default to '' (official pipeline); warns about truncated prompts."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts={prompts!r} must be a non-empty list of strings")
+    if negative_prompts is None:
+        negative_prompts = [""] * len(prompts)
+    elif isinstance(negative_prompts, str):
+        negative_prompts = [negative_prompts] * len(prompts)
+    negative_prompts = list(negative_prompts)
+    if len(negative_prompts) != len(prompts) or not all(isinstance(p, str) for p in negative_prompts):
+        raise ValueError(f"negative_prompts has {len(negative_prompts)} entries for {len(prompts)} prompts; "
+                         "give one string per prompt")
+    for p in prompts + negative_prompts:
+        lost = dropped_words(tokenizer, p)
+        if lost:
+            warnings.warn(f"prompt longer than 77 tokens was truncated; dropped: {lost!r}", stacklevel=3)
+    return prompts, negative_prompts
+
+
+@torch.no_grad()
+def encode_prompts(model, prompts: list[str], negative_prompts: list[str], cfg: bool) -> torch.Tensor:
+    """Text embeddings once per call: [uncond; cond] (2B,77,D) under guidance, else cond (B,77,D)."""
+    texts = negative_prompts + prompts if cfg else prompts
+    ids = tokenize(model.tokenizer, texts).to(model.text_encoder.text_model.embeddings.position_ids.device)
+    return model.text_encoder(ids)
+
+
+def initial_noise(shape, generator, noise_prior: float, dtype, device) -> torch.Tensor:
+    """Official randn_progressive: one (B,C,1,h,w) draw per frame, in frame order. -> (B,C,F,h,w).
+
+    frame_k = beta * frame_{k-1} + N(0, s^2) with beta = a/sqrt(1+a^2). The official helper passes the variance
+    1/(1+a^2) as the std (SPEC §4.7), so frames lose unit variance for a > 0; we use s = 1/sqrt(1+a^2), which keeps
+    every frame at unit variance. At the default a = 0 both are the same iid N(0,1) draws.
+    """
+    b, c, f, h, w = shape
+    a = noise_prior
+    beta, std = a / math.sqrt(1 + a * a), 1 / math.sqrt(1 + a * a)
+    frames = [torch.randn((b, c, 1, h, w), generator=generator, dtype=torch.float32)]
+    for _ in range(1, f):
+        frames.append(beta * frames[-1] + std * torch.randn((b, c, 1, h, w), generator=generator, dtype=torch.float32))
+    return torch.cat(frames, dim=2).to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def decode(model, latents: torch.Tensor, temporal: bool) -> torch.Tensor:
+    """Official decode_latents: latents (B,C,F,h,w) -> video (B,3,F,H,W) float32 in [0,1]."""
+    b, c, f, h, w = latents.shape
+    z = (latents / model.vae.cfg.scaling_factor).transpose(1, 2).reshape(b * f, c, h, w)  # ((B F),C,h,w)
+    x = model.vae.decode(z.to(model.vae.post_quant_conv.weight.dtype), num_frames=f if temporal else 1)
+    x = x.view(b, f, *x.shape[1:]).transpose(1, 2)  # (B,3,F,H,W)
+    return (x / 2 + 0.5).clamp(0, 1).float()
+
+
+@torch.no_grad()
+def generate(model, prompts, negative_prompts=None, *, height=256, width=256, frames=8, steps=50, clips=1,
+             overlap=4, noise_recycle=4.0, denoise_guidance=0.4, guidance_scale=10.0, generator=None,
+             temporal_decode=False, noise_prior=0.0, assembly="official", callback=None):
+    """Long video by reuse and diffuse. -> video (B,3,frames_out,H,W) in [0,1], latents (clips,B,C,F,h,w).
+
+    Mirrors the official SDVideoPipeline.__call__ (SPEC §3.5) step for step, including its random draws, so one
+    seed gives the official video. `callback(clip, step)` is called after every denoising step.
+    """
+    s = SamplerSettings(height, width, frames, steps, clips, overlap, float(noise_recycle), float(denoise_guidance),
+                        float(guidance_scale), float(noise_prior), bool(temporal_decode), assembly)
+    s.validate(model)
+    prompts, negative_prompts = check_prompts(model.tokenizer, prompts, negative_prompts)
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"generator on {generator.device}: the official noise order needs a CPU torch.Generator")
+
+    ctx = encode_prompts(model, prompts, negative_prompts, s.cfg)  # (2B or B,77,D)
+    dtype, device = ctx.dtype, ctx.device
+    b, f, o, r = len(prompts), s.frames, s.overlap, s.noise_recycle
+    shape = (b, model.unet.cfg.in_channels, f, height // 8, width // 8)  # (B,C,F,h,w)
+    timesteps = model.scheduler.timesteps(steps).tolist()
+
+    latents = initial_noise(shape, generator, s.noise_prior, dtype, device)
+    hist: dict[int, torch.Tensor] = {}
+    videos, finals = [], []
+    for c in range(clips):
+        if c > 0:
+            latents = torch.empty_like(latents)  # the previous clip's final latents stay as returned
+            # (a) overlap frames restart from the previous clip's reversed initial latents
+            latents[:, :, :o] = hist[0][:, :, :o]
+            # (b) noise recycle: the other frames mix that reversed noise with fresh noise (variance preserving);
+            # the fresh draw covers the whole clip although only frames o.. are used (RNG parity, SPEC §4.20)
+            fresh = torch.randn(shape, generator=generator, dtype=torch.float32) / math.sqrt(1 + r * r)
+            mixed = r / math.sqrt(1 + r * r) * hist[0][:, :, o:] + fresh[:, :, o:].to(device)
+            latents[:, :, o:] = mixed.to(dtype)
+        for i, t in enumerate(timesteps):
+            if c > 0:
+                for k in range(o):  # staged guidance: pin overlap frame k to the previous clip at the same step
+                    if s.guided(i, k):
+                        latents[:, :, k] = hist[i][:, :, k]
+            hist[i] = latents.flip(2)  # frame-reversed, after the overrides, before the UNet call
+            x_in = torch.cat([latents, latents]) if s.cfg else latents  # (2B or B,C,F,h,w)
+            eps = model.unet(x_in, t, ctx)
+            if s.cfg:
+                eps_u, eps_c = eps.chunk(2)
+                eps = eps_u + s.guidance_scale * (eps_c - eps_u)
+            latents = model.scheduler.step(eps, t, latents, steps)
+            if callback is not None:
+                callback(c, i)
+        finals.append(latents)
+        video = decode(model, latents, s.temporal_decode)  # (B,3,F,H,W)
+        videos.append(video if c == 0 or s.assembly == "official" else video[:, :, o:])
+    return torch.cat(videos, dim=2), torch.stack(finals)
