@@ -1,10 +1,45 @@
-"""The `vidrd` command line."""
+"""The `vidrd` command line: each subcommand lives with its concern and registers itself here."""
+from __future__ import annotations
+
+import argparse
+import importlib
 import sys
 
+# (module, what it registers): each module has `register(subparsers)` adding its subcommands with `func` set.
+COMMANDS = (
+    "vidrd.runtime.cmd_info",
+    "vidrd.runtime.cmd_model",
+    # "vidrd.runtime.cmd_generate",
+)
 
-def main(argv=None):
-    print("vidrd: under construction")
-    return 0
+
+class UsageError(Exception):
+    """A bad command-line value: printed as `vidrd: error: ...`, exit status 2."""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vidrd", description="Long text-to-video generation with Reuse and Diffuse "
+                                "(VidRD): reference model, optimized runtime, export.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    if not getattr(args, "func", None):
+        p.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"vidrd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vidrd: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
