@@ -9,7 +9,8 @@ import sys
 COMMANDS = (
     "vidrd.runtime.cmd_info",
     "vidrd.runtime.cmd_model",
-    # "vidrd.runtime.cmd_generate",
+    "vidrd.export.cmd_export",
+    "vidrd.runtime.cmd_generate",
 )
 
 

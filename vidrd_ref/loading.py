@@ -59,7 +59,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
             raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        # mmap avoids a second copy of large checkpoints; only the zip format (torch >= 1.6 saves) supports it
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         raise WeightsError(f"{path}: refused to load: the pickle holds objects other than tensors, which could run "
                            f"code ({str(e).splitlines()[0]})") from None

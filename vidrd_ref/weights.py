@@ -88,10 +88,11 @@ def _publish(tmp: Path, out: Path, force: bool) -> None:
 
 
 def write_official(model: VidRDModel, out: Path, *, safetensors: bool = False, force: bool = False,
-                   sd_vae: dict | None = None) -> Path:
+                   sd_vae: dict | None = None, tokenizer_dir: Path | None = None) -> Path:
     """Write `model` in the official layout: sd/ (configs, tokenizer, SD VAE), ModelT2V, vae_finetuned/.
 
-    sd/vae gets `sd_vae` when given (a released SD VAE), else the 2-D part of the model's VAE.
+    sd/vae gets `sd_vae` when given (a released SD VAE), else the 2-D part of the model's VAE; sd/tokenizer is a
+    copy of `tokenizer_dir` when given, else the built-in tokenizer of random models.
     """
     out = Path(out)
     if out.exists() and not force:
@@ -109,7 +110,10 @@ def write_official(model: VidRDModel, out: Path, *, safetensors: bool = False, f
                     {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **asdict(cfg.text)})
         _write_json(sd / "scheduler" / "scheduler_config.json", _scheduler_json(cfg))
         _write_json(sd / "vae" / "config.json", _vae_json(cfg, temporal=False))
-        model.tokenizer.save_pretrained(str(sd / "tokenizer"))
+        if tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, sd / "tokenizer")
+        else:
+            write_tokenizer(sd / "tokenizer")
         vae_state = {k: v.cpu() for k, v in model.vae.state_dict().items()}
         plain = sd_vae if sd_vae is not None else {k: v for k, v in vae_state.items() if "temp_" not in k}
         ext = "safetensors" if safetensors else "bin"
@@ -155,4 +159,5 @@ def convert(sd_dir, ckpt_path, vae_dir, out: Path, *, force: bool = False) -> Pa
     """Rewrite a released model as safetensors (same layout, no pickles): checked by loading it first."""
     model = load_official(sd_dir, ckpt_path, vae_dir)
     sd_vae = read_state_dict(find_weights(Path(sd_dir) / "vae", "vae")) if vae_dir is not None else None
-    return write_official(model, out, safetensors=True, force=force, sd_vae=sd_vae)
+    return write_official(model, out, safetensors=True, force=force, sd_vae=sd_vae,
+                          tokenizer_dir=Path(sd_dir) / "tokenizer")

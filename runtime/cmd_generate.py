@@ -1,0 +1,125 @@
+"""`vidrd generate`: a long video from a prompt, written as .mp4, .gif or PNG frames."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from vidrd.ref.sampler import ASSEMBLIES, SamplerSettings
+
+from .model_args import add_model_args, check_model_args
+
+DEFAULTS = SamplerSettings()
+OFFICIAL_NEGATIVE = "watermark"  # the official evaluator hard-codes this negative prompt (SPEC §4.14)
+BACKENDS = ("reference",)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate a video from a prompt (reuse and diffuse for long videos)",
+                       description="Generate a video. With no weights given, the embedded tiny model with random "
+                       "weights is used: it runs anywhere but its output is not a trained model's.")
+    p.add_argument("prompt", nargs="?", help="the text prompt")
+    p.add_argument("--prompt", dest="prompts", action="append", default=[], metavar="TEXT",
+                   help="a prompt; repeat for a batch (one output file each)")
+    p.add_argument("-o", "--out", required=True, help="output: NAME.mp4 (H.264), NAME.gif, or a folder for PNGs")
+    p.add_argument("--negative-prompt", default=OFFICIAL_NEGATIVE,
+                   help=f"negative prompt for every video (default {OFFICIAL_NEGATIVE!r}, as the official evaluator)")
+    s = p.add_argument_group("sampler (official defaults)")
+    s.add_argument("--height", type=int, default=DEFAULTS.height)
+    s.add_argument("--width", type=int, default=DEFAULTS.width)
+    s.add_argument("--frames", type=int, default=DEFAULTS.frames, help="frames per clip")
+    s.add_argument("--steps", type=int, default=DEFAULTS.steps, help="DDIM steps per clip")
+    s.add_argument("--clips", type=int, default=DEFAULTS.clips, help="clips in total (1 = no extension)")
+    s.add_argument("--overlap", type=int, default=DEFAULTS.overlap, help="frames shared with the previous clip")
+    s.add_argument("--noise-recycle", type=float, default=DEFAULTS.noise_recycle,
+                   help="weight of the previous clip's reversed noise in a new clip's noise")
+    s.add_argument("--denoise-guidance", type=float, default=DEFAULTS.denoise_guidance,
+                   help="fraction of steps during which overlap frames are pinned (staged guidance)")
+    s.add_argument("--guidance-scale", type=float, default=DEFAULTS.guidance_scale)
+    s.add_argument("--noise-prior", type=float, default=DEFAULTS.noise_prior,
+                   help="progressive noise prior (frame correlation); unit variance per frame")
+    s.add_argument("--temporal-decode", action="store_true",
+                   help="decode with the temporal VAE layers (paper) instead of per frame (official code)")
+    s.add_argument("--assembly", choices=ASSEMBLIES, default=DEFAULTS.assembly,
+                   help="official: every clip whole; trim: later clips without their overlap frames")
+    s.add_argument("--seed", type=int, default=42)
+    o = p.add_argument_group("output and execution")
+    o.add_argument("--fps", type=float, default=8.0)
+    o.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    o.add_argument("--backend", choices=BACKENDS, default="reference")
+    o.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    o.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_args(p)
+    p.set_defaults(func=run)
+
+
+def outputs(out: str, n: int) -> list[Path]:
+    """One path per video: OUT itself for one prompt, OUT-0, OUT-1, ... for a batch."""
+    path = Path(out)
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
+
+
+def settings(args) -> SamplerSettings:
+    """The sampler settings of the flags, validated (ValueError names the flag's value)."""
+    s = SamplerSettings(args.height, args.width, args.frames, args.steps, args.clips, args.overlap,
+                        args.noise_recycle, args.denoise_guidance, args.guidance_scale, args.noise_prior,
+                        args.temporal_decode, args.assembly)
+    s.validate()
+    return s
+
+
+def run(args) -> int:
+    import torch
+
+    from vidrd.ref.sampler import generate
+
+    from .video_io import VideoWriter, check_output, to_uint8
+
+    prompts = ([args.prompt] if args.prompt else []) + args.prompts
+    if not prompts:
+        raise ValueError("give a prompt: vidrd generate \"a boat sailing on a lake\" -o boat.mp4")
+    s = settings(args)
+    if args.fps <= 0:
+        raise ValueError(f"--fps {args.fps} must be > 0")
+    check_model_args(args)
+    paths = outputs(args.out, len(prompts))
+    for path in paths:
+        check_output(path, args.force)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if dtype == torch.float16 and device == "cpu":
+        raise ValueError("--dtype fp16 needs a GPU; use fp32 or bf16 on the CPU")
+
+    from .model_args import load_model
+    t0 = time.perf_counter()
+    model, what, random = load_model(args, dtype=dtype, device=device)
+    print(f"model: {what} on {device} ({args.dtype}), loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if random:
+        print("note: no weights given, so this is the embedded tiny model with random weights: the video shows "
+              "what the pipeline does, not what a trained model makes. Use --weights DIR or --sd/--ckpt/--vae for "
+              "real weights.", file=sys.stderr)
+    s.validate(model)
+
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=s.clips * s.steps, unit="step", desc="denoising", file=sys.stderr)
+    t0 = time.perf_counter()
+    generator = torch.Generator().manual_seed(args.seed)
+    video, _ = generate(model, prompts, [args.negative_prompt] * len(prompts), height=s.height, width=s.width,
+                        frames=s.frames, steps=s.steps, clips=s.clips, overlap=s.overlap,
+                        noise_recycle=s.noise_recycle, denoise_guidance=s.denoise_guidance,
+                        guidance_scale=s.guidance_scale, generator=generator, temporal_decode=s.temporal_decode,
+                        noise_prior=s.noise_prior, assembly=s.assembly,
+                        callback=(lambda c, i: bar.update(1)) if bar else None)
+    if bar:
+        bar.close()
+    for path, v in zip(paths, video):
+        with VideoWriter(path, fps=args.fps, force=args.force) as w:
+            w.write(to_uint8(v))
+        print(f"wrote {path} ({v.shape[1]} frames, {s.width}x{s.height}, {args.fps:g} fps)", file=sys.stderr)
+    print(f"done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0

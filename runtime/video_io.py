@@ -1,0 +1,173 @@
+"""Video output: .mp4 (H.264), .gif or a folder of PNGs, streamed clip by clip, published atomically."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMATS = {".mp4": "mp4", ".gif": "gif", "": "png"}
+
+
+def output_kind(path: Path) -> str:
+    """'mp4', 'gif' or 'png' (a folder of PNGs) from the output's extension."""
+    ext = Path(path).suffix.lower()
+    if ext not in FORMATS:
+        raise ValueError(f"output {path}: unknown extension {ext!r}; use .mp4, .gif, or a folder name without "
+                         "extension for PNG frames")
+    return FORMATS[ext]
+
+
+def check_output(path: Path, force: bool) -> None:
+    """Fail before any work if the output exists (without force) or its folder is missing."""
+    path = Path(path)
+    output_kind(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder {path.parent} does not exist")
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """Video (3,T,H,W) in [0,1] -> frames (T,H,W,3) uint8, truncating like the official save_videos_grid."""
+    return (video.permute(1, 2, 3, 0) * 255).to(torch.uint8).cpu().numpy()
+
+
+class VideoWriter:
+    """Streams uint8 frames (T,H,W,3) to `path`; the file appears only when `close()` succeeds."""
+
+    def __init__(self, path: Path, fps: float = 8.0, force: bool = False):
+        check_output(path, force)
+        if not fps > 0:
+            raise ValueError(f"fps={fps!r} must be > 0")
+        self.path, self.kind, self.force, self.fps = Path(path), output_kind(path), force, Fraction(fps).limit_denominator(1001)
+        self.frames_written = 0
+        self._container = self._stream = None
+        if self.kind == "png":
+            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=self.path.suffix, dir=self.path.parent)
+            os.close(fd)
+            self._tmp = Path(name)
+
+    def _open(self, h: int, w: int) -> None:
+        import av
+        self._container = av.open(str(self._tmp), mode="w", format=self.kind)
+        if self.kind == "mp4":
+            if h % 2 or w % 2:
+                raise ValueError(f"H.264 needs even frame sizes, got {w}x{h}")
+            self._stream = self._container.add_stream("libx264", rate=self.fps, options={"crf": "17"})
+            self._stream.pix_fmt = "yuv420p"
+        else:
+            self._stream = self._container.add_stream("gif", rate=self.fps)
+            self._stream.pix_fmt = "pal8"
+            self._graph = _palette_graph(w, h, self.fps)
+        self._stream.width, self._stream.height = w, h
+
+    def write(self, frames: np.ndarray) -> None:
+        """Append frames (T,H,W,3) uint8."""
+        import av
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must be uint8 (T,H,W,3), got {frames.dtype} {frames.shape}")
+        for rgb in frames:
+            if self.kind == "png":
+                _write_png(self._tmp / f"frame_{self.frames_written:05d}.png", rgb)
+            else:
+                if self._container is None:
+                    self._open(*rgb.shape[:2])
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+                if self.kind == "gif":  # the palette is built from all frames, so they are encoded at close
+                    frame.pts = self.frames_written
+                    self._graph.push(frame)
+                else:
+                    for packet in self._stream.encode(frame):
+                        self._container.mux(packet)
+            self.frames_written += 1
+
+    def close(self) -> Path:
+        """Flush and publish atomically (rename over the target)."""
+        if self._container is not None:
+            if self.kind == "gif":
+                for frame in _drain(self._graph):
+                    for packet in self._stream.encode(frame):
+                        self._container.mux(packet)
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+            self._container.close()
+        if self.kind == "png":
+            if self.path.exists():  # only reachable with force
+                shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
+            os.replace(self._tmp, self.path)
+        else:
+            os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the partial output; what was at `path` before stays untouched."""
+        if self._container is not None:
+            self._container.close()
+        shutil.rmtree(self._tmp, ignore_errors=True) if self._tmp.is_dir() else self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _palette_graph(w: int, h: int, fps: Fraction):
+    """An ffmpeg filter graph that builds one 256-colour palette from all frames and dithers with it."""
+    import av
+    g = av.filter.Graph()
+    src = g.add_buffer(width=w, height=h, format="rgb24", time_base=1 / fps)
+    split, gen = g.add("split"), g.add("palettegen", "stats_mode=full")
+    use, sink = g.add("paletteuse", "dither=sierra2_4a"), g.add("buffersink")
+    src.link_to(split)
+    split.link_to(gen, 0, 0)
+    split.link_to(use, 1, 0)
+    gen.link_to(use, 0, 1)
+    use.link_to(sink)
+    g.configure()
+    return g
+
+
+def _drain(graph):
+    """Close the graph's input and yield every output frame."""
+    import av
+    graph.push(None)
+    while True:
+        try:
+            frame = graph.pull()
+        except (av.error.EOFError, av.error.BlockingIOError):
+            return
+        frame.pts = None
+        yield frame
+
+
+def _write_png(path: Path, rgb: np.ndarray) -> None:
+    """One RGB frame (H,W,3) uint8 as a PNG, through PyAV's png encoder."""
+    import av
+    codec = av.CodecContext.create("png", "w")
+    codec.width, codec.height, codec.pix_fmt = rgb.shape[1], rgb.shape[0], "rgb24"
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+    data = b"".join(bytes(p) for p in codec.encode(frame)) + b"".join(bytes(p) for p in codec.encode(None))
+    path.write_bytes(data)
+
+
+def read_video(path: Path) -> np.ndarray:
+    """Decode an .mp4/.gif (or a PNG folder) back to frames (T,H,W,3) uint8; for tests and checks."""
+    import av
+    path = Path(path)
+    files = sorted(path.glob("frame_*.png")) if path.is_dir() else [path]
+    out = []
+    for f in files:
+        with av.open(str(f)) as c:
+            out += [fr.to_ndarray(format="rgb24") for fr in c.decode(video=0)]
+    return np.stack(out)
