@@ -41,7 +41,8 @@ class SamplerSettings:
         if model is not None and self.steps > model.scheduler.cfg.num_train_timesteps:
             raise ValueError(f"steps={self.steps} exceeds the scheduler's {model.scheduler.cfg.num_train_timesteps}"
                              " training timesteps")
-        if not isinstance(self.overlap, int) or not 0 <= self.overlap < self.frames:
+        if not isinstance(self.overlap, int) or self.overlap < 0 or (self.clips > 1 and self.overlap >= self.frames):
+            # a single clip never reads the overlap, so only later clips require overlap < frames
             raise ValueError(f"overlap={self.overlap!r} must be an integer with 0 <= overlap < frames={self.frames}")
         if not 0.0 <= self.denoise_guidance <= 1.0:
             raise ValueError(f"denoise_guidance={self.denoise_guidance!r} must be between 0 and 1")
