@@ -1,0 +1,168 @@
+"""Backends behind one interface: each component writes into caller-owned buffers, so the loop cannot tell them apart.
+
+    text(ids (B,77) int64, out (B,77,D))
+    unet(sample (N,C,F,h,w), timestep (N,) float32, context (N,77,D), out (N,C,F,h,w))
+    vae(latents (B,C,F,h,w) already / scaling factor, out (B,F,3,H,W) raw decoder output, temporal: bool)
+
+`dtype` is the float dtype the backend wants its float inputs and outputs in; `device` where they must live.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("vidrd.runtime")
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+
+class TorchText:
+    """The reference CLIP text encoder, eager."""
+
+    def __init__(self, model, dtype: torch.dtype, device: torch.device):
+        self.net, self.dtype, self.device = model.text_encoder, dtype, device
+
+    @torch.no_grad()
+    def __call__(self, ids, out):
+        out.copy_(self.net(ids))
+
+
+class TorchUNet:
+    """The reference UNet3D, eager or through torch.compile (CUDA graphs with mode='reduce-overhead' on a GPU)."""
+
+    def __init__(self, model, dtype: torch.dtype, device: torch.device, compile: str | None = None,
+                 attention: str = "sdpa"):
+        from vidrd.ref.attention import set_attention
+        self.dtype, self.device = dtype, device
+        self.net = set_attention(model.unet, attention)
+        self.fn = self.net if compile is None else torch.compile(self.net, mode=compile, dynamic=False)
+
+    @torch.no_grad()
+    def __call__(self, sample, timestep, context, out):
+        out.copy_(self.fn(sample, timestep, context))
+
+
+class TorchVAE:
+    """The reference temporal VAE decoder: per frame (official) or with its temporal layers."""
+
+    def __init__(self, model, dtype: torch.dtype, device: torch.device):
+        self.vae, self.dtype, self.device = model.vae, dtype, device
+
+    @torch.no_grad()
+    def __call__(self, latents, out, temporal: bool):
+        b, c, f, h, w = latents.shape
+        z = latents.transpose(1, 2).reshape(b * f, c, h, w)  # ((B F),C,h,w) b-major
+        x = self.vae.decode(z, num_frames=f if temporal else 1)  # ((B F),3,H,W)
+        out.view(b * f, *x.shape[1:]).copy_(x)
+
+
+# ------------------------------------------------------------------------------------------------ ONNX Runtime
+
+_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+
+
+class OrtComponent:
+    """One exported ONNX graph run with I/O binding straight into torch buffers (no copies on the CPU)."""
+
+    def __init__(self, export_dir: Path, name: str, device: torch.device, threads: int | None = None):
+        from vidrd.export.ort import make_session, session_provider
+        from vidrd.export.spec import read_specs
+
+        self.spec = read_specs(export_dir)[name]
+        prefer = ("CPUExecutionProvider",) if device.type == "cpu" else \
+            ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+        self.sess = make_session(Path(export_dir) / self.spec.file, prefer, threads=threads)
+        self.provider = session_provider(self.sess)
+        if device.type == "cuda" and self.provider == "CPUExecutionProvider":
+            raise RuntimeError(f"{name}: onnxruntime ran on the CPU although device is {device}: install "
+                               "onnxruntime-gpu (instead of onnxruntime) with CUDA libraries matching it")
+        self.device = device
+        self.dtype = torch.float16 if self.spec.inputs[0].dtype == "float16" or \
+            self.spec.outputs[0].dtype == "float16" else torch.float32
+        self.binding = self.sess.io_binding()
+        log.info("%s: onnxruntime on %s", name, self.provider)
+
+    def run(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        b, dev = self.binding, ("cuda" if self.device.type == "cuda" else "cpu")
+        idx = self.device.index or 0
+        for name, t in {**inputs, **outputs}.items():
+            assert t.is_contiguous(), f"{self.spec.name}.{name}: buffer must be contiguous, got strides {t.stride()}"
+        for name, t in inputs.items():
+            b.bind_input(name, dev, idx, _NP[t.dtype], tuple(t.shape), t.data_ptr())
+        for name, t in outputs.items():
+            b.bind_output(name, dev, idx, _NP[t.dtype], tuple(t.shape), t.data_ptr())
+        self.sess.run_with_iobinding(b)
+
+
+class OrtText:
+    def __init__(self, export_dir, dtype, device):
+        self.c = OrtComponent(export_dir, "text_encoder", device)
+        self.dtype, self.device = self.c.dtype, device
+
+    def __call__(self, ids, out):
+        self.c.run({"input_ids": ids}, {"last_hidden_state": out})
+
+
+class OrtUNet:
+    def __init__(self, export_dir, dtype, device):
+        self.c = OrtComponent(export_dir, "unet", device)
+        self.dtype, self.device = self.c.dtype, device
+
+    def __call__(self, sample, timestep, context, out):
+        self.c.run({"sample": sample, "timestep": timestep, "encoder_hidden_states": context}, {"noise_pred": out})
+
+
+class OrtVAE:
+    """Per-frame decode through `vae_decoder.onnx`, temporal through `vae_decoder_temporal.onnx` (loaded on use).
+
+    The graphs' layouts differ from the runtime's, so each keeps one scratch tensor per shape (made on first use).
+    """
+
+    def __init__(self, export_dir, dtype, device):
+        self.export_dir, self.device = export_dir, device
+        self.per_frame = OrtComponent(export_dir, "vae_decoder", device)
+        self.temporal = None
+        self.dtype = self.per_frame.dtype
+        self.scratch: dict[tuple, torch.Tensor] = {}
+
+    def _buf(self, shape):
+        if shape not in self.scratch:
+            self.scratch[shape] = torch.empty(shape, dtype=self.dtype, device=self.device)
+        return self.scratch[shape]
+
+    def __call__(self, latents, out, temporal: bool):
+        b, c, f, h, w = latents.shape
+        if temporal:
+            if self.temporal is None:
+                self.temporal = OrtComponent(self.export_dir, "vae_decoder_temporal", self.device)
+            frames = self._buf((b, 3, f, *out.shape[-2:]))  # (B,3,F,H,W) as the graph writes it
+            self.temporal.run({"latents": latents}, {"frames": frames})
+            out.copy_(frames.transpose(1, 2))
+            return
+        z = self._buf((b, f, c, h, w))  # ((B F),C,h,w) frames b-major, as the per-frame graph takes them
+        z.copy_(latents.transpose(1, 2))
+        self.per_frame.run({"latents": z.view(b * f, c, h, w)}, {"frames": out.view(b * f, *out.shape[2:])})
+
+
+def make(kind: str, component: str, model, dtype: torch.dtype, device: torch.device, *, export_dir=None,
+         engine_dir=None, compile: str | None = None, attention: str = "sdpa"):
+    """The backend `kind` for `component` ('text', 'unet' or 'vae'); errors name what is missing."""
+    if kind not in BACKENDS:
+        raise ValueError(f"unknown backend {kind!r}; choose one of {BACKENDS}")
+    if kind == "torch":
+        if model is None:
+            raise ValueError("the torch backend needs the model's weights (--weights, --sd/--ckpt or --preset)")
+        if model.dtype != dtype or model.device.type != device.type:
+            raise ValueError(f"the model is loaded as {model.dtype} on {model.device}, the runtime wants {dtype} on "
+                             f"{device}: load it with that dtype and device")
+        if component == "unet":
+            return TorchUNet(model, dtype, device, compile, attention)
+        return {"text": TorchText, "vae": TorchVAE}[component](model, dtype, device)
+    if kind == "onnxruntime":
+        if export_dir is None:
+            raise ValueError("the onnxruntime backend needs --onnx DIR (made by `vidrd export`)")
+        return {"text": OrtText, "unet": OrtUNet, "vae": OrtVAE}[component](export_dir, dtype, device)
+    from . import trt_backend  # imports tensorrt lazily and explains how to install it when missing
+    return trt_backend.make(component, engine_dir, dtype, device)

@@ -1,0 +1,264 @@
+"""The lean runtime: set up once (buffers for the largest request), then stream clips of reuse-and-diffuse videos.
+
+Same seed, same video as the reference sampler (vidrd.ref.sampler): the same random draws in the same order and,
+in float32 on the same backend, the same arithmetic. Every tensor the denoising loop touches is allocated in
+`Runtime.__init__`; a step only copies, computes in place and calls the backends.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from vidrd.ref.sampler import SamplerSettings, check_prompts
+from vidrd.ref.text import tokenize
+
+from .history import History
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The largest request a runtime serves: its buffers are sized from these."""
+    batch: int = 1
+    frames: int = 8
+    height: int = 256
+    width: int = 256
+    steps: int = 50
+    overlap: int = 4
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation: prompts, optional negatives (default ''), sampler settings, seed."""
+    prompts: tuple
+    negative_prompts: tuple | None = None
+    settings: SamplerSettings = field(default_factory=SamplerSettings)
+    seed: int = 42
+    float_video: bool = False  # also return each clip as float32 in [0,1] (for checks against the reference)
+
+
+@dataclass
+class Clip:
+    """One decoded clip: frames (B,F',H,W,3) uint8 (F' = F, or F-O for trimmed later clips), latents (B,C,F,h,w)."""
+    index: int
+    frames: np.ndarray
+    latents: torch.Tensor
+    video: torch.Tensor | None = None  # (B,3,F',H,W) float32 when the request asked for it
+
+
+class Cancelled(Exception):
+    """Raised by an on_step callback to stop a generation after the current step."""
+
+
+class Runtime:
+    """A model's text, UNet and VAE backends plus every buffer the loop needs, for requests up to `limits`."""
+
+    def __init__(self, model, text, unet, vae, limits: Limits = Limits(), device="cpu", dtype=torch.float32):
+        self.model, self.text, self.unet, self.vae = model, text, unet, vae
+        self.limits, self.device, self.dtype = limits, torch.device(device), dtype
+        for name, be in (("text", text), ("unet", unet), ("vae", vae)):
+            if be.dtype != dtype:
+                raise ValueError(f"the {name} backend runs in {be.dtype} but the runtime dtype is {dtype}: "
+                                 "export or load that component in the runtime's dtype")
+        self.scheduler, self.tokenizer = model.scheduler, model.tokenizer
+        lim, cfg = limits, model.config
+        if lim.height % 8 or lim.width % 8:
+            raise ValueError(f"limits height={lim.height}, width={lim.width} must be multiples of 8")
+        c, h, w = cfg.unet.in_channels, lim.height // 8, lim.width // 8
+        b, f, d = lim.batch, lim.frames, cfg.text.hidden_size
+        n = b * c * f * h * w  # one clip of latents
+        dev, fp32 = self.device, torch.float32
+
+        def buf(numel, dtype=fp32, device=dev):
+            return torch.empty(numel, dtype=dtype, device=device)
+
+        self.ids = torch.zeros(2 * b, 77, dtype=torch.int64, device=dev)  # (2B,77)
+        self.ctx = buf(2 * b * 77 * d, dtype)  # (2B,77,D) [uncond; cond]
+        self.latents = buf(n)  # (B,C,F,h,w) float32 whatever the backend dtype
+        self.x_in = buf(2 * n, dtype)  # (2B,C,F,h,w) the guidance-doubled UNet input
+        self.eps = buf(2 * n, dtype)  # (2B,C,F,h,w) UNet output
+        self.guided = buf(n)  # (B,C,F,h,w) guidance-combined noise prediction
+        self.scratch = buf(n)  # (B,C,F,h,w) DDIM temporary
+        self.timestep = buf(2 * b)  # (2B,) float32
+        self.history = History(n, b * c * lim.overlap * h * w, lim.steps, f, dev)
+        self.noise_cpu = buf(n, device="cpu")  # (B,C,F,h,w) random draws come from a CPU generator (parity)
+        self.noise_frame = buf(b * c * h * w, device="cpu")  # (B,C,1,h,w) one frame of the initial noise
+        self.noise = self.noise_cpu if dev.type == "cpu" else buf(n)
+        self.dec_in = buf(n, dtype)  # (B,C,F,h,w) latents / scaling factor, for the VAE
+        self.dec_out = buf(b * f * 3 * lim.height * lim.width, dtype)  # (B,F,3,H,W)
+        self.frames_u8 = torch.empty(b * f * lim.height * lim.width * 3, dtype=torch.uint8)  # (B,F,H,W,3) host
+        self._lock = threading.Lock()
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="vidrd-decode")
+        self._decode_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+
+    # ------------------------------------------------------------------------------------------------ checks
+
+    def check(self, request: Request) -> tuple[list[str], list[str], SamplerSettings]:
+        """Validate a request against the sampler rules and this runtime's buffers, before any work."""
+        s = request.settings
+        s.validate(self.model)
+        prompts, negatives = check_prompts(self.tokenizer, list(request.prompts),
+                                           None if request.negative_prompts is None else list(request.negative_prompts))
+        lim = self.limits
+        for name, value, most in (("batch", len(prompts), lim.batch), ("frames", s.frames, lim.frames),
+                                  ("height", s.height, lim.height), ("width", s.width, lim.width),
+                                  ("steps", s.steps, lim.steps)):
+            if value > most:
+                raise ValueError(f"{name}={value} exceeds this runtime's buffers ({name} <= {most}); set up the "
+                                 f"runtime with larger limits")
+        if s.clips > 1 and s.overlap > lim.overlap:
+            raise ValueError(f"overlap={s.overlap} exceeds this runtime's buffers (overlap <= {lim.overlap})")
+        return prompts, negatives, s
+
+    # -------------------------------------------------------------------------------------------- generation
+
+    def generate(self, request: Request, on_step: Callable[[int, int], None] | None = None) -> Iterator[Clip]:
+        """Yield each clip as soon as it is decoded. Closing the generator, or on_step raising Cancelled, stops it."""
+        prompts, negatives, s = self.check(request)
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("this runtime is already generating; one request at a time per runtime")
+        try:
+            yield from self._run(prompts, negatives, s, request, on_step)
+        finally:
+            self._lock.release()
+
+    def _views(self, b: int, s: SamplerSettings):
+        c, f, h, w = self.model.config.unet.in_channels, s.frames, s.height // 8, s.width // 8
+        n, d = b * c * f * h * w, self.model.config.text.hidden_size
+        nb = 2 * b if s.cfg else b
+        v = dict(shape=(b, c, f, h, w), lat=self.latents[:n].view(b, c, f, h, w),
+                 x_in=self.x_in[: nb * n // b].view(nb, c, f, h, w), eps=self.eps[: nb * n // b].view(nb, c, f, h, w),
+                 guided=self.guided[:n].view(b, c, f, h, w), scratch=self.scratch[:n].view(b, c, f, h, w),
+                 ts=self.timestep[:nb], ctx=self.ctx[: nb * 77 * d].view(nb, 77, d), ids=self.ids[:nb],
+                 noise_cpu=self.noise_cpu[:n].view(b, c, f, h, w), noise=self.noise[:n].view(b, c, f, h, w),
+                 noise_frame=self.noise_frame[: n // f].view(b, c, 1, h, w),
+                 dec_in=self.dec_in[:n].view(b, c, f, h, w),
+                 dec_out=self.dec_out[: b * f * 3 * s.height * s.width].view(b, f, 3, s.height, s.width),
+                 u8=self.frames_u8[: b * f * s.height * s.width * 3].view(b, f, s.height, s.width, 3))
+        return v
+
+    @torch.no_grad()
+    def _run(self, prompts, negatives, s: SamplerSettings, request: Request, on_step):
+        b = len(prompts)
+        v = self._views(b, s)
+        # text: once per request, [uncond; cond] under guidance
+        texts = negatives + prompts if s.cfg else prompts
+        v["ids"].copy_(tokenize(self.tokenizer, texts))
+        self.text(v["ids"], v["ctx"])
+        hist = self.history
+        hist.start(v["shape"], s)
+        steps = [(int(t),) + self.scheduler.alphas(int(t), s.steps) for t in self.scheduler.timesteps(s.steps)]
+        # (t, alpha_bar_t, alpha_bar_prev) -> the DDIM factors, computed as the reference does
+        ddim = [(t, (1 - a) ** 0.5, a ** 0.5, ap ** 0.5, (1 - ap) ** 0.5) for t, a, ap in steps]
+        generator = torch.Generator().manual_seed(request.seed)
+        lat = v["lat"]
+        self._initial_noise(v, generator, s.noise_prior)
+        pending = None
+        try:
+            for c in range(s.clips):
+                if c > 0:
+                    torch.randn(v["shape"], generator=generator, out=v["noise_cpu"])
+                    if v["noise"] is not v["noise_cpu"]:
+                        v["noise"].copy_(v["noise_cpu"])
+                    hist.restart(lat, v["noise"])
+                for i, coef in enumerate(ddim):
+                    hist.guide_and_record(i, lat, c > 0)
+                    self._step(v, s, coef)
+                    if on_step is not None:
+                        on_step(c, i)
+                    if pending is not None and pending.done():
+                        yield pending.result()
+                        pending = None
+                if pending is not None:  # the previous clip's decode must finish before dec_in is reused
+                    yield pending.result()
+                torch.div(lat, self.model.vae.cfg.scaling_factor, out=v["scratch"])
+                v["dec_in"].copy_(v["scratch"])
+                ready = None
+                if self._decode_stream is not None:
+                    ready = torch.cuda.Event()
+                    ready.record()
+                pending = self._decoder.submit(self._decode, v, s, c, lat.to("cpu", copy=True), ready,
+                                               request.float_video)
+            yield pending.result()
+            pending = None
+        finally:
+            if pending is not None:  # cancelled: let the decode finish so the buffers are free for the next request
+                pending.exception()
+
+    def _initial_noise(self, v, generator, a: float) -> None:
+        """Official randn_progressive: one (B,C,1,h,w) draw per frame in frame order (unit variance, see sampler)."""
+        lat, nf = v["lat"], v["noise_frame"]
+        beta, std = a / (1 + a * a) ** 0.5, 1 / (1 + a * a) ** 0.5
+        for k in range(lat.shape[2]):
+            torch.randn(nf.shape, generator=generator, out=nf)
+            if k > 0 and a != 0:
+                nf.mul_(std)
+                torch.mul(lat[:, :, k - 1:k].cpu() if lat.is_cuda else lat[:, :, k - 1:k], beta,
+                          out=v["noise_cpu"][:, :, :1])
+                nf.add_(v["noise_cpu"][:, :, :1])
+            lat[:, :, k:k + 1].copy_(nf)
+
+    def _step(self, v, s: SamplerSettings, coef) -> None:
+        """One denoising step in place: guidance-doubled UNet call, guidance combine, DDIM (eta = 0)."""
+        t, s_eps, s_x0, s_prev, s_dir = coef
+        lat, x_in, eps, g, tmp = v["lat"], v["x_in"], v["eps"], v["guided"], v["scratch"]
+        b = lat.shape[0]
+        x_in[:b].copy_(lat)
+        if s.cfg:
+            x_in[b:].copy_(lat)
+        v["ts"].fill_(t)
+        self.unet(x_in, v["ts"], v["ctx"], eps)
+        if s.cfg:  # eps_u + scale * (eps_c - eps_u), as the reference computes it
+            g.copy_(eps[b:])
+            g.sub_(eps[:b])
+            g.mul_(s.guidance_scale)
+            g.add_(eps[:b])
+        else:
+            g.copy_(eps)
+        torch.mul(g, s_eps, out=tmp)  # x0 = (x - sqrt(1-a_t) eps) / sqrt(a_t)
+        lat.sub_(tmp)
+        lat.div_(s_x0)
+        lat.mul_(s_prev)  # x_prev = sqrt(a_prev) x0 + sqrt(1-a_prev) eps
+        torch.mul(g, s_dir, out=tmp)
+        lat.add_(tmp)
+
+    def _decode(self, v, s: SamplerSettings, c: int, latents_cpu, ready, float_video: bool) -> Clip:
+        """VAE backend, then [0,1] and uint8 (truncating, as the official save); runs on the decode thread."""
+        ctx = contextlib.nullcontext()
+        if self._decode_stream is not None:
+            self._decode_stream.wait_event(ready)
+            ctx = torch.cuda.stream(self._decode_stream)
+        with ctx, torch.no_grad():
+            out = v["dec_out"]
+            self.vae(v["dec_in"], out, s.temporal_decode)
+            out.div_(2).add_(0.5).clamp_(0, 1)
+            video = out.permute(0, 2, 1, 3, 4).to("cpu", torch.float32, copy=True) if float_video else None  # (B,3,F,H,W)
+            out.mul_(255)
+            v["u8"].copy_(out.permute(0, 1, 3, 4, 2))  # (B,F,H,W,3): float -> uint8 truncates
+        first = s.overlap if (c > 0 and s.assembly == "trim") else 0
+        frames = v["u8"][:, first:].numpy().copy()
+        if video is not None:
+            video = video[:, :, first:]
+        return Clip(c, frames, latents_cpu, video)
+
+    def close(self) -> None:
+        self._decoder.shutdown(wait=True)
+
+
+def create(model, backend: str = "torch", *, text: str | None = None, unet: str | None = None,
+           vae: str | None = None, limits: Limits = Limits(), device="cpu", dtype=torch.float32, export_dir=None,
+           engine_dir=None, compile: str | None = None, attention: str = "sdpa") -> Runtime:
+    """A Runtime with `backend` for every component unless text/unet/vae name another one for that component."""
+    from . import backends
+
+    device = torch.device(device)
+    kw = dict(export_dir=export_dir, engine_dir=engine_dir)
+    made = {name: backends.make(kind or backend, name, model, dtype, device, **kw,
+                                **({"compile": compile, "attention": attention} if name == "unet" else {}))
+            for name, kind in (("text", text), ("unet", unet), ("vae", vae))}
+    return Runtime(model, made["text"], made["unet"], made["vae"], limits, device, dtype)

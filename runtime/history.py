@@ -1,0 +1,56 @@
+"""Reuse-and-diffuse bookkeeping (SPEC §3.5) on preallocated buffers: the only module that knows about it.
+
+What a clip reads of the previous one: its frame-reversed latents after step 0 (`init_rev`: the overlap frames'
+restart values and the recycled noise) and, for each step, its reversed overlap frames (`overlap[i]`, for staged
+guidance). Each clip reads an entry before overwriting it with its own, so one copy of each suffices.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class History:
+    """Buffers sized for the largest request: init_rev (B,C,F,h,w) and overlap (T,B,C,O,h,w), float32."""
+
+    def __init__(self, numel_clip: int, numel_overlap: int, steps: int, frames: int, device):
+        self.init_rev_flat = torch.empty(numel_clip, dtype=torch.float32, device=device)  # (B*C*F*h*w,)
+        self.overlap_flat = torch.empty(steps * numel_overlap, dtype=torch.float32, device=device)  # (T*B*C*O*h*w,)
+        self.index = torch.empty(frames, dtype=torch.int64, device=device)  # (F,) reversed frame order
+        self.pinned: list[int] = []
+
+    def start(self, shape: tuple, settings) -> None:
+        """Bind views for a request of latent shape (B,C,F,h,w) (before step 0: may index, never allocates)."""
+        b, c, f, h, w = shape
+        o, t = settings.overlap, settings.steps
+        self.shape, self.o = shape, o
+        self.init_rev = self.init_rev_flat[: b * c * f * h * w].view(b, c, f, h, w)
+        n = b * c * o * h * w
+        self.overlap = [self.overlap_flat[i * n:(i + 1) * n].view(b, c, o, h, w) for i in range(t)]
+        torch.arange(f - 1, -1, -1, out=self.index[:f])
+        self.rev_all, self.rev_overlap = self.index[:f], self.index[:o]  # frames F-1..0, F-1..F-O
+        # staged guidance pins frames 0..K_i-1 at step i (the condition is monotone in the frame index)
+        self.pinned = [sum(settings.guided(i, k) for k in range(o)) for i in range(t)]
+        r = settings.noise_recycle
+        self.recycle, self.fresh_div = r / math.sqrt(1 + r * r), math.sqrt(1 + r * r)
+
+    def restart(self, latents: torch.Tensor, fresh: torch.Tensor) -> None:
+        """A later clip's initial latents: overlap frames from init_rev, the rest recycled noise + fresh (B,C,F,h,w).
+
+        `fresh` holds a N(0,1) draw of the whole clip shape (the official code draws all frames, uses frames O..).
+        """
+        o = self.o
+        fresh.div_(self.fresh_div)  # the official draw is randn / sqrt(1 + r^2)
+        latents[:, :, :o].copy_(self.init_rev[:, :, :o])
+        torch.mul(self.init_rev[:, :, o:], self.recycle, out=latents[:, :, o:])
+        latents[:, :, o:].add_(fresh[:, :, o:])
+
+    def guide_and_record(self, i: int, latents: torch.Tensor, later_clip: bool) -> None:
+        """Step i: pin the overlap frames still in their window, then record this clip's reversed frames."""
+        k = self.pinned[i] if later_clip else 0
+        if k:
+            latents[:, :, :k].copy_(self.overlap[i][:, :, :k])
+        torch.index_select(latents, 2, self.rev_overlap, out=self.overlap[i])
+        if i == 0:
+            torch.index_select(latents, 2, self.rev_all, out=self.init_rev)
