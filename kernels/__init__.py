@@ -4,6 +4,6 @@
 also registered as the custom op `torch.ops.vidrd.attention`. Importing this package does not import
 triton; the kernels load on first use.
 """
-from .attention import attention
+from .ops import attention
 
 __all__ = ["attention"]

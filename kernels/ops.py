@@ -123,13 +123,15 @@ def plan(key, dtype, d, lq, lk, upcast=False):
     block_d = head_block(d)
     b = bucket(block_d)
     flags = dict(HEAD_D=d, BLOCK_D=block_d, UPCAST=upcast, IEEE=upcast or dtype == torch.float32)
+    tiles = (lambda c: {**c, **c["fp32"]}) if dtype == torch.float32 else (lambda c: c)
     tmp = entry["temporal"][b]
     if lq <= tmp["BLOCK_N"] and lk <= tmp["BLOCK_N"]:
+        cfg = tiles(tmp)
         block_lq = seq_block(lq)
-        group = max(1, tmp["BLOCK_M"] // block_lq)
+        group = max(1, cfg["BLOCK_M"] // block_lq)
         consts = dict(flags, BLOCK_LQ=block_lq, BLOCK_LK=seq_block(lk), GROUP=group)
-        return "short_fwd", consts, dict(num_warps=tmp["num_warps"], num_stages=tmp["num_stages"])
-    cfg = entry["cross"][b] if lk <= entry["cross"][b]["BLOCK_N"] else entry["spatial"][b]
+        return "short_fwd", consts, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    cfg = tiles(entry["cross"][b] if lk <= entry["cross"][b]["BLOCK_N"] else entry["spatial"][b])
     consts = dict(flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], EVEN_N=lk % cfg["BLOCK_N"] == 0)
     return "flash_fwd", consts, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
