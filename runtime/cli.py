@@ -10,6 +10,7 @@ COMMANDS = (
     "vidrd.runtime.cmd_info",
     "vidrd.runtime.cmd_model",
     "vidrd.export.cmd_export",
+    "vidrd.export.cmd_engines",
     "vidrd.runtime.cmd_generate",
 )
 
