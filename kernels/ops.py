@@ -64,8 +64,11 @@ def _unsupported(q, k, v):
             return "CPU tensors need TRITON_INTERPRET=1 set before triton kernels are imported"
     elif q.device.type != "cuda":
         return f"device type {q.device.type}"
-    elif not kern.INTERPRETED and torch.version.hip is None and torch.cuda.get_device_capability(q.device) < (8, 0):
-        return "CUDA GPUs older than sm_80"
+    elif not kern.INTERPRETED:
+        if torch.version.hip is not None:
+            return "ROCm GPUs (configs and compile checks cover NVIDIA only)"
+        if torch.cuda.get_device_capability(q.device) < (8, 0):
+            return "CUDA GPUs older than sm_80"
     if q.dtype not in DTYPES:
         return f"dtype {q.dtype}"
     if q.shape[3] > MAX_HEAD_D:
@@ -80,7 +83,12 @@ def _fallback(q, k, v, scale, reason):
     if reason not in _warned:
         _warned.add(reason)
         log.warning("vidrd.kernels.attention falls back to torch SDPA: %s", reason)
-    return F.scaled_dot_product_attention(q, k, v, scale=scale).contiguous()
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def new_out(q):
+    """Fresh output (N,H,Lq,D) laid out like q: for q viewed from (N,L,H,D), o.transpose(1, 2) is free."""
+    return torch.empty_like(q, memory_format=torch.preserve_format)
 
 
 @functools.cache
@@ -175,19 +183,15 @@ def attention_into(q, k, v, out, scale=None):
 
 @torch.library.custom_op("vidrd::attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """q (N,H,Lq,D), k and v (N,H,Lk,D) -> (N,H,Lq,D), contiguous."""
-    _check(q, k, v)
-    reason = _unsupported(q, k, v)
-    if reason is not None:
-        return _fallback(q, k, v, scale, reason)
-    return _launch(q, k, v, torch.empty(q.shape, dtype=q.dtype, device=q.device), scale)
+    """q (N,H,Lq,D), k and v (N,H,Lk,D) -> (N,H,Lq,D) laid out like q."""
+    return attention_into(q, k, v, new_out(q), scale)
 
 
 @_attention_op.register_fake
 def _attention_fake(q, k, v, scale=None):
-    """Shape-only twin for torch.compile / fake tensors: (N,H,Lq,D) contiguous."""
+    """Shape-only twin for torch.compile / fake tensors: (N,H,Lq,D) laid out like q."""
     _check(q, k, v)
-    return q.new_empty(q.shape)
+    return new_out(q)
 
 
 def attention(q, k, v, scale=None):

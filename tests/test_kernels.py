@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vidrd.kernels import attention, ops
+from vidrd.kernels import attention, cfg_ddim_step, ops
 from vidrd.kernels.ops import attention_into, plan
 
 triton = pytest.importorskip("triton")
@@ -64,7 +64,7 @@ def test_matches_sdpa(case, dtype):
     assert got is out and not out.isnan().any(), msg
     torch.testing.assert_close(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype], msg=msg)
     public = attention(q, k, v, scale=scale)
-    assert public.shape == q.shape and public.dtype == dtype and public.is_contiguous()
+    assert public.shape == q.shape and public.dtype == dtype and public.stride() == torch.empty_like(q).stride()
     torch.testing.assert_close(public, out, atol=0, rtol=0, msg=msg)
 
 
@@ -133,8 +133,24 @@ def test_custom_op_compile_and_fake():
     compiled = torch.compile(lambda a, b, c: attention(a, b, c, scale=0.2) * 2, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v), F.scaled_dot_product_attention(q, k, v, scale=0.2) * 2,
                                atol=2e-5, rtol=2e-5)
-    torch.library.opcheck(torch.ops.vidrd.attention.default, (q, k, v, None),
-                          test_utils=("test_schema", "test_faketensor"))
+    qs, ks, vs = _inputs(2, 3, 20, 77, 64, torch.float16, "nlhd")  # output strides follow q
+    for args in ((q, k, v, None), (qs, ks, vs, 0.125)):
+        torch.library.opcheck(torch.ops.vidrd.attention.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
+    assert torch.ops.vidrd.attention(qs, ks, vs).transpose(1, 2).is_contiguous()
+
+
+def test_bench_refuses_without_cuda(capsys):
+    """python -m vidrd.kernels.bench exits 2 politely on a machine without CUDA; its shape list is SD2.1's."""
+    from vidrd.kernels import bench
+    rows = bench.shapes(512, 16)
+    assert ("spatial 512px/320ch", 32, 5, 4096, 4096, 64) in rows
+    assert ("cross 512px/640ch", 32, 10, 1024, 77, 64) in rows
+    assert ("temporal 512px/320ch", 2 * 64 * 64, 5, 16, 16, 64) in rows
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the benchmark would run")
+    assert bench.main([]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
 def test_import_is_cheap():
@@ -144,32 +160,99 @@ def test_import_is_cheap():
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+def test_gpu_matches_sdpa(dtype):
+    """On a CUDA machine: the compiled kernels (no interpreter) match SDPA on the UNet and odd shapes."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "vidrd.kernels.bench", "--check", "--res", "256",
+                          "--frames", "8", "--dtype", dtype], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+
+
+def _ddim_reference(m, x, a_t, a_prev, g, prediction_type):
+    """Guidance combine then the DDIM (eta = 0) step, written as in vidrd_ref.ddim, in float64."""
+    m, x = m.double(), x.double()
+    if g is not None:
+        u, c = m.chunk(2)
+        m = u + g * (c - u)
+    if prediction_type == "epsilon":
+        eps, x0 = m, (x - (1 - a_t) ** 0.5 * m) / a_t ** 0.5
+    else:
+        x0, eps = a_t ** 0.5 * x - (1 - a_t) ** 0.5 * m, a_t ** 0.5 * m + (1 - a_t) ** 0.5 * x
+    return a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("guidance", [None, 7.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cfg_ddim_step(dtype, guidance, prediction_type):
+    """The fused guidance + DDIM kernel matches the two-step formula (x in fp32, UNet output in dtype)."""
+    seed = torch.seed()
+    x = torch.randn(2, 4, 3, 9, 7)  # (B,C,F,h,w); numel not a multiple of the block
+    m = torch.randn(4 if guidance else 2, 4, 3, 9, 7).to(dtype)
+    a_t, a_prev = 0.05 + 0.4 * torch.rand(1).item(), 0.5 + 0.45 * torch.rand(1).item()
+    got = cfg_ddim_step(m, x, a_t, a_prev, guidance, prediction_type)
+    ref = _ddim_reference(m, x, a_t, a_prev, guidance, prediction_type)
+    assert got.dtype == x.dtype and got.shape == x.shape
+    torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-4, msg=f"seed={seed}")
+    with pytest.raises(ValueError, match="does not match x"):
+        cfg_ddim_step(m[:1], x, a_t, a_prev, guidance, prediction_type)
+
+
+def test_cfg_ddim_step_torch_fallback(monkeypatch):
+    """Without the interpreter on CPU the same formula runs in torch."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, m = torch.randn(1, 4, 2, 8, 8), torch.randn(2, 4, 2, 8, 8)
+    ref = _ddim_reference(m, x, 0.3, 0.6, 5.0, "epsilon")
+    torch.testing.assert_close(cfg_ddim_step(m, x, 0.3, 0.6, 5.0).double(), ref, atol=1e-5, rtol=1e-5)
+
+
 def _has_nvidia_backend():
     from triton.backends import backends
     return "nvidia" in backends
 
 
-@pytest.fixture(scope="module")
-def compiled_rows():
-    """Rows of `python -m vidrd.kernels.aot --json --stop auto|cubin`, run with TRITON_INTERPRET unset.
+@pytest.fixture(scope="module", autouse=True)
+def aot_sweep(request, tmp_path_factory):
+    """Start `python -m vidrd.kernels.aot` at the module's first test so it overlaps the interpreter tests.
 
     Under the interpreter even tl.max / tl.cdiv are interpreted functions the compiler cannot lower,
-    so the real JIT kernels are compiled in a subprocess: triton.compile(ASTSource(fn, signature,
-    constexprs), target=GPUTarget("cuda", 80 | 90, 32)) needs no GPU, and the ptxas bundled with
-    triton turns the PTX into a cubin. To stay fast, the default run takes the fp16 sm_80 / sm_90
-    entries all the way to cubin and stops every other case after LLIR (ttir -> ttgir -> llir,
-    where shared memory is allocated and layout / tl.dot shape errors surface); VIDRD_SLOW=1 takes
-    every case to cubin. Each kernel's shared memory is checked against the GPUs its entry serves.
+    so the real JIT kernels are compiled in a subprocess with TRITON_INTERPRET unset:
+    triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 80 | 90, 32)) needs
+    no GPU, and the ptxas bundled with triton turns the PTX into a cubin. To stay fast, the default run
+    (--stop auto) takes the fp16 sm_80 / sm_90 entries all the way to cubin and stops every other case
+    after LLIR (ttir -> ttgir -> llir: shared memory is allocated and layout / tl.dot shape errors
+    surface there); VIDRD_SLOW=1 takes every case to cubin.
     """
-    if not _has_nvidia_backend():
-        pytest.skip("triton has no NVIDIA backend")
+    wanted = any(item.name.startswith("test_config_compiles") for item in request.session.items)
+    if not wanted or not _has_nvidia_backend():
+        yield None
+        return
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     stop = "cubin" if os.environ.get("VIDRD_SLOW") == "1" else "auto"
-    res = subprocess.run([sys.executable, "-m", "vidrd.kernels.aot", "--json", "--stop", stop], env=env,
-                         capture_output=True, text=True, timeout=1200)
-    assert res.stdout.strip(), res.stderr[-4000:]
-    rows = json.loads(res.stdout)
-    return {_case_id(r): r for r in rows}
+    out = tmp_path_factory.mktemp("aot") / "rows.json"
+    with open(out, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "vidrd.kernels.aot", "--json", "--stop", stop],
+                                env=env, stdout=f, stderr=subprocess.PIPE, text=True)
+        yield proc, out
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def compiled_rows(aot_sweep):
+    """Rows of the compile sweep by case id; each also checks shared memory against its GPUs' limit."""
+    if aot_sweep is None:
+        pytest.skip("triton has no NVIDIA backend")
+    proc, out = aot_sweep
+    _, err = proc.communicate(timeout=1200)
+    text = out.read_text()
+    assert text.strip(), err[-4000:]
+    return {_case_id(r): r for r in json.loads(text)}
 
 
 def _case_id(c):
