@@ -58,6 +58,12 @@ class TensorSpec:
                 out.append(int(k or 1) * dims[name])
         return tuple(out)
 
+    @property
+    def torch_dtype(self):
+        """The torch dtype of this tensor (torch.float32, torch.float16 or torch.int64)."""
+        import torch
+        return getattr(torch, self.dtype)
+
     def dynamic_axes(self) -> dict[int, str]:
         return {i: s for i, s in enumerate(self.shape) if isinstance(s, str)}
 

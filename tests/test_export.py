@@ -64,7 +64,7 @@ def test_manifest_and_specs(tiny_export, tiny):
     assert unet.shape("noise_pred", {"N": 2, "F": 8, "h": 32, "w": 32}) == (2, 4, 8, 32, 32)
     assert unet.profile()["sample"] == ((1, 4, 2, 8, 8), (2, 4, 8, 32, 32), (8, 4, 32, 64, 64))
     assert specs["vae_decoder"].shape("frames", {"N": 8, "h": 32, "w": 32}) == (8, 3, 256, 256)
-    assert specs["text_encoder"].io["input_ids"].dtype == "int64"
+    assert specs["text_encoder"].io["input_ids"].torch_dtype == torch.int64
     with pytest.raises(ValueError, match="F=1"):
         unet.check_dims({"N": 2, "F": 1, "h": 32, "w": 32})
     for name, entry in manifest["components"].items():
