@@ -39,6 +39,11 @@ def main(argv=None) -> int:
     except (UsageError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"vidrd {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # e.g. TensorRT or a GPU missing: a clear message, not a traceback
+        if type(e).__module__.startswith("vidrd"):
+            print(f"vidrd {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt:
         print("vidrd: interrupted", file=sys.stderr)
         return 130

@@ -11,7 +11,7 @@ from .model_args import add_model_args, check_model_args
 
 DEFAULTS = SamplerSettings()
 OFFICIAL_NEGATIVE = "watermark"  # the official evaluator hard-codes this negative prompt (SPEC §4.14)
-BACKENDS = ("reference",)
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "reference")
 
 
 def register(sub) -> None:
@@ -46,7 +46,17 @@ def register(sub) -> None:
     o = p.add_argument_group("output and execution")
     o.add_argument("--fps", type=float, default=8.0)
     o.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    o.add_argument("--backend", choices=BACKENDS, default="reference")
+    o.add_argument("--backend", choices=BACKENDS, default="torch",
+                   help="torch (default), onnxruntime (--onnx), tensorrt (--engines) run the lean runtime; "
+                   "reference runs the readable reference sampler")
+    o.add_argument("--unet-backend", choices=BACKENDS[:3], help="another backend for the UNet only")
+    o.add_argument("--vae-backend", choices=BACKENDS[:3], help="another backend for the VAE decoder only")
+    o.add_argument("--onnx", metavar="DIR", help="exported ONNX files (`vidrd export`), for onnxruntime")
+    o.add_argument("--engines", metavar="DIR", help="TensorRT engines (`vidrd build-engines`), for tensorrt")
+    o.add_argument("--compile", choices=("default", "reduce-overhead", "max-autotune"),
+                   help="torch.compile the UNet (torch backend); reduce-overhead uses CUDA graphs on a GPU")
+    o.add_argument("--attention", choices=("sdpa", "math", "triton"), default="sdpa",
+                   help="attention kernels of the torch backend's UNet (triton needs a GPU)")
     o.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     o.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -85,6 +95,15 @@ def run(args) -> int:
     if args.fps <= 0:
         raise ValueError(f"--fps {args.fps} must be > 0")
     check_model_args(args)
+    kinds = {args.backend, args.unet_backend, args.vae_backend} - {None}
+    if args.backend == "reference" and len(kinds) > 1:
+        raise ValueError("--unet-backend/--vae-backend choose runtime backends; they do not apply to --backend reference")
+    if "onnxruntime" in kinds and not args.onnx:
+        raise ValueError("the onnxruntime backend needs --onnx DIR (make it with `vidrd export --out DIR`)")
+    if "tensorrt" in kinds and not args.engines:
+        raise ValueError("the tensorrt backend needs --engines DIR (make it with `vidrd build-engines`)")
+    if args.compile and args.backend == "reference":
+        raise ValueError("--compile applies to the torch backend, not --backend reference")
     paths = outputs(args.out, len(prompts))
     for path in paths:
         check_output(path, args.force)
@@ -108,18 +127,40 @@ def run(args) -> int:
         from tqdm import tqdm
         bar = tqdm(total=s.clips * s.steps, unit="step", desc="denoising", file=sys.stderr)
     t0 = time.perf_counter()
-    generator = torch.Generator().manual_seed(args.seed)
-    video, _ = generate(model, prompts, [args.negative_prompt] * len(prompts), height=s.height, width=s.width,
-                        frames=s.frames, steps=s.steps, clips=s.clips, overlap=s.overlap,
-                        noise_recycle=s.noise_recycle, denoise_guidance=s.denoise_guidance,
-                        guidance_scale=s.guidance_scale, generator=generator, temporal_decode=s.temporal_decode,
-                        noise_prior=s.noise_prior, assembly=s.assembly,
-                        callback=(lambda c, i: bar.update(1)) if bar else None)
-    if bar:
-        bar.close()
-    for path, v in zip(paths, video):
-        with VideoWriter(path, fps=args.fps, force=args.force) as w:
-            w.write(to_uint8(v))
-        print(f"wrote {path} ({v.shape[1]} frames, {s.width}x{s.height}, {args.fps:g} fps)", file=sys.stderr)
+    negatives = [args.negative_prompt] * len(prompts)
+    writers = [VideoWriter(path, fps=args.fps, force=args.force) for path in paths]
+    try:
+        if args.backend == "reference":
+            generator = torch.Generator().manual_seed(args.seed)
+            video, _ = generate(model, prompts, negatives, height=s.height, width=s.width, frames=s.frames,
+                                steps=s.steps, clips=s.clips, overlap=s.overlap, noise_recycle=s.noise_recycle,
+                                denoise_guidance=s.denoise_guidance, guidance_scale=s.guidance_scale,
+                                generator=generator, temporal_decode=s.temporal_decode, noise_prior=s.noise_prior,
+                                assembly=s.assembly, callback=(lambda c, i: bar.update(1)) if bar else None)
+            for w, v in zip(writers, video):
+                w.write(to_uint8(v))
+        else:
+            from .engine import Limits, Request, create
+            limits = Limits(len(prompts), s.frames, s.height, s.width, s.steps, max(s.overlap, 1))
+            rt = create(model, args.backend, unet=args.unet_backend, vae=args.vae_backend, limits=limits,
+                        device=device, dtype=dtype, export_dir=args.onnx, engine_dir=args.engines,
+                        compile=args.compile, attention=args.attention)
+            try:
+                request = Request(tuple(prompts), tuple(negatives), s, args.seed)
+                for clip in rt.generate(request, on_step=(lambda c, i: bar.update(1)) if bar else None):
+                    for w, frames in zip(writers, clip.frames):  # stream each clip as soon as it is decoded
+                        w.write(frames)
+            finally:
+                rt.close()
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    finally:
+        if bar:
+            bar.close()
+    for path, w in zip(paths, writers):
+        w.close()
+        print(f"wrote {path} ({w.frames_written} frames, {s.width}x{s.height}, {args.fps:g} fps)", file=sys.stderr)
     print(f"done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0

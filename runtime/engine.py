@@ -55,6 +55,82 @@ class Cancelled(Exception):
     """Raised by an on_step callback to stop a generation after the current step."""
 
 
+class Job:
+    """One request's views of the runtime's buffers and its denoising state (built before step 0)."""
+
+    def __init__(self, rt: "Runtime", b: int, s: SamplerSettings, request: Request):
+        cfg = rt.model.config
+        c, f, h, w, d = cfg.unet.in_channels, s.frames, s.height // 8, s.width // 8, cfg.text.hidden_size
+        nb, n = (2 * b if s.cfg else b), b * c * f * h * w
+        self.rt, self.s, self.request, self.b = rt, s, request, b
+        self.shape = (b, c, f, h, w)
+        self.lat = rt.latents[:n].view(b, c, f, h, w)
+        self.x_in = rt.x_in[: nb * c * f * h * w].view(nb, c, f, h, w)
+        self.eps = rt.eps[: nb * c * f * h * w].view(nb, c, f, h, w)
+        self.guided, self.scratch = rt.guided[:n].view(self.shape), rt.scratch[:n].view(self.shape)
+        self.ts, self.ids, self.ctx = rt.timestep[:nb], rt.ids[:nb], rt.ctx[: nb * 77 * d].view(nb, 77, d)
+        self.noise_cpu, self.noise = rt.noise_cpu[:n].view(self.shape), rt.noise[:n].view(self.shape)
+        self.noise_frame = rt.noise_frame[: n // f].view(b, c, 1, h, w)
+        self.dec_in = rt.dec_in[:n].view(self.shape)
+        self.dec_out = rt.dec_out[: b * f * 3 * s.height * s.width].view(b, f, 3, s.height, s.width)
+        self.u8 = rt.frames_u8[: b * f * s.height * s.width * 3].view(b, f, s.height, s.width, 3)
+        self.generator = torch.Generator().manual_seed(request.seed)
+
+    def initial_noise(self) -> None:
+        """Official randn_progressive: one (B,C,1,h,w) draw per frame in frame order (unit variance, see sampler)."""
+        lat, nf, a = self.lat, self.noise_frame, self.s.noise_prior
+        beta, std = a / (1 + a * a) ** 0.5, 1 / (1 + a * a) ** 0.5
+        prev = self.noise_cpu[:, :, :1]  # scratch (B,C,1,h,w)
+        for k in range(lat.shape[2]):
+            torch.randn(nf.shape, generator=self.generator, out=nf)
+            if k > 0 and a != 0:  # beta * frame_{k-1} + std * draw, in the reference's order
+                nf.mul_(std)
+                torch.mul(lat[:, :, k - 1:k].to("cpu"), beta, out=prev)
+                nf.add_(prev)
+            lat[:, :, k:k + 1].copy_(nf)
+
+    def restart(self) -> None:
+        """A later clip: one fresh draw of the whole clip, then the reuse-and-diffuse restart (history.py)."""
+        torch.randn(self.shape, generator=self.generator, out=self.noise_cpu)
+        if self.noise is not self.noise_cpu:
+            self.noise.copy_(self.noise_cpu)
+        self.rt.history.restart(self.lat, self.noise)
+
+    def step(self, c: int, i: int) -> None:
+        """Step i of clip c, in place: staged guidance and history, UNet call, guidance combine, DDIM (eta = 0)."""
+        rt, lat, x_in, eps, g, tmp = self.rt, self.lat, self.x_in, self.eps, self.guided, self.scratch
+        rt.history.guide_and_record(i, lat, c > 0)
+        b, coef = self.b, rt.coef[i]
+        x_in[:b].copy_(lat)
+        if self.s.cfg:
+            x_in[b:].copy_(lat)
+        self.ts.copy_(rt.ts_table[i, : self.ts.shape[0]])
+        rt.unet(x_in, self.ts, self.ctx, eps)
+        if self.s.cfg:  # eps_u + scale * (eps_c - eps_u), as the reference computes it
+            g.copy_(eps[b:])
+            g.sub_(eps[:b])
+            g.mul_(rt.gscale)
+            g.add_(eps[:b])
+        else:
+            g.copy_(eps)
+        torch.mul(g, coef[0], out=tmp)  # x0 = (x - sqrt(1-a_t) eps) / sqrt(a_t)
+        lat.sub_(tmp)
+        lat.div_(coef[1])
+        lat.mul_(coef[2])  # x_prev = sqrt(a_prev) x0 + sqrt(1-a_prev) eps
+        torch.mul(g, coef[3], out=tmp)
+        lat.add_(tmp)
+
+    def handoff(self):
+        """After a clip's last step: latents / scaling factor into the VAE input; a CPU copy of the latents."""
+        torch.div(self.lat, self.rt.model.vae.cfg.scaling_factor, out=self.scratch)
+        self.dec_in.copy_(self.scratch)
+        ready = None
+        if self.rt._decode_stream is not None:
+            ready = torch.cuda.Event()
+            ready.record()
+        return self.lat.to("cpu", copy=True), ready
+
+
 class Runtime:
     """A model's text, UNet and VAE backends plus every buffer the loop needs, for requests up to `limits`."""
 
@@ -85,6 +161,9 @@ class Runtime:
         self.guided = buf(n)  # (B,C,F,h,w) guidance-combined noise prediction
         self.scratch = buf(n)  # (B,C,F,h,w) DDIM temporary
         self.timestep = buf(2 * b)  # (2B,) float32
+        self.ts_table = torch.empty(lim.steps, 2 * b, device=dev)  # (T,2B) timestep of every step
+        self.coef = torch.empty(lim.steps, 4, device=dev)  # (T,4) DDIM factors of every step
+        self.gscale = torch.empty((), device=dev)  # guidance scale
         self.history = History(n, b * c * lim.overlap * h * w, lim.steps, f, dev)
         self.noise_cpu = buf(n, device="cpu")  # (B,C,F,h,w) random draws come from a CPU generator (parity)
         self.noise_frame = buf(b * c * h * w, device="cpu")  # (B,C,1,h,w) one frame of the initial noise
@@ -92,6 +171,9 @@ class Runtime:
         self.dec_in = buf(n, dtype)  # (B,C,F,h,w) latents / scaling factor, for the VAE
         self.dec_out = buf(b * f * 3 * lim.height * lim.width, dtype)  # (B,F,3,H,W)
         self.frames_u8 = torch.empty(b * f * lim.height * lim.width * 3, dtype=torch.uint8)  # (B,F,H,W,3) host
+        for be in (text, unet, vae):  # engines with fixed profiles say now if the largest request cannot run
+            if hasattr(be, "check_shapes"):
+                be.check_shapes(lim.batch, lim.frames, lim.height, lim.width, guidance=True)
         self._lock = threading.Lock()
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="vidrd-decode")
         self._decode_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
@@ -113,6 +195,10 @@ class Runtime:
                                  f"runtime with larger limits")
         if s.clips > 1 and s.overlap > lim.overlap:
             raise ValueError(f"overlap={s.overlap} exceeds this runtime's buffers (overlap <= {lim.overlap})")
+        for be in (self.text, self.unet, self.vae):  # TensorRT engines: the request must fit their profiles
+            if hasattr(be, "check_shapes"):
+                be.check_shapes(len(prompts), s.frames, s.height, s.width, guidance=s.cfg,
+                                temporal=s.temporal_decode)
         return prompts, negatives, s
 
     # -------------------------------------------------------------------------------------------- generation
@@ -123,52 +209,37 @@ class Runtime:
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("this runtime is already generating; one request at a time per runtime")
         try:
-            yield from self._run(prompts, negatives, s, request, on_step)
+            yield from self._run(self.prepare(prompts, negatives, s, request), on_step)
         finally:
             self._lock.release()
 
-    def _views(self, b: int, s: SamplerSettings):
-        c, f, h, w = self.model.config.unet.in_channels, s.frames, s.height // 8, s.width // 8
-        n, d = b * c * f * h * w, self.model.config.text.hidden_size
-        nb = 2 * b if s.cfg else b
-        v = dict(shape=(b, c, f, h, w), lat=self.latents[:n].view(b, c, f, h, w),
-                 x_in=self.x_in[: nb * n // b].view(nb, c, f, h, w), eps=self.eps[: nb * n // b].view(nb, c, f, h, w),
-                 guided=self.guided[:n].view(b, c, f, h, w), scratch=self.scratch[:n].view(b, c, f, h, w),
-                 ts=self.timestep[:nb], ctx=self.ctx[: nb * 77 * d].view(nb, 77, d), ids=self.ids[:nb],
-                 noise_cpu=self.noise_cpu[:n].view(b, c, f, h, w), noise=self.noise[:n].view(b, c, f, h, w),
-                 noise_frame=self.noise_frame[: n // f].view(b, c, 1, h, w),
-                 dec_in=self.dec_in[:n].view(b, c, f, h, w),
-                 dec_out=self.dec_out[: b * f * 3 * s.height * s.width].view(b, f, 3, s.height, s.width),
-                 u8=self.frames_u8[: b * f * s.height * s.width * 3].view(b, f, s.height, s.width, 3))
-        return v
-
     @torch.no_grad()
-    def _run(self, prompts, negatives, s: SamplerSettings, request: Request, on_step):
-        b = len(prompts)
-        v = self._views(b, s)
-        # text: once per request, [uncond; cond] under guidance
-        texts = negatives + prompts if s.cfg else prompts
-        v["ids"].copy_(tokenize(self.tokenizer, texts))
-        self.text(v["ids"], v["ctx"])
-        hist = self.history
-        hist.start(v["shape"], s)
-        steps = [(int(t),) + self.scheduler.alphas(int(t), s.steps) for t in self.scheduler.timesteps(s.steps)]
-        # (t, alpha_bar_t, alpha_bar_prev) -> the DDIM factors, computed as the reference does
-        ddim = [(t, (1 - a) ** 0.5, a ** 0.5, ap ** 0.5, (1 - ap) ** 0.5) for t, a, ap in steps]
-        generator = torch.Generator().manual_seed(request.seed)
-        lat = v["lat"]
-        self._initial_noise(v, generator, s.noise_prior)
-        pending = None
+    def prepare(self, prompts, negatives, s: SamplerSettings, request: Request) -> "Job":
+        """Before step 0: bind views, encode the prompts, fill the per-step tables, draw the initial noise."""
+        job = Job(self, len(prompts), s, request)
+        texts = negatives + prompts if s.cfg else prompts  # [uncond; cond] under guidance
+        job.ids.copy_(tokenize(self.tokenizer, texts))
+        self.text(job.ids, job.ctx)
+        self.history.start(job.shape, s)
+        timesteps = self.scheduler.timesteps(s.steps).tolist()
+        rows = []
+        for t in timesteps:  # DDIM factors, from the same python floats as the reference's step
+            a, ap = self.scheduler.alphas(int(t), s.steps)
+            rows.append([(1 - a) ** 0.5, a ** 0.5, ap ** 0.5, (1 - ap) ** 0.5])
+        self.coef[: s.steps].copy_(torch.tensor(rows, dtype=torch.float32))
+        self.ts_table[: s.steps].copy_(torch.tensor(timesteps, dtype=torch.float32)[:, None].expand(-1, 2 * self.limits.batch))
+        self.gscale.fill_(s.guidance_scale)
+        job.initial_noise()
+        return job
+
+    def _run(self, job: "Job", on_step):
+        s, pending = job.s, None
         try:
             for c in range(s.clips):
                 if c > 0:
-                    torch.randn(v["shape"], generator=generator, out=v["noise_cpu"])
-                    if v["noise"] is not v["noise_cpu"]:
-                        v["noise"].copy_(v["noise_cpu"])
-                    hist.restart(lat, v["noise"])
-                for i, coef in enumerate(ddim):
-                    hist.guide_and_record(i, lat, c > 0)
-                    self._step(v, s, coef)
+                    job.restart()
+                for i in range(s.steps):
+                    job.step(c, i)
                     if on_step is not None:
                         on_step(c, i)
                     if pending is not None and pending.done():
@@ -176,75 +247,31 @@ class Runtime:
                         pending = None
                 if pending is not None:  # the previous clip's decode must finish before dec_in is reused
                     yield pending.result()
-                torch.div(lat, self.model.vae.cfg.scaling_factor, out=v["scratch"])
-                v["dec_in"].copy_(v["scratch"])
-                ready = None
-                if self._decode_stream is not None:
-                    ready = torch.cuda.Event()
-                    ready.record()
-                pending = self._decoder.submit(self._decode, v, s, c, lat.to("cpu", copy=True), ready,
-                                               request.float_video)
+                pending = self._decoder.submit(self._decode, job, c, *job.handoff())
             yield pending.result()
             pending = None
         finally:
             if pending is not None:  # cancelled: let the decode finish so the buffers are free for the next request
                 pending.exception()
 
-    def _initial_noise(self, v, generator, a: float) -> None:
-        """Official randn_progressive: one (B,C,1,h,w) draw per frame in frame order (unit variance, see sampler)."""
-        lat, nf = v["lat"], v["noise_frame"]
-        beta, std = a / (1 + a * a) ** 0.5, 1 / (1 + a * a) ** 0.5
-        for k in range(lat.shape[2]):
-            torch.randn(nf.shape, generator=generator, out=nf)
-            if k > 0 and a != 0:
-                nf.mul_(std)
-                torch.mul(lat[:, :, k - 1:k].cpu() if lat.is_cuda else lat[:, :, k - 1:k], beta,
-                          out=v["noise_cpu"][:, :, :1])
-                nf.add_(v["noise_cpu"][:, :, :1])
-            lat[:, :, k:k + 1].copy_(nf)
-
-    def _step(self, v, s: SamplerSettings, coef) -> None:
-        """One denoising step in place: guidance-doubled UNet call, guidance combine, DDIM (eta = 0)."""
-        t, s_eps, s_x0, s_prev, s_dir = coef
-        lat, x_in, eps, g, tmp = v["lat"], v["x_in"], v["eps"], v["guided"], v["scratch"]
-        b = lat.shape[0]
-        x_in[:b].copy_(lat)
-        if s.cfg:
-            x_in[b:].copy_(lat)
-        v["ts"].fill_(t)
-        self.unet(x_in, v["ts"], v["ctx"], eps)
-        if s.cfg:  # eps_u + scale * (eps_c - eps_u), as the reference computes it
-            g.copy_(eps[b:])
-            g.sub_(eps[:b])
-            g.mul_(s.guidance_scale)
-            g.add_(eps[:b])
-        else:
-            g.copy_(eps)
-        torch.mul(g, s_eps, out=tmp)  # x0 = (x - sqrt(1-a_t) eps) / sqrt(a_t)
-        lat.sub_(tmp)
-        lat.div_(s_x0)
-        lat.mul_(s_prev)  # x_prev = sqrt(a_prev) x0 + sqrt(1-a_prev) eps
-        torch.mul(g, s_dir, out=tmp)
-        lat.add_(tmp)
-
-    def _decode(self, v, s: SamplerSettings, c: int, latents_cpu, ready, float_video: bool) -> Clip:
+    def _decode(self, job: "Job", c: int, latents_cpu, ready) -> Clip:
         """VAE backend, then [0,1] and uint8 (truncating, as the official save); runs on the decode thread."""
-        ctx = contextlib.nullcontext()
+        s, ctx = job.s, contextlib.nullcontext()
         if self._decode_stream is not None:
             self._decode_stream.wait_event(ready)
             ctx = torch.cuda.stream(self._decode_stream)
         with ctx, torch.no_grad():
-            out = v["dec_out"]
-            self.vae(v["dec_in"], out, s.temporal_decode)
+            out = job.dec_out
+            self.vae(job.dec_in, out, s.temporal_decode)
             out.div_(2).add_(0.5).clamp_(0, 1)
-            video = out.permute(0, 2, 1, 3, 4).to("cpu", torch.float32, copy=True) if float_video else None  # (B,3,F,H,W)
+            video = None
+            if job.request.float_video:
+                video = out.permute(0, 2, 1, 3, 4).to("cpu", torch.float32, copy=True)  # (B,3,F,H,W)
             out.mul_(255)
-            v["u8"].copy_(out.permute(0, 1, 3, 4, 2))  # (B,F,H,W,3): float -> uint8 truncates
+            job.u8.copy_(out.permute(0, 1, 3, 4, 2))  # (B,F,H,W,3): float -> uint8 truncates
         first = s.overlap if (c > 0 and s.assembly == "trim") else 0
-        frames = v["u8"][:, first:].numpy().copy()
-        if video is not None:
-            video = video[:, :, first:]
-        return Clip(c, frames, latents_cpu, video)
+        frames = job.u8[:, first:].numpy().copy()
+        return Clip(c, frames, latents_cpu, None if video is None else video[:, :, first:])
 
     def close(self) -> None:
         self._decoder.shutdown(wait=True)

@@ -18,6 +18,7 @@ class History:
         self.init_rev_flat = torch.empty(numel_clip, dtype=torch.float32, device=device)  # (B*C*F*h*w,)
         self.overlap_flat = torch.empty(steps * numel_overlap, dtype=torch.float32, device=device)  # (T*B*C*O*h*w,)
         self.index = torch.empty(frames, dtype=torch.int64, device=device)  # (F,) reversed frame order
+        self.consts = torch.empty(2, dtype=torch.float32, device=device)  # recycle weight, fresh-noise divisor
         self.pinned: list[int] = []
 
     def start(self, shape: tuple, settings) -> None:
@@ -33,7 +34,8 @@ class History:
         # staged guidance pins frames 0..K_i-1 at step i (the condition is monotone in the frame index)
         self.pinned = [sum(settings.guided(i, k) for k in range(o)) for i in range(t)]
         r = settings.noise_recycle
-        self.recycle, self.fresh_div = r / math.sqrt(1 + r * r), math.sqrt(1 + r * r)
+        self.consts.copy_(torch.tensor([r / math.sqrt(1 + r * r), math.sqrt(1 + r * r)]))
+        self.recycle, self.fresh_div = self.consts[0], self.consts[1]
 
     def restart(self, latents: torch.Tensor, fresh: torch.Tensor) -> None:
         """A later clip's initial latents: overlap frames from init_rev, the rest recycled noise + fresh (B,C,F,h,w).
