@@ -146,6 +146,15 @@ class OrtVAE:
         self.per_frame.run({"latents": z.view(b * f, c, h, w)}, {"frames": out.view(b * f, *out.shape[2:])})
 
 
+def _cast(model, component: str, dtype: torch.dtype):
+    """A shallow copy of `model` whose `component` network is a converted copy in `dtype`."""
+    import copy
+    attr = {"text": "text_encoder", "unet": "unet", "vae": "vae"}[component]
+    clone = copy.copy(model)
+    setattr(clone, attr, copy.deepcopy(getattr(model, attr)).to(dtype))
+    return clone
+
+
 def make(kind: str, component: str, model, dtype: torch.dtype, device: torch.device, *, export_dir=None,
          engine_dir=None, compile: str | None = None, attention: str = "sdpa"):
     """The backend `kind` for `component` ('text', 'unet' or 'vae'); errors name what is missing."""
@@ -154,9 +163,10 @@ def make(kind: str, component: str, model, dtype: torch.dtype, device: torch.dev
     if kind == "torch":
         if model is None:
             raise ValueError("the torch backend needs the model's weights (--weights, --sd/--ckpt or --preset)")
-        if model.dtype != dtype or model.device.type != device.type:
-            raise ValueError(f"the model is loaded as {model.dtype} on {model.device}, the runtime wants {dtype} on "
-                             f"{device}: load it with that dtype and device")
+        if model.device.type != device.type:
+            raise ValueError(f"the model is loaded on {model.device}, the runtime runs on {device}: load it there")
+        if model.dtype != dtype:  # a private copy of this component in the asked dtype (e.g. a bf16 VAE)
+            model = _cast(model, component, dtype)
         if component == "unet":
             return TorchUNet(model, dtype, device, compile, attention)
         return {"text": TorchText, "vae": TorchVAE}[component](model, dtype, device)

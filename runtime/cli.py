@@ -12,6 +12,8 @@ COMMANDS = (
     "vidrd.export.cmd_export",
     "vidrd.export.cmd_engines",
     "vidrd.runtime.cmd_generate",
+    "vidrd.runtime.cmd_bench",
+    "vidrd.runtime.cmd_serve",
 )
 
 

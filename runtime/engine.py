@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -69,6 +69,7 @@ class Job:
         self.eps = rt.eps[: nb * c * f * h * w].view(nb, c, f, h, w)
         self.guided, self.scratch = rt.guided[:n].view(self.shape), rt.scratch[:n].view(self.shape)
         self.ts, self.ids, self.ctx = rt.timestep[:nb], rt.ids[:nb], rt.ctx[: nb * 77 * d].view(nb, 77, d)
+        self.ctx_unet = rt.ctx_unet[: nb * 77 * d].view(nb, 77, d)
         self.noise_cpu, self.noise = rt.noise_cpu[:n].view(self.shape), rt.noise[:n].view(self.shape)
         self.noise_frame = rt.noise_frame[: n // f].view(b, c, 1, h, w)
         self.dec_in = rt.dec_in[:n].view(self.shape)
@@ -105,7 +106,7 @@ class Job:
         if self.s.cfg:
             x_in[b:].copy_(lat)
         self.ts.copy_(rt.ts_table[i, : self.ts.shape[0]])
-        rt.unet(x_in, self.ts, self.ctx, eps)
+        rt.unet(x_in, self.ts, self.ctx_unet, eps)
         if self.s.cfg:  # eps_u + scale * (eps_c - eps_u), as the reference computes it
             g.copy_(eps[b:])
             g.sub_(eps[:b])
@@ -134,13 +135,9 @@ class Job:
 class Runtime:
     """A model's text, UNet and VAE backends plus every buffer the loop needs, for requests up to `limits`."""
 
-    def __init__(self, model, text, unet, vae, limits: Limits = Limits(), device="cpu", dtype=torch.float32):
+    def __init__(self, model, text, unet, vae, limits: Limits = Limits(), device="cpu"):
         self.model, self.text, self.unet, self.vae = model, text, unet, vae
-        self.limits, self.device, self.dtype = limits, torch.device(device), dtype
-        for name, be in (("text", text), ("unet", unet), ("vae", vae)):
-            if be.dtype != dtype:
-                raise ValueError(f"the {name} backend runs in {be.dtype} but the runtime dtype is {dtype}: "
-                                 "export or load that component in the runtime's dtype")
+        self.limits, self.device = limits, torch.device(device)
         self.scheduler, self.tokenizer = model.scheduler, model.tokenizer
         lim, cfg = limits, model.config
         if lim.height % 8 or lim.width % 8:
@@ -154,10 +151,12 @@ class Runtime:
             return torch.empty(numel, dtype=dtype, device=device)
 
         self.ids = torch.zeros(2 * b, 77, dtype=torch.int64, device=dev)  # (2B,77)
-        self.ctx = buf(2 * b * 77 * d, dtype)  # (2B,77,D) [uncond; cond]
+        self.ctx = buf(2 * b * 77 * d, text.dtype)  # (2B,77,D) [uncond; cond] as the text backend writes it
+        # the UNet's copy of the context when it runs in another dtype than the text encoder
+        self.ctx_unet = self.ctx if unet.dtype == text.dtype else buf(2 * b * 77 * d, unet.dtype)
         self.latents = buf(n)  # (B,C,F,h,w) float32 whatever the backend dtype
-        self.x_in = buf(2 * n, dtype)  # (2B,C,F,h,w) the guidance-doubled UNet input
-        self.eps = buf(2 * n, dtype)  # (2B,C,F,h,w) UNet output
+        self.x_in = buf(2 * n, unet.dtype)  # (2B,C,F,h,w) the guidance-doubled UNet input
+        self.eps = buf(2 * n, unet.dtype)  # (2B,C,F,h,w) UNet output
         self.guided = buf(n)  # (B,C,F,h,w) guidance-combined noise prediction
         self.scratch = buf(n)  # (B,C,F,h,w) DDIM temporary
         self.timestep = buf(2 * b)  # (2B,) float32
@@ -168,14 +167,16 @@ class Runtime:
         self.noise_cpu = buf(n, device="cpu")  # (B,C,F,h,w) random draws come from a CPU generator (parity)
         self.noise_frame = buf(b * c * h * w, device="cpu")  # (B,C,1,h,w) one frame of the initial noise
         self.noise = self.noise_cpu if dev.type == "cpu" else buf(n)
-        self.dec_in = buf(n, dtype)  # (B,C,F,h,w) latents / scaling factor, for the VAE
-        self.dec_out = buf(b * f * 3 * lim.height * lim.width, dtype)  # (B,F,3,H,W)
+        self.dec_in = buf(n, vae.dtype)  # (B,C,F,h,w) latents / scaling factor, for the VAE
+        self.dec_out = buf(b * f * 3 * lim.height * lim.width, vae.dtype)  # (B,F,3,H,W)
         self.frames_u8 = torch.empty(b * f * lim.height * lim.width * 3, dtype=torch.uint8)  # (B,F,H,W,3) host
         for be in (text, unet, vae):  # engines with fixed profiles say now if the largest request cannot run
             if hasattr(be, "check_shapes"):
                 be.check_shapes(lim.batch, lim.frames, lim.height, lim.width, guidance=True)
         self._lock = threading.Lock()
-        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="vidrd-decode")
+        # On a GPU the VAE decodes a clip on its own thread and CUDA stream while the next clip denoises. On the CPU
+        # both would share the same cores (and OpenMP pools spin against each other), so decoding is inline there.
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="vidrd-decode") if dev.type == "cuda" else None
         self._decode_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
 
     # ------------------------------------------------------------------------------------------------ checks
@@ -220,6 +221,8 @@ class Runtime:
         texts = negatives + prompts if s.cfg else prompts  # [uncond; cond] under guidance
         job.ids.copy_(tokenize(self.tokenizer, texts))
         self.text(job.ids, job.ctx)
+        if job.ctx_unet is not job.ctx:
+            job.ctx_unet.copy_(job.ctx)
         self.history.start(job.shape, s)
         timesteps = self.scheduler.timesteps(s.steps).tolist()
         rows = []
@@ -247,7 +250,11 @@ class Runtime:
                         pending = None
                 if pending is not None:  # the previous clip's decode must finish before dec_in is reused
                     yield pending.result()
-                pending = self._decoder.submit(self._decode, job, c, *job.handoff())
+                if self._decoder is not None:
+                    pending = self._decoder.submit(self._decode, job, c, *job.handoff())
+                else:
+                    pending = Future()
+                    pending.set_result(self._decode(job, c, *job.handoff()))
             yield pending.result()
             pending = None
         finally:
@@ -274,18 +281,31 @@ class Runtime:
         return Clip(c, frames, latents_cpu, None if video is None else video[:, :, first:])
 
     def close(self) -> None:
-        self._decoder.shutdown(wait=True)
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=True)
 
 
 def create(model, backend: str = "torch", *, text: str | None = None, unet: str | None = None,
-           vae: str | None = None, limits: Limits = Limits(), device="cpu", dtype=torch.float32, export_dir=None,
-           engine_dir=None, compile: str | None = None, attention: str = "sdpa") -> Runtime:
-    """A Runtime with `backend` for every component unless text/unet/vae name another one for that component."""
+           vae: str | None = None, limits: Limits = Limits(), device="cpu", dtype=torch.float32,
+           vae_dtype: torch.dtype | None = None, export_dir=None, engine_dir=None, compile: str | None = None,
+           attention: str = "sdpa") -> Runtime:
+    """A Runtime with `backend` for every component unless text/unet/vae name another one for that component.
+
+    dtype is the networks' dtype (latents and the DDIM update stay float32); vae_dtype, when given, runs the VAE
+    decoder in another dtype (e.g. bfloat16 VAE beside a float32 UNet). Raises ValueError when a backend cannot
+    run in the dtype asked for (an ONNX export or engine of another precision).
+    """
     from . import backends
 
     device = torch.device(device)
     kw = dict(export_dir=export_dir, engine_dir=engine_dir)
-    made = {name: backends.make(kind or backend, name, model, dtype, device, **kw,
-                                **({"compile": compile, "attention": attention} if name == "unet" else {}))
-            for name, kind in (("text", text), ("unet", unet), ("vae", vae))}
-    return Runtime(model, made["text"], made["unet"], made["vae"], limits, device, dtype)
+    want = {"text": dtype, "unet": dtype, "vae": vae_dtype or dtype}
+    made = {}
+    for name, kind in (("text", text), ("unet", unet), ("vae", vae)):
+        extra = {"compile": compile, "attention": attention} if name == "unet" else {}
+        be = backends.make(kind or backend, name, model, want[name], device, **kw, **extra)
+        if be.dtype != want[name]:
+            raise ValueError(f"the {kind or backend} {name} runs in {be.dtype} but {want[name]} was asked for: "
+                             f"export or build that component in {want[name]}, or ask for {be.dtype}")
+        made[name] = be
+    return Runtime(model, made["text"], made["unet"], made["vae"], limits, device)

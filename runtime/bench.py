@@ -1,0 +1,209 @@
+"""`vidrd bench`: the runtime against the reference sampler on one workload, in one process (BENCHMARKS.md protocol).
+
+Protocol: build both, run each once as warm-up (excluded: compilation, caches, page faults), then `repeats` timed
+runs each, alternating runtime and reference; report medians. Per-stage times come from timers around the backend
+calls of the runtime (text, UNet, VAE), the rest of the loop is `loop_other`; writing is timed by encoding the
+clips to an .mp4 in a temporary folder. One JSON object per run is printed (machine-readable), plus a summary row.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from vidrd.ref.sampler import SamplerSettings, generate
+
+from .engine import Limits, Request, create
+
+WORKLOADS = {
+    # the issue's CPU workload: small preset, one prompt, 256x256, 8 frames x 3 clips, 10 steps, guidance 10
+    "small": dict(preset="small", settings=SamplerSettings(256, 256, 8, 10, 3, 4, 4.0, 0.4, 10.0), batch=1),
+    # the GPU workload: released shapes with random weights, 16 frames x 2 clips, 50 steps
+    "sd21-base": dict(preset="sd21-base", settings=SamplerSettings(256, 256, 16, 50, 2, 4, 4.0, 0.4, 10.0), batch=1),
+    # a seconds-long smoke run (tests, CI)
+    "tiny": dict(preset="tiny", settings=SamplerSettings(64, 64, 4, 3, 2, 2, 4.0, 0.4, 10.0), batch=1),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Timed:
+    """Wraps a backend: accumulates seconds per call (synchronising CUDA so the time is the device's)."""
+
+    def __init__(self, backend, device):
+        self.backend, self.dtype, self.device, self.seconds, self.calls = backend, backend.dtype, device, 0.0, 0
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def __getattr__(self, name):  # check_shapes and friends
+        return getattr(self.backend, name)
+
+    def __call__(self, *args):
+        self.sync()
+        t = time.perf_counter()
+        self.backend(*args)
+        self.sync()
+        self.seconds += time.perf_counter() - t
+        self.calls += 1
+
+
+@dataclass
+class Config:
+    backend: str = "torch"
+    dtype: str = "fp32"
+    compile: str | None = None
+    attention: str = "sdpa"
+    onnx: str | None = None
+    engines: str | None = None
+    vae_dtype: str | None = None  # None: the runtime dtype
+
+
+def unet_flops(model, settings: SamplerSettings, batch: int, device) -> int:
+    """FLOPs of one guidance-doubled UNet call, counted by torch.utils.flop_counter on the meta-free model."""
+    from torch.utils.flop_counter import FlopCounterMode
+    n = batch * (2 if settings.cfg else 1)
+    shape = (n, model.config.unet.in_channels, settings.frames, settings.height // 8, settings.width // 8)
+    x = torch.zeros(shape, dtype=model.dtype, device=device)
+    ctx = torch.zeros(n, 77, model.config.text.hidden_size, dtype=model.dtype, device=device)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model.unet(x, torch.full((n,), 981.0, device=device), ctx)
+    return fc.get_total_flops()
+
+
+def _peak_rss_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(workload: str = "small", config: Config = Config(), *, repeats: int = 3, device: str | None = None,
+        weights_seed: int = 0, with_reference: bool = True, log=print) -> dict:
+    """Benchmark `config` against the float32 reference sampler on `workload`; returns the summary row."""
+    from vidrd.ref.weights import random_model
+
+    from .video_io import VideoWriter
+
+    if workload not in WORKLOADS:
+        raise ValueError(f"unknown workload {workload!r}; choose one of {sorted(WORKLOADS)}")
+    if config.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {config.dtype!r}; choose one of {sorted(DTYPES)}")
+    wl = WORKLOADS[workload]
+    s: SamplerSettings = wl["settings"]
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[config.dtype]
+    prompts, negatives = ("a boat sailing on a lake",) * wl["batch"], ("watermark",) * wl["batch"]
+    request = Request(prompts, negatives, s, seed=42, float_video=True)
+    ref_model = random_model(wl["preset"], weights_seed, device=dev)
+    model = ref_model if dtype == torch.float32 else random_model(wl["preset"], weights_seed, dtype=dtype, device=dev)
+    limits = Limits(wl["batch"], s.frames, s.height, s.width, s.steps, s.overlap)
+    rt = create(model, config.backend, limits=limits, device=dev, dtype=dtype, export_dir=config.onnx,
+                engine_dir=config.engines, compile=config.compile, attention=config.attention,
+                vae_dtype=DTYPES[config.vae_dtype] if config.vae_dtype else None)
+    timers = {k: Timed(getattr(rt, k), dev) for k in ("text", "unet", "vae")}
+    rt.text, rt.unet, rt.vae = timers["text"], timers["unet"], timers["vae"]
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def runtime_once():
+        for t in timers.values():
+            t.seconds, t.calls = 0.0, 0
+        sync()
+        t0 = time.perf_counter()
+        clips = list(rt.generate(request))
+        sync()
+        wall = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory() as tmp:
+            t1 = time.perf_counter()
+            with VideoWriter(os.path.join(tmp, "bench.mp4"), fps=8) as w:
+                for c in clips:
+                    w.write(c.frames[0])
+            write = time.perf_counter() - t1
+        stages = {k: t.seconds for k, t in timers.items()}
+        return clips, wall, stages, write
+
+    def reference_once():
+        sync()
+        t0 = time.perf_counter()
+        out = generate(ref_model, list(prompts), list(negatives), **_kwargs(s),
+                       generator=torch.Generator().manual_seed(42))
+        sync()
+        return out, time.perf_counter() - t0
+
+    log(f"[bench] warm-up ({workload}, {config.backend} {config.dtype}"
+        f"{', compile ' + config.compile if config.compile else ''}, {dev})")
+    runtime_once()
+    ref_out = reference_once()[0] if with_reference else None
+    walls, refs, rows = [], [], []
+    frames_out = s.output_frames() * wl["batch"]
+    for r in range(repeats):
+        clips, wall, stages, write = runtime_once()
+        walls.append(wall)
+        row = {"run": r, "wall_s": wall, "write_s": write, "text_s": stages["text"], "vae_s": stages["vae"],
+               "unet_s": stages["unet"], "unet_calls": timers["unet"].calls,
+               "loop_other_s": wall - sum(stages.values()), "s_per_frame": wall / frames_out}
+        if with_reference:
+            ref_out, ref_wall = reference_once()
+            refs.append(ref_wall)
+            row["reference_s_per_frame"] = ref_wall / frames_out
+        rows.append(row)
+        log(json.dumps({"kind": "run", **row}))
+    summary = _summary(workload, wl, config, dev, model, s, rows, walls, refs, frames_out)
+    if with_reference:
+        summary.update(_accuracy(clips, ref_out))
+    summary["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    if dev.type == "cuda":
+        summary["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    rt.close()
+    log(json.dumps({"kind": "summary", **summary}))
+    return summary
+
+
+def _kwargs(s: SamplerSettings) -> dict:
+    return dict(height=s.height, width=s.width, frames=s.frames, steps=s.steps, clips=s.clips, overlap=s.overlap,
+                noise_recycle=s.noise_recycle, denoise_guidance=s.denoise_guidance, guidance_scale=s.guidance_scale,
+                noise_prior=s.noise_prior, temporal_decode=s.temporal_decode, assembly=s.assembly)
+
+
+def _summary(workload, wl, config, dev, model, s, rows, walls, refs, frames_out) -> dict:
+    med = {k: statistics.median(r[k] for r in rows) for k in ("wall_s", "text_s", "unet_s", "vae_s", "loop_other_s",
+                                                               "write_s")}
+    calls = rows[0]["unet_calls"]
+    flops = unet_flops(model, s, wl["batch"], dev)
+    per_call = med["unet_s"] / calls
+    out = {"workload": workload, "preset": wl["preset"], "settings": asdict(s), "batch": wl["batch"],
+           "config": asdict(config), "device": _device_name(dev), "threads": torch.get_num_threads(),
+           "versions": {"torch": torch.__version__, "python": platform.python_version()},
+           "repeats": len(rows), "frames_out": frames_out, "median": med,
+           "unet_per_call_s": per_call, "vae_per_clip_s": med["vae_s"] / s.clips,
+           "s_per_frame": med["wall_s"] / frames_out, "loop_other_fraction": med["loop_other_s"] / med["wall_s"],
+           "unet_gflop_per_call": flops / 1e9, "unet_gflops": flops / per_call / 1e9}
+    if refs:
+        ref = statistics.median(refs)
+        out.update(reference_s_per_frame=ref / frames_out, speedup=ref / med["wall_s"])
+    return out
+
+
+def _accuracy(clips, ref) -> dict:
+    """PSNR of the video and relative error of the final latents against the float32 reference."""
+    video = torch.cat([c.video for c in clips], dim=2)
+    latents = torch.stack([c.latents for c in clips])
+    ref_video, ref_latents = ref
+    mse = ((video - ref_video) ** 2).mean().item()
+    return {"psnr_db": math.inf if mse == 0 else 10 * math.log10(1.0 / mse),
+            "latents_rel_err": ((latents - ref_latents).norm() / ref_latents.norm()).item(),
+            "latents_max_abs_rel": ((latents - ref_latents).abs().max() / ref_latents.abs().max()).item()}
+
+
+def _device_name(dev) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"

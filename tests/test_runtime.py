@@ -1,0 +1,207 @@
+"""The lean runtime against the reference sampler: parity, no allocation in the loop, streaming, cancelling, limits."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from vidrd.ref.loading import load_official
+from vidrd.ref.sampler import SamplerSettings, generate
+from vidrd.ref.weights import random_model
+from vidrd.runtime.engine import Cancelled, Limits, Request, create
+
+LIMITS = Limits(batch=2, frames=8, height=64, width=64, steps=10, overlap=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_dir):
+    return load_official(tiny_dir / "sd", tiny_dir / "ModelT2V.pth", tiny_dir / "vae_finetuned")
+
+
+def case(tiny_dir, name):
+    c = json.loads((tiny_dir / "cases.json").read_text())["cases"][f"pipe.{name}"]
+    s = SamplerSettings(height=c["height"], width=c["width"], frames=c["num_frames"], steps=c["num_inference_steps"],
+                        clips=c.get("num_generated_clips", 1), overlap=c.get("extend_overlap_frames", 4),
+                        noise_recycle=c.get("extend_noise_recycle", 4),
+                        denoise_guidance=c.get("extend_denoise_guidance", 0.4), guidance_scale=c["guidance_scale"])
+    neg = None if c["negative_prompt"] is None else tuple(c["negative_prompt"])
+    return Request(tuple(c["prompt"]), neg, s, c["seed"], float_video=True)
+
+
+def run(rt, request):
+    clips = list(rt.generate(request))
+    video = torch.cat([c.video for c in clips], dim=2)
+    return video, torch.stack([c.latents for c in clips]), clips
+
+
+def reference(model, request):
+    s = request.settings
+    return generate(model, list(request.prompts), None if request.negative_prompts is None else
+                    list(request.negative_prompts), height=s.height, width=s.width, frames=s.frames, steps=s.steps,
+                    clips=s.clips, overlap=s.overlap, noise_recycle=s.noise_recycle,
+                    denoise_guidance=s.denoise_guidance, guidance_scale=s.guidance_scale, noise_prior=s.noise_prior,
+                    temporal_decode=s.temporal_decode, assembly=s.assembly,
+                    generator=torch.Generator().manual_seed(request.seed))
+
+
+@pytest.mark.parametrize("name", ["single_clip", "three_clips", "batch_two"])
+def test_torch_fp32_matches_reference_and_goldens(tiny_model, tiny_dir, golden, name):
+    rt = create(tiny_model, limits=LIMITS)
+    request = case(tiny_dir, name)
+    video, latents, clips = run(rt, request)
+    ref_video, ref_latents = reference(tiny_model, request)
+    scale = ref_latents.abs().max()
+    assert (latents - ref_latents).abs().max() <= 1e-5 * scale
+    assert (video - ref_video).abs().max() <= 1e-5
+    assert (video - golden[f"pipe.{name}.video"]).abs().max() <= 1e-4
+    # the uint8 frames are the official truncating conversion of the video
+    frames = np.concatenate([c.frames for c in clips], axis=1)  # (B,T,H,W,3)
+    assert np.array_equal(frames, (ref_video.permute(0, 2, 3, 4, 1) * 255).to(torch.uint8).numpy())
+
+
+def test_trim_temporal_decode_and_noise_prior_match_reference():
+    model = random_model("tiny", 1)
+    rt = create(model, limits=LIMITS)
+    s = SamplerSettings(height=48, width=64, frames=6, steps=3, clips=3, overlap=3, noise_recycle=2.0,
+                        denoise_guidance=0.7, guidance_scale=1.0, noise_prior=0.5, temporal_decode=True,
+                        assembly="trim")
+    request = Request(("a", "b"), None, s, seed=11, float_video=True)
+    video, latents, clips = run(rt, request)
+    ref_video, ref_latents = reference(model, request)
+    assert video.shape == ref_video.shape == (2, 3, 6 + 2 * 3, 48, 64)
+    assert (latents - ref_latents).abs().max() <= 1e-5 * ref_latents.abs().max()
+    assert (video - ref_video).abs().max() <= 1e-5
+
+
+def test_onnxruntime_matches_reference(tiny_model, tiny_dir, tmp_path_factory):
+    from vidrd.export.onnx_export import export
+    out = tmp_path_factory.mktemp("fixture_onnx")
+    export(tiny_model, out, components=("text_encoder", "unet", "vae_decoder"), log=lambda *a: None)
+    rt = create(tiny_model, "onnxruntime", export_dir=out, limits=LIMITS)
+    assert rt.unet.c.provider == "CPUExecutionProvider"
+    for name in ("three_clips", "batch_two"):
+        request = case(tiny_dir, name)
+        video, latents, _ = run(rt, request)
+        ref_video, ref_latents = reference(tiny_model, request)
+        assert (latents - ref_latents).abs().max() <= 1e-3 * ref_latents.abs().max()
+        assert (video - ref_video).abs().max() <= 1e-3
+    with pytest.raises(ValueError, match="onnxruntime unet runs in torch.float32 but torch.bfloat16 was asked"):
+        create(tiny_model, "torch", unet="onnxruntime", export_dir=out, limits=LIMITS, dtype=torch.bfloat16)
+
+
+class Recorded:
+    """A real backend whose calls are marked in the profiler, so the loop's own allocations can be told apart."""
+
+    def __init__(self, backend):
+        self.backend, self.dtype, self.device = backend, backend.dtype, backend.device
+
+    def __call__(self, *args):
+        with record_function("vidrd::backend"):
+            self.backend(*args)
+
+
+def test_step_loop_allocates_nothing_outside_backend_calls():
+    model = random_model("tiny", 0)
+    rt = create(model, limits=LIMITS)
+    rt.unet = Recorded(rt.unet)
+    s = SamplerSettings(height=64, width=64, frames=8, steps=6, clips=2, overlap=4, noise_recycle=4.0)
+    job = rt.prepare(["a"], [""], s, Request(("a",), None, s))
+    with torch.no_grad():
+        job.step(0, 0)  # warm-up outside the measurement
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            for i in range(1, 6):
+                job.step(0, i)
+            job.restart()
+            for i in range(6):
+                job.step(1, i)
+    allocs = []
+    for e in prof.events():
+        if e.cpu_memory_usage > 0 and e.name != "vidrd::backend":
+            chain, p = [], e.cpu_parent
+            while p is not None:
+                chain.append(p.name)
+                p = p.cpu_parent
+            if "vidrd::backend" not in chain:
+                allocs.append((e.name, e.cpu_memory_usage, chain[:2]))
+    assert sum(e.name == "vidrd::backend" for e in prof.events()) == 11  # the measurement saw the steps
+    assert allocs == []
+
+
+def test_streaming_first_clip_before_last_is_denoised_and_cancel():
+    model = random_model("tiny", 0)
+    rt = create(model, limits=LIMITS)
+    s = SamplerSettings(height=32, width=32, frames=4, steps=3, clips=3, overlap=2)
+    events = []
+    gen = rt.generate(Request(("a",), None, s, seed=5), on_step=lambda c, i: events.append(("step", c, i)))
+    first = next(gen)
+    events.append(("clip", first.index))
+    assert first.index == 0 and first.frames.shape == (1, 4, 32, 32, 3) and first.frames.dtype == np.uint8
+    assert ("step", 2, 2) not in events  # the last clip is not denoised yet
+    gen.close()  # cancel
+    done = len(events)
+    assert events[-1][0] == "clip" and done < 1 + 3 * 3
+    # nothing the next request needs was freed: it runs, and equals a fresh runtime's output
+    again = [c.frames for c in rt.generate(Request(("a",), None, s, seed=5))]
+    fresh = [c.frames for c in create(model, limits=LIMITS).generate(Request(("a",), None, s, seed=5))]
+    assert len(again) == 3 and all(np.array_equal(a, b) for a, b in zip(again, fresh))
+    assert np.array_equal(again[0], first.frames)
+
+
+def test_on_step_cancel_stops_within_a_step():
+    rt = create(random_model("tiny", 0), limits=LIMITS)
+    s = SamplerSettings(height=32, width=32, frames=4, steps=5, clips=2, overlap=2)
+    seen = []
+
+    def stop_at_three(c, i):
+        seen.append((c, i))
+        if len(seen) == 3:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        list(rt.generate(Request(("a",), None, s), on_step=stop_at_three))
+    assert len(seen) == 3
+    assert len(list(rt.generate(Request(("a",), None, s)))) == 2  # the runtime is free again
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(frames=9), "frames=9 exceeds"), (dict(height=72), "height=72 exceeds"), (dict(steps=11), "steps=11"),
+    (dict(overlap=5, clips=2), "overlap=5 exceeds"), (dict(overlap=8, clips=2), "overlap=8 must"),
+])
+def test_requests_larger_than_the_buffers_fail_clearly(change, match):
+    rt = create(random_model("tiny", 0), limits=LIMITS)
+    s = SamplerSettings(**{**dict(height=64, width=64, frames=8, steps=2, clips=1, overlap=2), **change})
+    with pytest.raises(ValueError, match=match):
+        next(rt.generate(Request(("a",), None, s)))
+    with pytest.raises(ValueError, match="batch=3 exceeds"):
+        next(rt.generate(Request(("a", "b", "c"), None, SamplerSettings(height=64, width=64, steps=2))))
+
+
+def test_backend_choice_errors_and_mixed_dtypes():
+    model = random_model("tiny", 0)
+    with pytest.raises(ValueError, match="needs --onnx"):
+        create(model, "onnxruntime", limits=LIMITS)
+    with pytest.raises(ValueError, match="unknown backend"):
+        create(model, "jax", limits=LIMITS)
+    with pytest.raises(ValueError, match="needs --engines"):
+        create(model, "torch", unet="tensorrt", limits=LIMITS)
+    # a bfloat16 VAE beside the float32 UNet: its own converted copy, the model itself untouched
+    rt = create(model, limits=LIMITS, vae_dtype=torch.bfloat16)
+    assert rt.vae.dtype == torch.bfloat16 and rt.dec_in.dtype == torch.bfloat16 and model.vae.post_quant_conv.weight.dtype == torch.float32
+    s = SamplerSettings(height=32, width=32, frames=4, steps=2, clips=2, overlap=2)
+    request = Request(("a",), None, s, seed=2, float_video=True)
+    video, latents, _ = run(rt, request)
+    ref_video, ref_latents = reference(model, request)
+    assert torch.equal(latents, ref_latents)  # the UNet path is untouched
+    assert 0 < (video - ref_video).abs().max() < 0.05
+
+
+def test_bf16_runtime_is_close_to_fp32():
+    model = random_model("tiny", 0)
+    s = SamplerSettings(height=32, width=32, frames=4, steps=4, clips=2, overlap=2)
+    request = Request(("a",), None, s, seed=2, float_video=True)
+    v32, l32, _ = run(create(model, limits=LIMITS), request)
+    m16 = random_model("tiny", 0, dtype=torch.bfloat16)
+    v16, l16, _ = run(create(m16, limits=LIMITS, dtype=torch.bfloat16), request)
+    assert l16.dtype == torch.float32  # latents stay float32 whatever the network dtype
+    assert (l16 - l32).abs().max() / l32.abs().max() < 0.1
