@@ -1,0 +1,138 @@
+"""`vidrd serve`: the HTTP service (FastAPI on uvicorn), on one runtime or, with --ray, on Ray Serve replicas."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+
+from .cmd_generate import BACKENDS
+from .model_args import add_model_args, check_model_args
+from .serve_jobs import ServeConfig
+
+D = ServeConfig()
+MODEL_FLAGS = ("weights", "sd", "ckpt", "vae", "preset", "weights_seed")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve video generation over HTTP (FastAPI; --ray for Ray Serve replicas)",
+                       description="An HTTP service: POST /v1/videos submits a job, GET /v1/videos/ID follows it, "
+                       "GET /v1/videos/ID/clips/K streams finished clips, GET /v1/videos/ID/file the video, "
+                       "DELETE /v1/videos/ID cancels; /healthz, /metrics, /docs. See README 'Serving'.")
+    n = p.add_argument_group("network")
+    n.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    n.add_argument("--port", type=int, default=8000)
+    n.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
+                   help="uvicorn's log level (info logs every request)")
+    n.add_argument("--api-key", default=os.environ.get("VIDRD_API_KEY"),
+                   help="require this key (Authorization: Bearer KEY or X-API-Key: KEY); default $VIDRD_API_KEY")
+    j = p.add_argument_group("jobs and limits (the runtime's buffers are sized from the limits)")
+    j.add_argument("--results", default=D.results, help="folder of job results (shared storage under --ray)")
+    j.add_argument("--queue-size", type=int, default=D.queue_size, help="jobs waiting before 429")
+    j.add_argument("--ttl", type=float, default=D.ttl_s, help="seconds a finished job's files are kept")
+    for name in ("batch", "frames", "height", "width", "steps", "clips", "overlap"):
+        j.add_argument(f"--max-{name}", type=int, default=getattr(D, name), help=f"largest {name} of a request")
+    j.add_argument("--max-prompt-chars", type=int, default=D.max_prompt_chars)
+    j.add_argument("--max-body-bytes", type=int, default=D.max_body_bytes, help="larger request bodies get 413")
+    x = p.add_argument_group("execution")
+    x.add_argument("--backend", choices=BACKENDS[:3], default="torch")
+    x.add_argument("--onnx", metavar="DIR", help="exported ONNX files (`vidrd export`), for onnxruntime")
+    x.add_argument("--engines", metavar="DIR", help="TensorRT engines (`vidrd build-engines`), for tensorrt")
+    x.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    x.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    x.add_argument("--threads", type=int, help="torch CPU threads per runtime (default: torch's choice; under "
+                   "--ray on CPUs, the replica's CPUs)")
+    r = p.add_argument_group("Ray Serve")
+    r.add_argument("--ray", action="store_true", help="serve on Ray Serve: one runtime per replica (per GPU)")
+    r.add_argument("--ray-address", help="an existing cluster (e.g. auto); default: start a local one")
+    r.add_argument("--min-replicas", type=int, default=1)
+    r.add_argument("--max-replicas", type=int, help="default: the cluster's GPUs (1 without GPUs)")
+    r.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved per replica")
+    add_model_args(p)
+    p.set_defaults(func=run)
+
+
+def config_from(args) -> ServeConfig:
+    c = ServeConfig(results=args.results, queue_size=args.queue_size, ttl_s=args.ttl, batch=args.max_batch,
+                    frames=args.max_frames, height=args.max_height, width=args.max_width, steps=args.max_steps,
+                    clips=args.max_clips, overlap=args.max_overlap, max_prompt_chars=args.max_prompt_chars,
+                    max_body_bytes=args.max_body_bytes, api_key=args.api_key or None)
+    c.validate()
+    return c
+
+
+def check(args) -> None:
+    check_model_args(args)
+    backends = {"onnxruntime": ("onnx", "--onnx DIR (make it with `vidrd export`)"),
+                "tensorrt": ("engines", "--engines DIR (make it with `vidrd build-engines`)")}
+    if args.backend in backends and not getattr(args, backends[args.backend][0]):
+        raise ValueError(f"the {args.backend} backend needs {backends[args.backend][1]}")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port {args.port} must be in 1..65535")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads} must be >= 1")
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback and not args.api_key:
+        print(f"warning: listening on {args.host} without --api-key: anyone who reaches it can submit jobs",
+              file=sys.stderr)
+
+
+def run(args) -> int:
+    config = config_from(args)
+    check(args)
+    runtime_args = {k: getattr(args, k) for k in ("backend", "onnx", "engines", "dtype", "device", "threads")}
+    if args.ray:
+        return run_ray(args, config, runtime_args)
+    return run_local(args, config, runtime_args)
+
+
+def run_local(args, config: ServeConfig, ra: dict) -> int:
+    import torch
+    import uvicorn
+
+    from .engine import create
+    from .model_args import load_model
+    from .serve_api import make_app
+    from .serve_worker import LocalService
+
+    if ra["threads"]:
+        torch.set_num_threads(ra["threads"])
+    device = ra["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[ra["dtype"]]
+    model, what, _ = load_model(args, dtype=dtype, device=device)
+    if config.steps > model.scheduler.cfg.num_train_timesteps:
+        raise ValueError(f"--max-steps {config.steps} exceeds the model's {model.scheduler.cfg.num_train_timesteps}")
+    rt = create(model, ra["backend"], limits=config.limits(), device=device, dtype=dtype, export_dir=ra["onnx"],
+                engine_dir=ra["engines"])
+    service = LocalService(rt, config)
+    print(f"serving {what} ({ra['backend']} on {device}) at http://{args.host}:{args.port} (docs at /docs)",
+          file=sys.stderr)
+    try:
+        uvicorn.run(make_app(service, config), host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        service.close()
+    return 0
+
+
+def run_ray(args, config: ServeConfig, ra: dict) -> int:
+    import ray
+    from ray import serve
+
+    from .serve_ray import build, start_registry, stop_registry
+
+    ray.init(address=args.ray_address, include_dashboard=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    start_registry(config)
+    app = build(config, {k: getattr(args, k) for k in MODEL_FLAGS}, ra, min_replicas=args.min_replicas,
+                max_replicas=args.max_replicas, replica_cpus=args.replica_cpus)
+    print(f"serving on Ray Serve at http://{args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr)
+    try:
+        serve.run(app, name="vidrd", route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        stop_registry()  # job records go with the service, as without --ray (files expire by TTL)
+    return 0

@@ -1,0 +1,274 @@
+"""The service's HTTP API (FastAPI): request validation, routes, API key, body size limit.
+
+`make_app(backend, config)` serves one backend: serve_worker.LocalService (`vidrd serve`) or serve_ray.RayBackend
+(`vidrd serve --ray`); both answer the same async calls, so both serve exactly this API.
+"""
+from __future__ import annotations
+
+import re
+import secrets
+from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, Response, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+
+from vidrd.ref.sampler import ASSEMBLIES, SamplerSettings
+
+from .cmd_generate import OFFICIAL_NEGATIVE
+from .serve_jobs import ID_PATTERN, STATES, ServeConfig, clip_path, video_path
+
+D = SamplerSettings()
+MEDIA = {"mp4": "video/mp4", "gif": "image/gif"}
+JobId = Annotated[str, Path(pattern=ID_PATTERN, description="32 hex digits, as returned by POST /v1/videos")]
+ClipIndex = Annotated[int, Path(ge=0, description="clip number, from 0")]
+Video = Annotated[int, Query(ge=0, description="which prompt's video, for a batch")]
+SETTINGS = ("height", "width", "frames", "steps", "clips", "overlap", "noise_recycle", "denoise_guidance",
+            "guidance_scale", "noise_prior", "temporal_decode", "assembly")
+
+
+class VideoRequest(BaseModel):
+    """A video request: the settings of `vidrd generate`, with its defaults; strict JSON types, no unknown keys."""
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    prompts: list[str] = Field(min_length=1, description="one video per prompt (a batch)")
+    negative_prompts: list[str] | None = Field(None, description=f"one per prompt (default {OFFICIAL_NEGATIVE!r})")
+    height: int = D.height
+    width: int = D.width
+    frames: int = Field(D.frames, description="frames per clip")
+    steps: int = Field(D.steps, description="DDIM steps per clip")
+    clips: int = Field(D.clips, description="clips in total (1 = no extension)")
+    overlap: int = Field(D.overlap, description="frames shared with the previous clip")
+    noise_recycle: float = D.noise_recycle
+    denoise_guidance: float = D.denoise_guidance
+    guidance_scale: float = D.guidance_scale
+    noise_prior: float = D.noise_prior
+    temporal_decode: bool = D.temporal_decode
+    assembly: Literal[ASSEMBLIES] = D.assembly
+    seed: int = Field(42, ge=0, le=2**63 - 1)
+    format: Literal["mp4", "gif"] = "mp4"
+    fps: float = Field(8.0, gt=0, le=120)
+
+
+class JobStatus(BaseModel):
+    id: str
+    state: Literal[STATES]
+    error: str | None = Field(description="why the job failed")
+    cancel_requested: bool
+    videos: int = Field(description="prompts in the batch; ?video=i picks one")
+    format: str
+    clips: int
+    clips_done: int = Field(description="clips 0..clips_done-1 can be fetched")
+    steps_per_clip: int
+    steps_done: int
+    steps_total: int
+    worker: str | None = Field(description="host:pid of the runtime running it")
+    attempts: int
+    created: float
+    started: float | None
+    finished: float | None
+    expires: float | None = Field(description="when its files are deleted (unix time)")
+    request: dict
+
+
+class Error(BaseModel):
+    detail: str
+
+
+def _field_error(field: str, msg: str, value=None) -> RequestValidationError:
+    loc = ("body",) + tuple(field) if isinstance(field, tuple) else ("body", field)
+    return RequestValidationError([{"type": "value_error", "loc": loc, "msg": msg, "input": value}])
+
+
+def to_spec(req: VideoRequest, config: ServeConfig) -> dict:
+    """The validated job spec: the sampler's own rules (SamplerSettings.validate) plus this service's limits,
+    which are the runtime's buffer sizes (Runtime.check). Raises a 422 that names the field."""
+    negatives = req.negative_prompts if req.negative_prompts is not None else [OFFICIAL_NEGATIVE] * len(req.prompts)
+    if len(req.prompts) > config.batch:
+        raise _field_error("prompts", f"{len(req.prompts)} prompts exceed this service's batch limit ({config.batch})")
+    if len(negatives) != len(req.prompts):
+        raise _field_error("negative_prompts", f"{len(negatives)} negative prompts for {len(req.prompts)} prompts; "
+                           "give one per prompt")
+    for name, texts in (("prompts", req.prompts), ("negative_prompts", negatives)):
+        for i, text in enumerate(texts):
+            if len(text) > config.max_prompt_chars:
+                raise _field_error((name, i), f"{len(text)} characters exceed {config.max_prompt_chars}")
+    s = SamplerSettings(**{k: getattr(req, k) for k in SETTINGS})
+    try:
+        s.validate()
+    except ValueError as e:  # messages start with "name=value"
+        m = re.match(r"(\w+)=", str(e))
+        field = m.group(1) if m and m.group(1) in SETTINGS else "settings"
+        raise _field_error(field, str(e), getattr(req, field, None)) from None
+    limits = [("frames", config.frames), ("height", config.height), ("width", config.width),
+              ("steps", config.steps), ("clips", config.clips)] + ([("overlap", config.overlap)] if s.clips > 1 else [])
+    for name, most in limits:
+        if getattr(s, name) > most:
+            raise _field_error(name, f"{name}={getattr(s, name)} exceeds this service's limit ({name} <= {most})",
+                               getattr(s, name))
+    return {"prompts": list(req.prompts), "negative_prompts": list(negatives),
+            "settings": {k: getattr(s, k) for k in SETTINGS}, "seed": req.seed, "format": req.format, "fps": req.fps}
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over `max_bytes`, declared (Content-Length) or streamed (chunked)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._refuse(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            if not msg.get("more_body"):
+                break
+        body, done = b"".join(chunks), False
+
+        async def replay():
+            nonlocal done
+            if done:
+                return await receive()
+            done = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send):
+        r = JSONResponse({"detail": f"request body larger than {self.max_bytes} bytes"}, status_code=413,
+                         headers={"Connection": "close"})
+        await r(scope, receive, send)
+
+
+def _auth_dependency(key: str):
+    bearer, header = HTTPBearer(auto_error=False), APIKeyHeader(name="X-API-Key", auto_error=False)
+
+    async def check(b: HTTPAuthorizationCredentials | None = Security(bearer), k: str | None = Security(header)):
+        given = k if k is not None else (b.credentials if b is not None else None)
+        if given is None or not secrets.compare_digest(given.encode(), key.encode()):
+            raise HTTPException(401, "missing or wrong API key (Authorization: Bearer KEY or X-API-Key: KEY)",
+                                headers={"WWW-Authenticate": "Bearer"})
+    return check
+
+
+def _package_version() -> str:
+    try:
+        return version("vidrd")
+    except PackageNotFoundError:
+        return "0"
+
+
+def make_app(backend, config: ServeConfig) -> FastAPI:
+    """The HTTP API over `backend` (LocalService or RayBackend) with `config`'s limits and API key."""
+    app = FastAPI(title="vidrd", version=_package_version(),
+                  description="Long text-to-video generation with Reuse and Diffuse: submit a job, follow its "
+                  "progress, play its clips while later ones are still being generated, fetch the whole video.")
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    auth = {401: {"model": Error, "description": "missing or wrong API key"}} if config.api_key else {}
+    v1 = APIRouter(prefix="/v1", tags=["videos"], responses=auth,
+                   dependencies=[Security(_auth_dependency(config.api_key))] if config.api_key else [])
+    not_found = {404: {"model": Error, "description": "no such job (or it expired), clip or video"}}
+    not_yet = {409: {"model": Error, "description": "the job has not produced it (yet: see Retry-After, or it "
+                     "ended without it)"}}
+    file_ok = {200: {"content": {m: {} for m in MEDIA.values()}, "description": "the video file"}}
+
+    async def job(job_id: str) -> dict:
+        st = await backend.status(job_id)
+        if st is None:
+            raise HTTPException(404, f"no job {job_id} (unknown, or deleted after its TTL)")
+        return st
+
+    def pending(st: dict, what: str) -> HTTPException:
+        open_ = st["state"] in ("queued", "running")
+        return HTTPException(409, f"{what} is not available: the job is {st['state']}"
+                             + (" (try again later)" if open_ else ""), headers={"Retry-After": "1"} if open_ else None)
+
+    @v1.post("/videos", status_code=202, response_model=JobStatus, summary="Submit a video job",
+             responses={413: {"model": Error, "description": "request body too large"},
+                        429: {"model": Error, "description": "queue full", "headers": {"Retry-After": {
+                            "schema": {"type": "integer"}, "description": "seconds to wait before retrying"}}}})
+    async def submit(req: VideoRequest, response: Response):
+        spec = to_spec(req, config)
+        job_id, retry = await backend.submit(spec)
+        if job_id is None:
+            raise HTTPException(429, f"the queue is full ({config.queue_size} jobs waiting); retry later",
+                                headers={"Retry-After": str(retry)})
+        response.headers["Location"] = f"/v1/videos/{job_id}"
+        return await backend.status(job_id)
+
+    @v1.get("/videos/{job_id}", response_model=JobStatus, responses=not_found, summary="Status and progress")
+    async def get_status(job_id: JobId):
+        return await job(job_id)
+
+    @v1.get("/videos/{job_id}/clips/{k}", response_class=FileResponse, responses={**file_ok, **not_found, **not_yet},
+            summary="One clip, as soon as it is decoded")
+    async def get_clip(job_id: JobId, k: ClipIndex, video: Video = 0):
+        st = await job(job_id)
+        if video >= st["videos"] or k >= st["clips"]:
+            raise HTTPException(404, f"job {job_id} has clips 0..{st['clips'] - 1} of videos 0..{st['videos'] - 1}")
+        if k >= st["clips_done"]:
+            raise pending(st, f"clip {k}")
+        return _file(clip_path(config.results, job_id, k, video, st["format"]), st["format"],
+                     f"{job_id}-clip{k}-{video}.{st['format']}")
+
+    @v1.get("/videos/{job_id}/file", response_class=FileResponse, responses={**file_ok, **not_found, **not_yet},
+            summary="The whole video, once the job is done")
+    async def get_file(job_id: JobId, video: Video = 0):
+        st = await job(job_id)
+        if video >= st["videos"]:
+            raise HTTPException(404, f"job {job_id} has videos 0..{st['videos'] - 1}")
+        if st["state"] != "done":
+            raise pending(st, "the video")
+        return _file(video_path(config.results, job_id, video, st["format"]), st["format"],
+                     f"{job_id}-{video}.{st['format']}")
+
+    @v1.delete("/videos/{job_id}", response_model=JobStatus, summary="Cancel a job",
+               responses={202: {"model": JobStatus, "description": "running: it stops after its current step"},
+                          **not_found, 409: {"model": Error, "description": "the job already finished"}})
+    async def cancel(job_id: JobId, response: Response):
+        st = await backend.cancel(job_id)
+        if st is None:
+            raise HTTPException(404, f"no job {job_id} (unknown, or deleted after its TTL)")
+        if st["state"] in ("done", "failed"):
+            raise HTTPException(409, f"job {job_id} already {st['state']}")
+        response.status_code = 202 if st["state"] == "running" else 200
+        return st
+
+    app.include_router(v1)
+
+    @app.get("/healthz", summary="Liveness", responses={503: {"description": "no worker is alive"}})
+    async def healthz():
+        h = await backend.health()
+        return JSONResponse(h, status_code=200 if h["status"] == "ok" else 503)
+
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics",
+             responses={200: {"content": {"text/plain": {}}, "description": "text exposition format 0.0.4"}})
+    async def metrics():
+        return PlainTextResponse(await backend.metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+async def _invalid(request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each bad field; the input is not echoed (it may be huge, or NaN, which JSON cannot carry)."""
+    detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+def _file(path, fmt: str, name: str) -> FileResponse:
+    if not path.is_file():  # deleted by the janitor between the status read and now
+        raise HTTPException(404, f"{name} is gone (expired)")
+    return FileResponse(path, media_type=MEDIA[fmt], filename=name)

@@ -1,0 +1,322 @@
+"""The service's job registry: bounded admission, states and progress, cancel flags, TTL janitor, Prometheus metrics.
+
+One Registry holds every job of a service. `vidrd serve` keeps it in-process; `vidrd serve --ray` runs the same
+class as one named Ray actor that every replica talks to, so any replica can answer for any job. Its methods take
+and return plain, picklable values (job ids, dicts, numbers) for that reason.
+"""
+from __future__ import annotations
+
+import math
+import re
+import secrets
+import shutil
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .engine import Limits
+
+STATES = ("queued", "running", "done", "failed", "cancelled")
+FINISHED = ("done", "failed", "cancelled")
+FORMATS = ("mp4", "gif")
+ID_PATTERN = r"^[0-9a-f]{32}$"  # secrets.token_hex(16): the only request-derived part of any path
+_ID = re.compile(ID_PATTERN)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What a service accepts and keeps: per-request limits (the runtime's buffers are sized from them), queue, TTL."""
+    results: str = "vidrd-results"  # job folders live here (shared by all replicas under Ray)
+    queue_size: int = 8  # jobs waiting for a runtime; one more gets 429
+    ttl_s: float = 3600.0  # a finished job's files and record are deleted this long after it ends
+    batch: int = 1
+    frames: int = 8
+    height: int = 256
+    width: int = 256
+    steps: int = 50
+    clips: int = 8
+    overlap: int = 4
+    max_prompt_chars: int = 1000
+    max_body_bytes: int = 65536
+    api_key: str | None = None
+
+    def validate(self) -> None:
+        for name in ("queue_size", "batch", "frames", "height", "width", "steps", "clips", "max_prompt_chars",
+                     "max_body_bytes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} must be an integer >= 1")
+        if self.height % 8 or self.width % 8:
+            raise ValueError(f"height={self.height}, width={self.width} limits must be multiples of 8")
+        if not 0 <= self.overlap < self.frames:
+            raise ValueError(f"overlap={self.overlap} limit must be in [0, frames={self.frames})")
+        if not self.ttl_s > 0:
+            raise ValueError(f"ttl_s={self.ttl_s!r} must be > 0")
+        if self.api_key is not None and len(self.api_key) < 8:
+            raise ValueError("the API key must have at least 8 characters")
+
+    def limits(self) -> Limits:
+        """The runtime's buffer sizes: the largest request this service accepts."""
+        return Limits(self.batch, self.frames, self.height, self.width, self.steps, max(self.overlap, 1))
+
+
+def new_id() -> str:
+    return secrets.token_hex(16)
+
+
+def valid_id(job_id: str) -> bool:
+    return bool(_ID.match(job_id))
+
+
+def job_dir(results: str | Path, job_id: str) -> Path:
+    assert valid_id(job_id), f"not a job id: {job_id!r}"
+    return Path(results) / job_id
+
+
+def clip_path(results, job_id: str, k: int, video: int, fmt: str) -> Path:
+    return job_dir(results, job_id) / f"clip-{k:03d}-{video}.{fmt}"
+
+
+def video_path(results, job_id: str, video: int, fmt: str) -> Path:
+    return job_dir(results, job_id) / f"video-{video}.{fmt}"
+
+
+@dataclass
+class Job:
+    """A job's record; `spec` is the validated request (see serve_api.to_spec)."""
+    id: str
+    spec: dict
+    created: float
+    state: str = "queued"
+    started: float | None = None
+    finished: float | None = None
+    first_clip: float | None = None
+    clips_done: int = 0
+    steps_done: int = 0
+    last_step: float | None = None
+    cancel: bool = False
+    error: str | None = None
+    worker: str | None = None
+    attempts: int = 0
+
+    def status(self, ttl_s: float) -> dict:
+        s = self.spec["settings"]
+        return {"id": self.id, "state": self.state, "error": self.error, "cancel_requested": self.cancel,
+                "videos": len(self.spec["prompts"]), "format": self.spec["format"], "clips": s["clips"],
+                "clips_done": self.clips_done, "steps_per_clip": s["steps"], "steps_done": self.steps_done,
+                "steps_total": s["clips"] * s["steps"], "worker": self.worker, "attempts": self.attempts,
+                "created": self.created, "started": self.started, "finished": self.finished,
+                "expires": None if self.finished is None else self.finished + ttl_s, "request": self.spec}
+
+
+BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+STAGES = ("queue_wait", "first_clip", "denoise_step", "run", "total")
+
+
+@dataclass
+class Histogram:
+    """Cumulative-bucket histogram, rendered in the Prometheus text format."""
+    counts: list = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
+    total: float = 0.0
+    n: int = 0
+
+    def observe(self, v: float) -> None:
+        i = next((j for j, b in enumerate(BUCKETS) if v <= b), len(BUCKETS))
+        self.counts[i] += 1
+        self.total += v
+        self.n += 1
+
+    def lines(self, name: str, labels: str) -> list[str]:
+        out, acc = [], 0
+        for b, c in zip((*BUCKETS, "+Inf"), self.counts):
+            acc += c
+            out.append(f'{name}_bucket{{{labels},le="{b}"}} {acc}')
+        return out + [f"{name}_sum{{{labels}}} {self.total:.6f}", f"{name}_count{{{labels}}} {self.n}"]
+
+
+class Registry:
+    """Every job of one service; thread-safe (HTTP handlers, workers and the janitor call it concurrently)."""
+
+    def __init__(self, config: ServeConfig, janitor_period_s: float | None = None):
+        self.config = config
+        self.jobs: dict[str, Job] = {}
+        self.rejected = 0
+        self.hist = {stage: Histogram() for stage in STAGES}
+        self.frames_total, self.run_seconds_total, self.last_fps = 0, 0.0, 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        Path(config.results).mkdir(parents=True, exist_ok=True)
+        self.sweep()
+        period = janitor_period_s or min(60.0, max(0.5, config.ttl_s / 4))
+        self._janitor = threading.Thread(target=self._janitor_loop, args=(period,), daemon=True,
+                                         name="vidrd-janitor")
+        self._janitor.start()
+
+    # ------------------------------------------------------------------------------------------ clients
+
+    def submit(self, job_id: str, spec: dict) -> int:
+        """Queue a job: 0, or the Retry-After seconds when the queue is full (the job is not recorded)."""
+        with self._lock:
+            if job_id in self.jobs:
+                raise ValueError(f"job id {job_id} already exists")
+            if self._depth() >= self.config.queue_size:
+                self.rejected += 1
+                return self._retry_after()
+            self.jobs[job_id] = Job(job_id, spec, time.time())
+            return 0
+
+    def status(self, job_id: str) -> dict | None:
+        with self._lock:
+            job = self.jobs.get(job_id)
+            return None if job is None else job.status(self.config.ttl_s)
+
+    def cancel(self, job_id: str) -> dict | None:
+        """Queued: cancelled now. Running: flagged; the worker stops after its current step."""
+        with self._lock:
+            job = self.jobs.get(job_id)
+            if job is None:
+                return None
+            if job.state == "queued":
+                self._end(job, "cancelled", None)
+            elif job.state == "running":
+                job.cancel = True
+            return job.status(self.config.ttl_s)
+
+    def open_jobs(self) -> list[str]:
+        with self._lock:
+            return [j.id for j in self.jobs.values() if j.state not in FINISHED]
+
+    def settings(self) -> ServeConfig:
+        return self.config
+
+    def depth(self) -> int:
+        with self._lock:
+            return self._depth()
+
+    # ------------------------------------------------------------------------------------------ workers
+
+    def take(self, job_id: str, worker: str) -> dict | None:
+        """A worker starts a job: its spec, or None when it was cancelled or expired meanwhile.
+
+        A job already running is handed out again: under Ray that is a retry after its replica died."""
+        with self._lock:
+            job = self.jobs.get(job_id)
+            if job is None or job.state not in ("queued", "running"):
+                return None
+            if job.state == "queued":
+                job.started = time.time()
+                self.hist["queue_wait"].observe(job.started - job.created)
+            job.state, job.worker, job.attempts = "running", worker, job.attempts + 1
+            job.clips_done = job.steps_done = 0
+            job.last_step = None
+            return job.spec
+
+    def step(self, job_id: str, c: int, i: int) -> bool:
+        """Step i of clip c is done; True when the job should stop (cancel requested)."""
+        now = time.time()
+        with self._lock:
+            job = self.jobs[job_id]
+            if i > 0 and job.last_step is not None:  # step durations within a clip (no text/decode time)
+                self.hist["denoise_step"].observe(now - job.last_step)
+            job.last_step = now
+            job.steps_done = c * job.spec["settings"]["steps"] + i + 1
+            return job.cancel
+
+    def clip_done(self, job_id: str, k: int) -> None:
+        with self._lock:
+            job = self.jobs[job_id]
+            assert k == job.clips_done, f"clip {k} published out of order (expected {job.clips_done})"
+            job.clips_done = k + 1
+            if k == 0:
+                job.first_clip = time.time()
+                self.hist["first_clip"].observe(job.first_clip - job.started)
+
+    def finish(self, job_id: str, state: str, error: str | None = None, frames: int = 0) -> None:
+        """End a job; a job that already ended keeps its first end (e.g. a lost replica reported twice)."""
+        assert state in FINISHED, state
+        with self._lock:
+            job = self.jobs.get(job_id)
+            if job is None or job.state in FINISHED:
+                return
+            self._end(job, state, error)
+            if state == "done" and job.started is not None:
+                run = job.finished - job.started
+                self.frames_total += frames
+                self.run_seconds_total += run
+                self.last_fps = frames / run if run > 0 else 0.0
+
+    # ------------------------------------------------------------------------------------------ janitor
+
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Delete finished jobs past their TTL, and job folders nobody knows about that are older than the TTL."""
+        now = time.time() if now is None else now
+        ttl, root = self.config.ttl_s, Path(self.config.results)
+        with self._lock:
+            gone = [j.id for j in self.jobs.values() if j.finished is not None and j.finished + ttl < now]
+            for job_id in gone:
+                del self.jobs[job_id]
+            known = set(self.jobs)
+        for path in root.iterdir():
+            if not valid_id(path.name) or path.name in known:
+                continue  # never touch anything that is not a job folder
+            try:
+                old = path.name in gone or path.stat().st_mtime + ttl < now
+            except FileNotFoundError:
+                continue
+            if old:
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        return gone
+
+    def _janitor_loop(self, period: float) -> None:
+        while not self._stop.wait(period):
+            self.sweep()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._janitor.join()
+
+    # ------------------------------------------------------------------------------------------ metrics
+
+    def metrics(self) -> str:
+        """Prometheus text exposition format 0.0.4."""
+        with self._lock:
+            states = Counter(j.state for j in self.jobs.values())
+            lines = ["# HELP vidrd_queue_depth Jobs waiting for a runtime.", "# TYPE vidrd_queue_depth gauge",
+                     f"vidrd_queue_depth {self._depth()}",
+                     "# HELP vidrd_queue_capacity Jobs the queue holds before 429.",
+                     "# TYPE vidrd_queue_capacity gauge", f"vidrd_queue_capacity {self.config.queue_size}",
+                     "# HELP vidrd_jobs Jobs known to the service, by state (finished ones until their TTL).",
+                     "# TYPE vidrd_jobs gauge"]
+            lines += [f'vidrd_jobs{{state="{s}"}} {states.get(s, 0)}' for s in STATES]
+            lines += ["# HELP vidrd_jobs_rejected_total Submissions refused with 429 (queue full).",
+                      "# TYPE vidrd_jobs_rejected_total counter", f"vidrd_jobs_rejected_total {self.rejected}",
+                      "# HELP vidrd_stage_seconds Latency per stage: queue_wait, first_clip (start to first clip "
+                      "published), denoise_step, run (start to end), total (submit to end).",
+                      "# TYPE vidrd_stage_seconds histogram"]
+            for stage, h in self.hist.items():
+                lines += h.lines("vidrd_stage_seconds", f'stage="{stage}"')
+            lines += ["# HELP vidrd_frames_total Frames of finished videos (all prompts of a batch).",
+                      "# TYPE vidrd_frames_total counter", f"vidrd_frames_total {self.frames_total}",
+                      "# HELP vidrd_run_seconds_total Seconds spent running jobs that finished.",
+                      "# TYPE vidrd_run_seconds_total counter", f"vidrd_run_seconds_total {self.run_seconds_total:.6f}",
+                      "# HELP vidrd_frames_per_second Frames per second of the last finished job.",
+                      "# TYPE vidrd_frames_per_second gauge", f"vidrd_frames_per_second {self.last_fps:.6f}"]
+        return "\n".join(lines) + "\n"
+
+    # ------------------------------------------------------------------------------------------ internals
+
+    def _depth(self) -> int:
+        return sum(j.state == "queued" for j in self.jobs.values())
+
+    def _retry_after(self) -> int:
+        """Seconds until a queue slot is likely free: one mean job run time (1 s before any job finished)."""
+        done = self.hist["run"]
+        return max(1, math.ceil(done.total / done.n)) if done.n else 1
+
+    def _end(self, job: Job, state: str, error: str | None) -> None:
+        job.state, job.error, job.finished = state, error, time.time()
+        if job.started is not None:
+            self.hist["run"].observe(job.finished - job.started)
+        self.hist["total"].observe(job.finished - job.created)

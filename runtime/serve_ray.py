@@ -1,0 +1,176 @@
+"""`vidrd serve --ray`: the same HTTP API on Ray Serve, one runtime per replica, replicas added by Serve's autoscaler.
+
+Three parts (README "Serving" explains the design):
+- `Registry` (serve_jobs) as one named, detached Ray actor: every job's state, progress, cancel flag and the bounded
+  queue's admission. Every replica asks it, so any replica answers for any job.
+- `Ingress`: the FastAPI app of serve_api (cheap, no model). A POST is admitted by the registry, then dispatched as
+  one `Generator.run(job_id)` call through a Serve handle; Serve routes it to a replica with a free slot and its
+  queue length drives the autoscaler. When that call fails (the replica died), the job is marked failed.
+- `Generator`: one Runtime per replica (one GPU each when the cluster has GPUs), `max_ongoing_requests=1`; it writes
+  clip and video files into the shared results folder and reports each step to the registry (which answers with
+  the cancel flag).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import time
+
+import ray
+from ray import serve
+
+from .serve_api import make_app
+from .serve_jobs import Registry, ServeConfig, new_id
+from .serve_worker import execute, worker_name
+
+log = logging.getLogger("vidrd.serve")
+NAMESPACE, REGISTRY = "vidrd", "vidrd-jobs"
+
+
+def start_registry(config: ServeConfig):
+    """The cluster's job registry: a detached actor that outlives replica restarts (one per cluster).
+
+    One left by an earlier run with the same configuration is reused (its jobs stay readable); one with another
+    configuration is replaced, forgetting its jobs."""
+    with contextlib.suppress(ValueError):  # ValueError: no such actor
+        old = ray.get_actor(REGISTRY, namespace=NAMESPACE)
+        if ray.get(old.settings.remote()) == config:
+            return old
+        log.warning("replacing the job registry of an earlier run (another configuration); its jobs are forgotten")
+        ray.kill(old, no_restart=True)
+    for _ in range(100):  # the name is free once the killed actor is gone
+        try:
+            return ray.remote(Registry).options(name=REGISTRY, namespace=NAMESPACE, lifetime="detached",
+                                                num_cpus=0).remote(config)
+        except ValueError:
+            time.sleep(0.1)
+    raise RuntimeError(f"the Ray actor name {REGISTRY!r} in namespace {NAMESPACE!r} stays taken")
+
+
+def stop_registry() -> None:
+    with contextlib.suppress(ValueError):
+        ray.kill(ray.get_actor(REGISTRY, namespace=NAMESPACE), no_restart=True)
+
+
+class _Blocking:
+    """The registry actor with plain blocking calls, for serve_worker.execute on a replica's worker thread."""
+
+    def __init__(self, actor):
+        self._actor = actor
+
+    def __getattr__(self, name):
+        method = getattr(self._actor, name)
+        return lambda *args, **kw: ray.get(method.remote(*args, **kw))
+
+
+@serve.deployment(max_ongoing_requests=1, graceful_shutdown_timeout_s=30)
+class Generator:
+    """One Runtime; runs one job at a time, from the registry's spec."""
+
+    def __init__(self, config: ServeConfig, model_args: dict, runtime_args: dict):
+        import torch
+
+        from .engine import create
+        from .model_args import load_model
+
+        ra = runtime_args
+        if ra.get("threads"):
+            torch.set_num_threads(ra["threads"])
+        device = ra.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[ra.get("dtype", "fp32")]
+        model, what, _ = load_model(argparse.Namespace(**model_args), dtype=dtype, device=device)
+        if config.steps > model.scheduler.cfg.num_train_timesteps:
+            raise ValueError(f"steps limit {config.steps} exceeds the model's "
+                             f"{model.scheduler.cfg.num_train_timesteps} training timesteps")
+        self.rt = create(model, ra.get("backend", "torch"), limits=config.limits(), device=device, dtype=dtype,
+                         export_dir=ra.get("onnx"), engine_dir=ra.get("engines"))
+        self.config, self.name = config, worker_name()
+        self.registry = _Blocking(ray.get_actor(REGISTRY, namespace=NAMESPACE))
+        log.info("generator %s: %s on %s", self.name, what, device)
+
+    async def run(self, job_id: str) -> str:
+        """Run one job to its end; the event loop stays free for Serve's health checks meanwhile."""
+        return await asyncio.to_thread(self._run, job_id)
+
+    def _run(self, job_id: str) -> str:
+        spec = self.registry.take(job_id, self.name)
+        if spec is None:  # cancelled while queued
+            return "skipped"
+        return execute(self.rt, self.config.results, job_id, spec, self.registry)
+
+    def __del__(self):
+        if getattr(self, "rt", None) is not None:
+            self.rt.close()
+
+
+class RayBackend:
+    """serve_api's backend on Ray: registry calls awaited, jobs dispatched to Generator replicas."""
+
+    def __init__(self, registry, generator):
+        self.registry, self.generator = registry, generator
+        self._dispatches: set[asyncio.Task] = set()
+
+    async def submit(self, spec: dict) -> tuple[str | None, int]:
+        job_id = new_id()
+        retry = await self.registry.submit.remote(job_id, spec)
+        if retry:
+            return None, retry
+        task = asyncio.get_running_loop().create_task(self._dispatch(job_id))
+        self._dispatches.add(task)
+        task.add_done_callback(self._dispatches.discard)
+        return job_id, 0
+
+    async def _dispatch(self, job_id: str) -> None:
+        try:
+            await self.generator.run.remote(job_id)
+        except Exception as e:  # the replica died mid-job (or could not start): the job fails, it never hangs
+            log.warning("job %s: its generator call failed: %s", job_id, e)
+            await self.registry.finish.remote(job_id, "failed", f"the replica running it was lost: "
+                                              f"{type(e).__name__}: {str(e)[:300]}")
+
+    async def status(self, job_id: str) -> dict | None:
+        return await self.registry.status.remote(job_id)
+
+    async def cancel(self, job_id: str) -> dict | None:
+        return await self.registry.cancel.remote(job_id)
+
+    async def metrics(self) -> str:
+        return await self.registry.metrics.remote()
+
+    async def health(self) -> dict:
+        return {"status": "ok", "queue_depth": await self.registry.depth.remote(),
+                "dispatched": len(self._dispatches)}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class Ingress:
+    """The HTTP API; holds no model."""
+
+    def __init__(self, generator, config: ServeConfig):
+        self.config = config
+        self.backend = RayBackend(ray.get_actor(REGISTRY, namespace=NAMESPACE), generator)
+
+    def __serve_build_asgi_app__(self):
+        return make_app(self.backend, self.config)
+
+
+def build(config: ServeConfig, model_args: dict, runtime_args: dict, *, min_replicas: int = 1,
+          max_replicas: int | None = None, replica_cpus: float = 1.0, autoscaling: dict | None = None):
+    """The Serve application: Ingress -> Generator. One GPU per replica when the cluster has GPUs.
+
+    Serve's autoscaler keeps about one job (running or waiting at the ingress's handle) per replica; `autoscaling`
+    overrides its settings (Serve's autoscaling_config keys)."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    options = {"num_gpus": 1, "num_cpus": replica_cpus} if gpus else {"num_cpus": replica_cpus}
+    if not gpus and not runtime_args.get("threads"):
+        runtime_args = {**runtime_args, "threads": max(1, int(replica_cpus))}  # no oversubscription on shared CPUs
+    most = max_replicas or max(gpus, 1)
+    if not 1 <= min_replicas <= most:
+        raise ValueError(f"--min-replicas {min_replicas} must be between 1 and --max-replicas {most}")
+    generator = Generator.options(ray_actor_options=options, autoscaling_config={
+        "min_replicas": min_replicas, "max_replicas": most, "target_ongoing_requests": 1, "upscale_delay_s": 10,
+        "downscale_delay_s": 300, **(autoscaling or {})})
+    return Ingress.bind(generator.bind(config, model_args, runtime_args), config)

@@ -1,0 +1,123 @@
+"""The service's worker side: run one job on a Runtime, publishing each clip's file as soon as it is decoded, then
+the whole videos; and `LocalService`, the single-process backend of `vidrd serve` (one runtime, one worker thread).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+
+from vidrd.ref.sampler import SamplerSettings
+
+from .engine import Cancelled, Request
+from .serve_jobs import Registry, ServeConfig, clip_path, job_dir, new_id, video_path
+from .video_io import VideoWriter
+
+log = logging.getLogger("vidrd.serve")
+
+
+def run_job(rt, results, job_id: str, spec: dict, registry) -> int:
+    """Generate `spec` on `rt` into the job's folder; returns the frames written (all videos of the batch).
+
+    Every file is published atomically (VideoWriter writes a temp file and renames it), so a client never reads a
+    partial clip. Raises Cancelled when the registry flags the job, or whatever failed."""
+    request = Request(tuple(spec["prompts"]), tuple(spec["negative_prompts"]), SamplerSettings(**spec["settings"]),
+                      spec["seed"])
+    fmt, fps = spec["format"], spec["fps"]
+    job_dir(results, job_id).mkdir(exist_ok=True)  # exists when this is a retry
+    videos = [VideoWriter(video_path(results, job_id, v, fmt), fps, force=True) for v in range(len(request.prompts))]
+
+    def on_step(c: int, i: int) -> None:  # runs after every denoising step: a cancel stops within one step
+        if registry.step(job_id, c, i):
+            raise Cancelled(f"job {job_id} cancelled at clip {c}, step {i}")
+
+    try:
+        for clip in rt.generate(request, on_step=on_step):
+            for v, frames in enumerate(clip.frames):  # (F',H,W,3) uint8 per prompt
+                with VideoWriter(clip_path(results, job_id, clip.index, v, fmt), fps, force=True) as w:
+                    w.write(frames)
+                videos[v].write(frames)
+            registry.clip_done(job_id, clip.index)
+    except BaseException:
+        for w in videos:
+            try:
+                w.abort()
+            except OSError:  # the job folder itself may be what failed
+                pass
+        raise
+    for w in videos:
+        w.close()
+    return sum(w.frames_written for w in videos)
+
+
+def execute(rt, results, job_id: str, spec: dict, registry) -> str:
+    """Run a job and record how it ended in the registry: 'done', 'cancelled' or 'failed' (with the error)."""
+    try:
+        frames = run_job(rt, results, job_id, spec, registry)
+    except Cancelled:
+        registry.finish(job_id, "cancelled")
+        return "cancelled"
+    except Exception as e:  # the job fails, the worker goes on with the next one
+        log.exception("job %s failed", job_id)
+        registry.finish(job_id, "failed", f"{type(e).__name__}: {e}")
+        return "failed"
+    registry.finish(job_id, "done", frames=frames)
+    return "done"
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class LocalService:
+    """The backend of `vidrd serve`: the in-process Registry and one worker thread that owns the Runtime.
+
+    The async methods are what the HTTP routes call (serve_api.make_app); serve_ray.RayBackend has the same ones."""
+
+    def __init__(self, rt, config: ServeConfig):
+        self.rt, self.config = rt, config
+        self.registry = Registry(config)
+        self._queue: queue.Queue = queue.Queue()  # job ids; admission (the bound) is the registry's
+        self._thread = threading.Thread(target=self._work, name="vidrd-worker", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        name = worker_name()
+        while (job_id := self._queue.get()) is not None:
+            spec = self.registry.take(job_id, name)
+            if spec is not None:  # None: cancelled while queued
+                execute(self.rt, self.config.results, job_id, spec, self.registry)
+
+    async def submit(self, spec: dict) -> tuple[str | None, int]:
+        """(job id, 0), or (None, Retry-After seconds) when the queue is full."""
+        job_id = new_id()
+        retry = self.registry.submit(job_id, spec)
+        if retry:
+            return None, retry
+        self._queue.put(job_id)
+        return job_id, 0
+
+    async def status(self, job_id: str) -> dict | None:
+        return self.registry.status(job_id)
+
+    async def cancel(self, job_id: str) -> dict | None:
+        return self.registry.cancel(job_id)
+
+    async def metrics(self) -> str:
+        return self.registry.metrics()
+
+    async def health(self) -> dict:
+        alive = self._thread.is_alive()
+        return {"status": "ok" if alive else "worker stopped", "workers": int(alive),
+                "queue_depth": self.registry.depth()}
+
+    def close(self) -> None:
+        """Cancel what is queued or running, stop the worker, free the runtime."""
+        for job_id in self.registry.open_jobs():
+            self.registry.cancel(job_id)
+        self._queue.put(None)
+        self._thread.join()
+        self.rt.close()
+        self.registry.close()
