@@ -37,24 +37,33 @@ class TorchUNet:
         from vidrd.ref.attention import set_attention
         self.dtype, self.device = dtype, device
         self.net = set_attention(model.unet, attention)
-        self.fn = self.net if compile is None else torch.compile(self.net, mode=compile, dynamic=False)
+        self.fn = self.net if compile is None else _compiled(self.net, compile, device)
 
     @torch.no_grad()
     def __call__(self, sample, timestep, context, out):
         out.copy_(self.fn(sample, timestep, context))
 
 
-class TorchVAE:
-    """The reference temporal VAE decoder: per frame (official) or with its temporal layers."""
+def _compiled(fn, mode: str, device: torch.device):
+    """torch.compile for inference; on the CPU with freezing (weights as constants: prepacked oneDNN kernels)."""
+    if device.type == "cpu":
+        import torch._inductor.config as inductor
+        inductor.freezing = True
+    return torch.compile(fn, mode=mode, dynamic=False)
 
-    def __init__(self, model, dtype: torch.dtype, device: torch.device):
+
+class TorchVAE:
+    """The reference temporal VAE decoder: per frame (official) or with its temporal layers; optionally compiled."""
+
+    def __init__(self, model, dtype: torch.dtype, device: torch.device, compile: str | None = None):
         self.vae, self.dtype, self.device = model.vae, dtype, device
+        self.decode = self.vae.decode if compile is None else _compiled(self.vae.decode, compile, device)
 
     @torch.no_grad()
     def __call__(self, latents, out, temporal: bool):
         b, c, f, h, w = latents.shape
         z = latents.transpose(1, 2).reshape(b * f, c, h, w)  # ((B F),C,h,w) b-major
-        x = self.vae.decode(z, num_frames=f if temporal else 1)  # ((B F),3,H,W)
+        x = self.decode(z, num_frames=f if temporal else 1)  # ((B F),3,H,W)
         out.view(b * f, *x.shape[1:]).copy_(x)
 
 
@@ -96,10 +105,22 @@ class OrtComponent:
         self.sess.run_with_iobinding(b)
 
 
+def _check(spec, dims: dict) -> None:
+    """The export's dim ranges (spec) must hold the request: else a ValueError naming the dim and the re-export."""
+    try:
+        spec.check_dims(dims)
+    except ValueError as e:
+        raise ValueError(f"the exported {spec.name} cannot run this request: {e}; re-export with `vidrd export` "
+                         "(the ranges are in its manifest.json) or use the torch backend") from None
+
+
 class OrtText:
     def __init__(self, export_dir, dtype, device):
         self.c = OrtComponent(export_dir, "text_encoder", device)
         self.dtype, self.device = self.c.dtype, device
+
+    def check_shapes(self, batch, frames, height, width, *, guidance=True, temporal=False):
+        _check(self.c.spec, {"B": 2 * batch if guidance else batch})
 
     def __call__(self, ids, out):
         self.c.run({"input_ids": ids}, {"last_hidden_state": out})
@@ -109,6 +130,9 @@ class OrtUNet:
     def __init__(self, export_dir, dtype, device):
         self.c = OrtComponent(export_dir, "unet", device)
         self.dtype, self.device = self.c.dtype, device
+
+    def check_shapes(self, batch, frames, height, width, *, guidance=True, temporal=False):
+        _check(self.c.spec, {"N": 2 * batch if guidance else batch, "F": frames, "h": height // 8, "w": width // 8})
 
     def __call__(self, sample, timestep, context, out):
         self.c.run({"sample": sample, "timestep": timestep, "encoder_hidden_states": context}, {"noise_pred": out})
@@ -126,6 +150,14 @@ class OrtVAE:
         self.temporal = None
         self.dtype = self.per_frame.dtype
         self.scratch: dict[tuple, torch.Tensor] = {}
+
+    def check_shapes(self, batch, frames, height, width, *, guidance=True, temporal=False):
+        from vidrd.export.spec import read_specs
+        if temporal:
+            _check(read_specs(self.export_dir)["vae_decoder_temporal"],
+                   {"B": batch, "F": frames, "h": height // 8, "w": width // 8})
+        else:
+            _check(self.per_frame.spec, {"N": batch * frames, "h": height // 8, "w": width // 8})
 
     def _buf(self, shape):
         if shape not in self.scratch:
@@ -160,6 +192,8 @@ def make(kind: str, component: str, model, dtype: torch.dtype, device: torch.dev
     """The backend `kind` for `component` ('text', 'unet' or 'vae'); errors name what is missing."""
     if kind not in BACKENDS:
         raise ValueError(f"unknown backend {kind!r}; choose one of {BACKENDS}")
+    if kind != "torch" and (compile or attention != "sdpa"):
+        raise ValueError(f"compile and attention options apply to the torch backend, not {kind}")
     if kind == "torch":
         if model is None:
             raise ValueError("the torch backend needs the model's weights (--weights, --sd/--ckpt or --preset)")
@@ -169,7 +203,9 @@ def make(kind: str, component: str, model, dtype: torch.dtype, device: torch.dev
             model = _cast(model, component, dtype)
         if component == "unet":
             return TorchUNet(model, dtype, device, compile, attention)
-        return {"text": TorchText, "vae": TorchVAE}[component](model, dtype, device)
+        if component == "vae":
+            return TorchVAE(model, dtype, device, compile)
+        return TorchText(model, dtype, device)
     if kind == "onnxruntime":
         if export_dir is None:
             raise ValueError("the onnxruntime backend needs --onnx DIR (made by `vidrd export`)")

@@ -302,7 +302,7 @@ def create(model, backend: str = "torch", *, text: str | None = None, unet: str 
     want = {"text": dtype, "unet": dtype, "vae": vae_dtype or dtype}
     made = {}
     for name, kind in (("text", text), ("unet", unet), ("vae", vae)):
-        extra = {"compile": compile, "attention": attention} if name == "unet" else {}
+        extra = {"unet": {"compile": compile, "attention": attention}, "vae": {"compile": compile}}.get(name, {})
         be = backends.make(kind or backend, name, model, want[name], device, **kw, **extra)
         if be.dtype != want[name]:
             raise ValueError(f"the {kind or backend} {name} runs in {be.dtype} but {want[name]} was asked for: "

@@ -24,7 +24,7 @@ class History:
     def start(self, shape: tuple, settings) -> None:
         """Bind views for a request of latent shape (B,C,F,h,w) (before step 0: may index, never allocates)."""
         b, c, f, h, w = shape
-        o, t = settings.overlap, settings.steps
+        o, t = (settings.overlap if settings.clips > 1 else 0), settings.steps  # one clip reads no history
         self.shape, self.o = shape, o
         self.init_rev = self.init_rev_flat[: b * c * f * h * w].view(b, c, f, h, w)
         n = b * c * o * h * w

@@ -86,6 +86,9 @@ def test_onnxruntime_matches_reference(tiny_model, tiny_dir, tmp_path_factory):
         ref_video, ref_latents = reference(tiny_model, request)
         assert (latents - ref_latents).abs().max() <= 1e-3 * ref_latents.abs().max()
         assert (video - ref_video).abs().max() <= 1e-3
+    small = Request(("a",), None, SamplerSettings(height=32, width=32, frames=4, steps=2))
+    with pytest.raises(ValueError, match="exported unet cannot run this request: dim h=4"):
+        next(rt.generate(small))  # outside the export's ranges: refused before any work
     with pytest.raises(ValueError, match="onnxruntime unet runs in torch.float32 but torch.bfloat16 was asked"):
         create(tiny_model, "torch", unet="onnxruntime", export_dir=out, limits=LIMITS, dtype=torch.bfloat16)
 
@@ -175,6 +178,12 @@ def test_requests_larger_than_the_buffers_fail_clearly(change, match):
         next(rt.generate(Request(("a",), None, s)))
     with pytest.raises(ValueError, match="batch=3 exceeds"):
         next(rt.generate(Request(("a", "b", "c"), None, SamplerSettings(height=64, width=64, steps=2))))
+
+
+def test_single_clip_ignores_overlap_beyond_the_buffers():
+    rt = create(random_model("tiny", 0), limits=Limits(1, 4, 32, 32, 2, overlap=1))
+    clips = list(rt.generate(Request(("a",), None, SamplerSettings(height=32, width=32, frames=4, steps=2))))
+    assert len(clips) == 1 and clips[0].frames.shape == (1, 4, 32, 32, 3)
 
 
 def test_backend_choice_errors_and_mixed_dtypes():
