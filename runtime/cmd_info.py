@@ -20,7 +20,9 @@ def info() -> dict:
     out = {"vidrd": _version("vidrd"), "python": platform.python_version(), "platform": platform.platform(),
            "torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
-           "cpu_threads": torch.get_num_threads()}
+           "cpu_threads": torch.get_num_threads(),
+           # AVX2 only: bf16 is emulated and ~100x slower than fp32; AVX512_BF16/AMX: bf16 is the fast CPU path
+           "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     for dist in ("transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "triton", "tensorrt", "polygraphy", "av"):
         out[dist] = _version(dist)
     backends = {"reference": True, "torch": True}
