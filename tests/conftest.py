@@ -32,3 +32,14 @@ def tiny_dir():
 def golden(tiny_dir):
     from safetensors.torch import load_file
     return load_file(str(tiny_dir / "golden.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny graphs: on two cores shared with other work, OpenMP's second thread
+    spin-waits for a core another process holds and makes tiny models 50-100x slower."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -18,13 +18,7 @@ from vidrd.runtime.cli import main
 FP32_TOL = 1e-4  # max abs error, ONNX Runtime vs the reference PyTorch model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny graphs: one thread avoids OpenMP spin contention on small shared CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

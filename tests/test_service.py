@@ -31,13 +31,7 @@ LIMITS = dict(queue_size=4, batch=2, frames=4, height=48, width=48, steps=12, cl
 FINISHED = ("done", "failed", "cancelled")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: two busy cores shared with other work make OpenMP's second thread a large slowdown."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
