@@ -57,19 +57,8 @@ class TemporalConv2d(nn.Module):
 class TableTransformerBlock(TransformerBlock):
     """TransformerBlock whose frame embedding is sliced from the buffer `pe_table` (F_MAX,C): no in-graph PE."""
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, frames: int) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context) + x
-        bf, hw, c = x.shape
-        b = bf // frames
-        pe = self.pe_table[:frames]  # (F,C)
-        x = x.view(b, frames, hw, c) + pe[None, :, None, :]  # (B,F,hw,C)
-        if frames > 1:
-            t = x.transpose(1, 2).reshape(b * hw, frames, c)  # ((B hw),F,C)
-            t = self.temp_attn(self.temp_norm(t)) + t
-            x = t.view(b, hw, frames, c).transpose(1, 2)  # (B,F,hw,C)
-        x = x.reshape(bf, hw, c)  # ((B F),hw,C)
-        return self.ff(self.norm3(x)) + x
+    def frame_embedding(self, frames: int, x: torch.Tensor) -> torch.Tensor:
+        return self.pe_table[:frames]  # (F,C)
 
 
 class Upsample4D(Upsample):

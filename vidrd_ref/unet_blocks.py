@@ -103,6 +103,10 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.norm3 = nn.LayerNorm(dim)
 
+    def frame_embedding(self, frames: int, x: torch.Tensor) -> torch.Tensor:
+        """The (F,C) frame embedding for x ((B F),hw,C); the ONNX export overrides this with a table slice."""
+        return frame_embedding(frames, x.shape[-1], x.dtype, x.device)
+
     def forward(self, x: torch.Tensor, context: torch.Tensor, frames: int) -> torch.Tensor:
         x = self.attn1(self.norm1(x)) + x
         x = self.attn2(self.norm2(x), context) + x
@@ -110,7 +114,7 @@ class TransformerBlock(nn.Module):
         b = bf // frames
         # The frame embedding stays in the residual stream (SPEC §4.3); for F == 1 the official in-place add
         # leaks into the returned identity, so PE[0] is added even on the single-frame path (SPEC §4.4).
-        pe = frame_embedding(frames, c, x.dtype, x.device)  # (F,C)
+        pe = self.frame_embedding(frames, x)  # (F,C)
         x = (x.view(b, frames, hw, c) + pe[None, :, None, :])  # (B,F,hw,C)
         if frames > 1:
             t = x.transpose(1, 2).reshape(b * hw, frames, c)  # ((B hw),F,C)
