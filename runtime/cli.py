@@ -14,6 +14,7 @@ COMMANDS = (
     "vidrd.runtime.cmd_generate",
     "vidrd.runtime.cmd_bench",
     "vidrd.runtime.cmd_serve",
+    "vidrd.runtime.shapes.cmd_train",
 )
 
 

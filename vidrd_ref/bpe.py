@@ -51,12 +51,15 @@ def learn_merges(text: str, n: int) -> list[tuple[str, str]]:
     return merges
 
 
-def write_tokenizer(folder: Path, merges: int = 200) -> Path:
-    """Write vocab.json, merges.txt and the two SD2.1 tokenizer configs into `folder`; returns it."""
+def write_tokenizer(folder: Path, merges: int = 200, corpus: str = CORPUS) -> Path:
+    """Write vocab.json, merges.txt and the two SD2.1 tokenizer configs into `folder`; returns it.
+
+    Merges are learned from `corpus` (at most `merges`; fewer when every word of it is already one token).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     symbols = byte_symbols()
-    pairs = learn_merges(CORPUS, merges)
+    pairs = learn_merges(corpus, merges)
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(p) for p in pairs]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}

@@ -218,11 +218,23 @@ def _tiny() -> ModelConfig:
     )
 
 
-PRESETS = {"sd21-base": _sd21_base, "small": _small, "tiny": _tiny}
+def _shapes() -> ModelConfig:
+    """vidrd-shapes, the trained default model: 64x64 video of one moving shape (runtime/shapes/)."""
+    return ModelConfig(
+        unet=UNetConfig(block_out_channels=(64, 96, 96, 96), attention_head_dim=(2, 2, 2, 2),
+                        cross_attention_dim=128, layers_per_block=1, sample_size=8),
+        vae=VAEConfig(block_out_channels=(32, 64, 96, 96), layers_per_block=1),
+        text=TextConfig(vocab_size=640, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                        num_attention_heads=4, projection_dim=128),
+    )
+
+
+PRESETS = {"sd21-base": _sd21_base, "small": _small, "tiny": _tiny, "shapes": _shapes}
 
 
 def preset(name: str) -> ModelConfig:
-    """The named preset's configs: `sd21-base` (released shapes), `small` (CPU benchmark), `tiny` (tests)."""
+    """The named preset's configs: `sd21-base` (released shapes), `small` (CPU benchmark), `tiny` (tests),
+    `shapes` (the trained default model's shapes)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]()

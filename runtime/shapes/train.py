@@ -1,0 +1,309 @@
+"""Training vidrd-shapes: the `shapes` preset trained on procedural video (data.py), written in the official layout.
+
+Two phases, each resumable from `DIR/state.pt` (every batch and every random draw is a function of the seed and the
+step, so a resumed run continues exactly where a checkpoint left it):
+1. the VAE (encoder + temporal decoder): L1 + MSE reconstruction with object pixels weighted up, a small KL; the
+   decoder sees per-frame batches (what the pipeline decodes) and, every other step, whole clips (temporal layers);
+   then the latent scale is measured on the data (1 / std of the latents), replacing SD's 0.18215.
+2. the UNet3D and the CLIP-architecture text encoder together: epsilon prediction on SD2.1's scaled-linear DDPM
+   schedule, min-SNR-5 loss weights, 10% of captions dropped to "" for classifier-free guidance, AdamW with warm-up
+   and cosine decay, EMA weights (what ships).
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vidrd.ref.bpe import write_tokenizer
+from vidrd.ref.config import preset
+from vidrd.ref.ddim import DDIM, alphas_cumprod
+from vidrd.ref.loading import VidRDModel, build
+from vidrd.ref.text import load_tokenizer, tokenize
+from vidrd.ref.unet_blocks import TemporalConv
+
+from . import data
+
+STATE = "state.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of a training run; the defaults are what made the shipped model."""
+    seed: int = 0
+    vae_steps: int = 1500
+    vae_batch: int = 8  # videos; 2 frames of each, or every 4th step whole clips of 2 of them
+    vae_lr: float = 5e-4
+    kl_weight: float = 1e-4
+    object_weight: float = 8.0  # extra loss weight on pixels that differ from the background
+    unet_steps: int = 5000
+    unet_batch: int = 8  # videos
+    unet_lr: float = 4e-4
+    warmup: int = 300
+    ema: float = 0.999
+    caption_dropout: float = 0.1
+    min_snr: float = 5.0
+    scale_batches: int = 16  # batches used to measure the latent scale
+
+    def validate(self) -> None:
+        for name in ("vae_steps", "unet_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        for name in ("vae_batch", "unet_batch", "scale_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1)")
+
+
+def tokenizer_folder(folder: Path) -> Path:
+    """The shapes tokenizer: CLIP-format BPE whose merges make every grammar word one token."""
+    return write_tokenizer(folder, merges=1000, corpus=" ".join(data.WORDS))
+
+
+def new_model(seed: int) -> VidRDModel:
+    """The `shapes` preset, seeded; the last conv of every temporal layer starts at zero (identity residual)."""
+    cfg = preset("shapes")
+    torch.manual_seed(seed)
+    unet, vae, text = build(cfg, meta=False)
+    for m in list(unet.modules()) + list(vae.modules()):
+        if isinstance(m, TemporalConv):
+            nn_last = m.convs[-1]
+            torch.nn.init.zeros_(nn_last.weight)
+            torch.nn.init.zeros_(nn_last.bias)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = load_tokenizer(tokenizer_folder(Path(tmp) / "tokenizer"))
+    assert len(tok) <= cfg.text.vocab_size, (len(tok), cfg.text.vocab_size)
+    return VidRDModel(cfg, unet, vae, text, tok, DDIM(cfg.scheduler))
+
+
+def _lr(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of `base`."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def _gen(seed: int, phase: int, step: int, device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + phase * 100_000_019 + step)
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def object_mask(x: torch.Tensor) -> torch.Tensor:
+    """Pixels that differ from the frame's background (its median colour). x (N,3,H,W) -> (N,1,H,W) float."""
+    bg = x.flatten(2).median(dim=2).values[:, :, None, None]  # (N,3,1,1)
+    return ((x - bg).abs().amax(dim=1, keepdim=True) > 0.05).float()
+
+
+class Trainer:
+    """Holds the model, optimisers and EMA; `run` trains both phases and checkpoints into `folder`."""
+
+    def __init__(self, folder: Path, cfg: TrainConfig, device: str = "cpu", log=print, bf16: bool | None = None):
+        cfg.validate()
+        self.folder, self.cfg, self.device, self.log = Path(folder), cfg, torch.device(device), log
+        self.bf16 = bf16_available(self.device) if bf16 is None else bf16
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.model = new_model(cfg.seed)
+        for m in (self.model.unet, self.model.vae, self.model.text_encoder):
+            m.to(self.device)
+        self.ema = {k: v.detach().clone() for k, v in self._diffusion_params().items()}
+        self.vae_opt = torch.optim.AdamW(self.model.vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+        self.opt = torch.optim.AdamW(list(self.model.unet.parameters()) + list(self.model.text_encoder.parameters()),
+                                     lr=cfg.unet_lr, weight_decay=0.01)
+        self.state = {"phase": "vae", "step": 0, "scale": None, "wall": 0.0, "losses": {"vae": [], "unet": []}}
+        self.ab = alphas_cumprod(self.model.config.scheduler).to(self.device)  # (1000,)
+        self._resume()
+
+    def autocast(self):
+        """bf16 matrix products where the hardware has bf16 units (AVX512-BF16/AMX, or a GPU); else float32."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    # ---------------------------------------------------------------------------------------------- state
+    def _diffusion_params(self) -> dict[str, torch.Tensor]:
+        out = {f"unet.{k}": p for k, p in self.model.unet.named_parameters()}
+        out.update({f"text_encoder.{k}": p for k, p in self.model.text_encoder.named_parameters()})
+        return out
+
+    def _resume(self) -> None:
+        path = self.folder / STATE
+        if not path.exists():
+            return
+        s = torch.load(path, map_location=self.device, weights_only=True)
+        if s["config"] != asdict(self.cfg):
+            diff = {k: (s["config"].get(k), v) for k, v in asdict(self.cfg).items() if s["config"].get(k) != v}
+            raise ValueError(f"{path} was made with other settings {diff}; use another --out or the same settings")
+        self.model.vae.load_state_dict(s["vae"])
+        self.model.unet.load_state_dict(s["unet"])
+        self.model.text_encoder.load_state_dict(s["text"])
+        self.vae_opt.load_state_dict(s["vae_opt"])
+        self.opt.load_state_dict(s["opt"])
+        self.ema = s["ema"]
+        self.state = s["progress"]
+        self.log(f"resumed from {path}: phase {self.state['phase']}, step {self.state['step']}, "
+                 f"{self.state['wall'] / 60:.1f} min trained so far")
+
+    def checkpoint(self) -> None:
+        _save_atomic({"config": asdict(self.cfg), "vae": self.model.vae.state_dict(),
+                      "unet": self.model.unet.state_dict(), "text": self.model.text_encoder.state_dict(),
+                      "vae_opt": self.vae_opt.state_dict(), "opt": self.opt.state_dict(), "ema": self.ema,
+                      "progress": self.state}, self.folder / STATE)
+
+    # ---------------------------------------------------------------------------------------------- phases
+    def vae_step(self, step: int) -> float:
+        cfg, vae = self.cfg, self.model.vae
+        vids, _ = data.batch(step, cfg.vae_batch, seed=cfg.seed)  # (B,F,3,H,W) in [0,1]
+        b, f = vids.shape[:2]
+        g = _gen(cfg.seed, 1, step, self.device)
+        if step % 4 == 3:  # whole clips through the temporal layers
+            frames, vids = f, vids[:2]
+        else:  # two frames of every video: more variety per pixel computed than whole clips
+            frames, pick = 1, torch.randint(0, f, (b, 2), generator=_gen(cfg.seed, 1, step, "cpu"))
+            vids = vids[torch.arange(b)[:, None], pick]  # (B,2,3,H,W)
+        x = vids.to(self.device).flatten(0, 1) * 2 - 1  # (N,3,H,W) in [-1,1]
+        with self.autocast():
+            moments = vae.encode(x).float()  # (N,2C,h,w)
+            mean, logvar = moments.chunk(2, dim=1)
+            logvar = logvar.clamp(-30, 20)
+            z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g, device=self.device)
+            y = vae.decode(z, num_frames=frames).float()  # (N,3,H,W)
+        w = 1 + cfg.object_weight * object_mask(x)  # (N,1,H,W)
+        rec = ((y - x).abs() + (y - x).square()).mul(w).mean()
+        kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
+        loss = rec + cfg.kl_weight * kl
+        for grp in self.vae_opt.param_groups:
+            grp["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr, 100)
+        self.vae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        self.vae_opt.step()
+        return float(rec.detach())
+
+    @torch.no_grad()
+    def measure_scale(self) -> float:
+        """1 / std of the VAE's latent means over `scale_batches` batches (SD's scaling_factor, from the data)."""
+        vae, zs = self.model.vae, []
+        for i in range(self.cfg.scale_batches):
+            vids, _ = data.batch(10_000_000 + i, self.cfg.vae_batch, seed=self.cfg.seed)
+            zs.append(vae.encode(vids.to(self.device).flatten(0, 1) * 2 - 1).chunk(2, dim=1)[0])
+        return float(1.0 / torch.cat(zs).std())
+
+    def unet_step(self, step: int) -> float:
+        cfg, m = self.cfg, self.model
+        vids, caps = data.batch(step, cfg.unet_batch, seed=cfg.seed + 1)  # (B,F,3,H,W)
+        b, f = vids.shape[:2]
+        g = _gen(cfg.seed, 2, step, self.device)
+        with torch.no_grad():
+            moments = m.vae.encode(vids.to(self.device).flatten(0, 1) * 2 - 1)
+            mean, logvar = moments.chunk(2, dim=1)
+            z = mean + (0.5 * logvar.clamp(-30, 20)).exp() * torch.randn(mean.shape, generator=g, device=self.device)
+            z = (z * self.state["scale"]).view(b, f, *z.shape[1:]).transpose(1, 2)  # (B,C,F,h,w)
+        drop = torch.rand(b, generator=g, device=self.device) < cfg.caption_dropout
+        caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
+        ids = tokenize(m.tokenizer, caps).to(self.device)  # (B,77)
+        t = torch.randint(0, len(self.ab), (b,), generator=g, device=self.device)
+        noise = torch.randn(z.shape, generator=g, device=self.device)
+        ab = self.ab[t].view(b, 1, 1, 1, 1)
+        x_t = ab.sqrt() * z + (1 - ab).sqrt() * noise
+        with self.autocast():
+            pred = m.unet(x_t, t, m.text_encoder(ids)).float()
+        snr = self.ab[t] / (1 - self.ab[t])
+        weight = snr.clamp(max=cfg.min_snr) / snr  # min-SNR-gamma for epsilon prediction
+        loss = ((pred - noise).square().mean(dim=(1, 2, 3, 4)) * weight).mean()
+        for grp in self.opt.param_groups:
+            grp["lr"] = _lr(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for grp in self.opt.param_groups for p in grp["params"]], 1.0)
+        self.opt.step()
+        decay = min(cfg.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, p in self._diffusion_params().items():
+                self.ema[k].lerp_(p.detach(), 1 - decay)
+        return float(loss.detach())
+
+    def run(self, checkpoint_every: float = 300.0, stop_after: float | None = None) -> bool:
+        """Train until both phases are done (True) or `stop_after` seconds have passed (False); checkpoints often."""
+        start = last_ckpt = time.monotonic()
+        wall0 = self.state["wall"]
+        phases = (("vae", self.cfg.vae_steps, self.model.vae, self.vae_step),
+                  ("unet", self.cfg.unet_steps, None, self.unet_step))
+        for name, total, _, fn in phases:
+            if self.state["phase"] != name:
+                continue
+            self.model.vae.train(name == "vae")
+            self.model.unet.train(name == "unet")
+            self.model.text_encoder.train(name == "unet")
+            window, t_win = [], time.monotonic()
+            while self.state["step"] < total:
+                step = self.state["step"]
+                window.append(fn(step))
+                self.state["step"] = step + 1
+                now = time.monotonic()
+                self.state["wall"] = wall0 + now - start
+                if len(window) == 50 or self.state["step"] == total:
+                    avg = sum(window) / len(window)
+                    self.state["losses"][name].append((self.state["step"], avg))
+                    rate = (now - t_win) / len(window)
+                    eta = (total - self.state["step"]) * rate
+                    self.log(f"[{name}] step {self.state['step']}/{total}  loss {avg:.4f}  {rate:.2f} s/step  "
+                             f"eta {eta / 60:.0f} min  (trained {self.state['wall'] / 60:.1f} min)")
+                    window, t_win = [], now
+                if now - last_ckpt > checkpoint_every:
+                    self.checkpoint()
+                    last_ckpt = now
+                if stop_after is not None and now - start > stop_after:
+                    self.checkpoint()
+                    self.log(f"stopping after {stop_after:.0f} s; run again to resume")
+                    return False
+            if name == "vae":
+                self.model.vae.eval()
+                self.state["scale"] = self.measure_scale()
+                self.log(f"[vae] latent scale from the data: {self.state['scale']:.5f} (SD uses 0.18215)")
+                self.state["phase"], self.state["step"] = "unet", 0
+                self.checkpoint()
+        self.state["phase"] = "done"
+        self.checkpoint()
+        return True
+
+    def trained_model(self) -> VidRDModel:
+        """The model to ship: trained VAE with the measured scale, EMA weights for the UNet and text encoder."""
+        assert self.state["scale"] is not None, "the VAE phase has not finished"
+        m = self.model
+        cfg = replace(m.config, vae=replace(m.config.vae, scaling_factor=round(self.state["scale"], 6)))
+        m.vae.cfg = cfg.vae
+        ema_unet = {k[len("unet."):]: v for k, v in self.ema.items() if k.startswith("unet.")}
+        ema_text = {k[len("text_encoder."):]: v for k, v in self.ema.items() if k.startswith("text_encoder.")}
+        m.unet.load_state_dict(ema_unet, strict=False)
+        m.text_encoder.load_state_dict(ema_text, strict=False)
+        for net in (m.unet, m.vae, m.text_encoder):
+            net.eval().requires_grad_(False).to("cpu")
+        return VidRDModel(cfg, m.unet, m.vae, m.text_encoder, m.tokenizer, m.scheduler)
+
+
+def bf16_available(device: torch.device) -> bool:
+    """Whether bf16 is fast here: a CUDA GPU with bf16, or a CPU with bf16 units (oneDNN's check)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def log_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
