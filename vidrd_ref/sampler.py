@@ -10,6 +10,9 @@ import torch
 from .text import dropped_words, tokenize
 
 ASSEMBLIES = ("official", "trim")
+# Upper bound of guidance_scale, noise_recycle and noise_prior: far above any useful value (official: 10, 4, 0), and
+# low enough that guidance times the UNet's output stays finite in float32 and bf16 (1e300 overflowed mid-job).
+MAX_WEIGHT = 1000.0
 
 
 @dataclass(frozen=True)
@@ -48,8 +51,8 @@ class SamplerSettings:
             raise ValueError(f"denoise_guidance={self.denoise_guidance!r} must be between 0 and 1")
         for name in ("noise_recycle", "noise_prior", "guidance_scale"):
             v = getattr(self, name)
-            if not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name}={v!r} must be a finite number >= 0")
+            if not (isinstance(v, (int, float)) and 0 <= v <= MAX_WEIGHT):  # also refuses NaN and inf
+                raise ValueError(f"{name}={v!r} must be a number between 0 and {MAX_WEIGHT:g}")
         if self.assembly not in ASSEMBLIES:
             raise ValueError(f"assembly={self.assembly!r} must be one of {ASSEMBLIES}")
 
@@ -67,6 +70,16 @@ class SamplerSettings:
         return i < (self.overlap - k) * (self.steps / self.overlap) * self.denoise_guidance
 
 
+def check_text(name: str, text: str) -> None:
+    """ValueError unless `text` is valid Unicode text: a lone surrogate (JSON "\\ud800", or a non-UTF-8 byte in a
+    command-line argument) cannot be tokenized, written to JSON or printed."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name}={text!r} is not valid text: character {e.start} is {text[e.start]!r}, a lone "
+                         "surrogate (invalid UTF-8)") from None
+
+
 def check_prompts(tokenizer, prompts, negative_prompts) -> tuple[list[str], list[str]]:
     """Validated prompt lists; negatives default to '' (official pipeline); warns about truncated prompts."""
     if isinstance(prompts, str):
@@ -82,6 +95,10 @@ def check_prompts(tokenizer, prompts, negative_prompts) -> tuple[list[str], list
     if len(negative_prompts) != len(prompts) or not all(isinstance(p, str) for p in negative_prompts):
         raise ValueError(f"negative_prompts has {len(negative_prompts)} entries for {len(prompts)} prompts; "
                          "give one string per prompt")
+    for i, p in enumerate(prompts):
+        check_text(f"prompts[{i}]", p)
+    for i, p in enumerate(negative_prompts):
+        check_text(f"negative_prompts[{i}]", p)
     for p in prompts + negative_prompts:
         lost = dropped_words(tokenizer, p)
         if lost:
