@@ -1,6 +1,7 @@
 """Reuse-and-diffuse bookkeeping (SPEC §3.5) on preallocated buffers: the only module that knows about it.
 
-What a clip reads of the previous one: its frame-reversed latents after step 0 (`init_rev`: the overlap frames'
+What a clip reads of the previous one: its frame-reversed latents (or, with continuation="forward", its frames
+in the order `SamplerSettings.source_frames` gives) after step 0 (`init_rev`: the overlap frames'
 restart values and the recycled noise) and, for each step, its reversed overlap frames (`overlap[i]`, for staged
 guidance). Each clip reads an entry before overwriting it with its own, so one copy of each suffices.
 """
@@ -29,8 +30,9 @@ class History:
         self.init_rev = self.init_rev_flat[: b * c * f * h * w].view(b, c, f, h, w)
         n = b * c * o * h * w
         self.overlap = [self.overlap_flat[i * n:(i + 1) * n].view(b, c, o, h, w) for i in range(t)]
-        torch.arange(f - 1, -1, -1, out=self.index[:f])
-        self.rev_all, self.rev_overlap = self.index[:f], self.index[:o]  # frames F-1..0, F-1..F-O
+        # previous-clip frame reused by each frame: official F-1..0 (reversed), forward F-O..F-1 then O..F-1
+        self.index[:f].copy_(torch.tensor(settings.source_frames()))
+        self.rev_all, self.rev_overlap = self.index[:f], self.index[:o]
         # staged guidance pins frames 0..K_i-1 at step i (the condition is monotone in the frame index)
         self.pinned = [sum(settings.guided(i, k) for k in range(o)) for i in range(t)]
         r = settings.noise_recycle

@@ -13,6 +13,7 @@ ASSEMBLIES = ("official", "trim")
 # Upper bound of guidance_scale, noise_recycle and noise_prior: far above any useful value (official: 10, 4, 0), and
 # low enough that guidance times the UNet's output stays finite in float32 and bf16 (1e300 overflowed mid-job).
 MAX_WEIGHT = 1000.0
+CONTINUATIONS = ("official", "forward")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class SamplerSettings:
     noise_prior: float = 0.0
     temporal_decode: bool = False
     assembly: str = "official"
+    continuation: str = "official"
 
     def validate(self, model=None) -> None:
         """Raise ValueError naming the first bad setting; nothing expensive has run yet."""
@@ -55,6 +57,8 @@ class SamplerSettings:
                 raise ValueError(f"{name}={v!r} must be a number between 0 and {MAX_WEIGHT:g}")
         if self.assembly not in ASSEMBLIES:
             raise ValueError(f"assembly={self.assembly!r} must be one of {ASSEMBLIES}")
+        if self.continuation not in CONTINUATIONS:
+            raise ValueError(f"continuation={self.continuation!r} must be one of {CONTINUATIONS}")
 
     @property
     def cfg(self) -> bool:
@@ -64,6 +68,19 @@ class SamplerSettings:
     def output_frames(self) -> int:
         trimmed = self.overlap if self.assembly == "trim" else 0
         return self.frames + (self.clips - 1) * (self.frames - trimmed)
+
+    def source_frames(self) -> list[int]:
+        """For each frame j of a later clip, the previous clip's frame it reuses (its noise, and for j < overlap its
+        latents during staged guidance).
+
+        official: F-1-j for every j, the frame-level reversal of SPEC §3.5 (new clips start by replaying the previous
+        clip's end backwards). forward: F-O+j for the overlap frames, so a new clip starts where the previous one ends
+        in the same order, and j itself for the others (their noise recycled without reversal).
+        """
+        f, o = self.frames, self.overlap
+        if self.continuation == "official":
+            return list(range(f - 1, -1, -1))
+        return [f - o + j for j in range(o)] + list(range(o, f))
 
     def guided(self, i: int, k: int) -> bool:
         """Staged guidance: overlap frame k is pinned at step i while i < (O-k)*(T/O)*g (python float order)."""
@@ -143,14 +160,14 @@ def decode(model, latents: torch.Tensor, temporal: bool) -> torch.Tensor:
 @torch.no_grad()
 def generate(model, prompts, negative_prompts=None, *, height=256, width=256, frames=8, steps=50, clips=1,
              overlap=4, noise_recycle=4.0, denoise_guidance=0.4, guidance_scale=10.0, generator=None,
-             temporal_decode=False, noise_prior=0.0, assembly="official", callback=None):
+             temporal_decode=False, noise_prior=0.0, assembly="official", continuation="official", callback=None):
     """Long video by reuse and diffuse. -> video (B,3,frames_out,H,W) in [0,1], latents (clips,B,C,F,h,w).
 
     Mirrors the official SDVideoPipeline.__call__ (SPEC §3.5) step for step, including its random draws, so one
     seed gives the official video. `callback(clip, step)` is called after every denoising step.
     """
     s = SamplerSettings(height, width, frames, steps, clips, overlap, float(noise_recycle), float(denoise_guidance),
-                        float(guidance_scale), float(noise_prior), bool(temporal_decode), assembly)
+                        float(guidance_scale), float(noise_prior), bool(temporal_decode), assembly, continuation)
     s.validate(model)
     prompts, negative_prompts = check_prompts(model.tokenizer, prompts, negative_prompts)
     if generator is not None and generator.device.type != "cpu":
@@ -163,6 +180,7 @@ def generate(model, prompts, negative_prompts=None, *, height=256, width=256, fr
     timesteps = model.scheduler.timesteps(steps).tolist()
 
     latents = initial_noise(shape, generator, s.noise_prior, dtype, device)
+    src = torch.tensor(s.source_frames(), device=device)  # (F,) previous-clip frame reused by each frame
     hist: dict[int, torch.Tensor] = {}
     videos, finals = [], []
     for c in range(clips):
@@ -180,7 +198,7 @@ def generate(model, prompts, negative_prompts=None, *, height=256, width=256, fr
                 for k in range(o):  # staged guidance: pin overlap frame k to the previous clip at the same step
                     if s.guided(i, k):
                         latents[:, :, k] = hist[i][:, :, k]
-            hist[i] = latents.flip(2)  # frame-reversed, after the overrides, before the UNet call
+            hist[i] = latents.index_select(2, src)  # official: frame-reversed; after the overrides, before the UNet
             x_in = torch.cat([latents, latents]) if s.cfg else latents  # (2B or B,C,F,h,w)
             eps = model.unet(x_in, t, ctx)
             if s.cfg:

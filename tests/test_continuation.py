@@ -1,0 +1,77 @@
+"""continuation="forward": later clips continue the previous clip in its own frame order (reference and runtime)."""
+import pytest
+import torch
+
+from vidrd.ref.sampler import SamplerSettings, generate
+from vidrd.ref.weights import random_model
+from vidrd.runtime.engine import Limits, Request, create
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class Spy(torch.nn.Module):
+    """Records the UNet's input at every call (first prompt only)."""
+
+    def __init__(self, unet, seen):
+        super().__init__()
+        self.unet, self.cfg, self.seen = unet, unet.cfg, seen
+
+    def forward(self, x, t, ctx):
+        self.seen.append(x[:1].clone())
+        return self.unet(x, t, ctx)
+
+
+def _inputs(model, **kw):
+    seen = []
+    real, model.unet = model.unet, Spy(model.unet, seen)
+    try:
+        generate(model, ["a"], height=16, width=16, frames=4, steps=2, clips=2, overlap=2, guidance_scale=1.0,
+                 generator=torch.Generator().manual_seed(0), **kw)
+    finally:
+        model.unet = real
+    return seen
+
+
+def test_source_frames():
+    s = SamplerSettings(frames=8, overlap=3)
+    assert s.source_frames() == [7, 6, 5, 4, 3, 2, 1, 0]
+    assert SamplerSettings(frames=8, overlap=3, continuation="forward").source_frames() == [5, 6, 7, 3, 4, 5, 6, 7]
+
+
+def test_forward_overlap_frames_keep_the_previous_order():
+    model = random_model("tiny", 2)
+    seen = _inputs(model, denoise_guidance=1.0, noise_recycle=0.0, continuation="forward")
+    first0, second0 = seen[0], seen[2]  # step 0 inputs of clip 1 and clip 2
+    assert torch.equal(second0[:, :, 0], first0[:, :, 2]) and torch.equal(second0[:, :, 1], first0[:, :, 3])
+    first1, second1 = seen[1], seen[3]  # step 1: only frame 0 is still pinned (window 2 steps, frame 1: 1 step)
+    assert torch.equal(second1[:, :, 0], first1[:, :, 2])
+    assert not torch.equal(second1[:, :, 1], first1[:, :, 3])
+
+
+def test_forward_recycles_noise_without_reversal():
+    """With recycle weight 1000 the fresh noise is ~1e-3: frame j >= O restarts from frame j's initial noise."""
+    model = random_model("tiny", 2)
+    fwd = _inputs(model, denoise_guidance=0.0, noise_recycle=1000.0, continuation="forward")
+    torch.testing.assert_close(fwd[2][:, :, 2:], fwd[0][:, :, 2:], rtol=0, atol=1e-2)
+    off = _inputs(model, denoise_guidance=0.0, noise_recycle=1000.0)
+    torch.testing.assert_close(off[2][:, :, 2:], off[0][:, :, [1, 0]], rtol=0, atol=1e-2)
+
+
+@pytest.mark.parametrize("assembly", ["official", "trim"])
+def test_runtime_forward_matches_reference(assembly):
+    model = random_model("tiny", 3)
+    s = SamplerSettings(height=32, width=32, frames=4, steps=3, clips=3, overlap=2, denoise_guidance=0.7,
+                        guidance_scale=5.0, assembly=assembly, continuation="forward")
+    rt = create(model, limits=Limits(batch=1, frames=4, height=32, width=32, steps=3, overlap=2))
+    clips = list(rt.generate(Request(("a",), None, s, seed=4, float_video=True)))
+    video = torch.cat([c.video for c in clips], dim=2)
+    ref, _ = generate(model, ["a"], height=32, width=32, frames=4, steps=3, clips=3, overlap=2, denoise_guidance=0.7,
+                      guidance_scale=5.0, assembly=assembly, continuation="forward",
+                      generator=torch.Generator().manual_seed(4))
+    assert video.shape == ref.shape
+    assert (video - ref).abs().max() <= 1e-5
+
+
+def test_bad_continuation_is_refused():
+    with pytest.raises(ValueError, match="continuation='backward'"):
+        SamplerSettings(continuation="backward").validate()
