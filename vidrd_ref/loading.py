@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,15 +63,42 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         # mmap avoids a second copy of large checkpoints; only the zip format (torch >= 1.6 saves) supports it
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        raise WeightsError(f"{path}: refused to load: the pickle holds objects other than tensors, which could run "
-                           f"code ({str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise WeightsError(f"{path}: truncated or corrupt weights file ({str(e).splitlines()[0]})") from None
+        # the weights-only unpickler names the global it refused; anything else is not a pickle it can read
+        unsafe = re.search(r"(?i)unsupported global[^\n]*|GLOBAL [^\n]*", str(e))
+        unsafe = unsafe.group(0) if unsafe else ", ".join(_pickle_globals(path))
+        if unsafe:
+            raise WeightsError(f"{path}: refused to load: the pickle holds objects other than tensors, which could "
+                               f"run code ({unsafe})") from None
+        raise WeightsError(f"{path}: not a PyTorch checkpoint (torch.save) or safetensors file: unreadable, truncated "
+                           "or corrupt") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, IndexError, TypeError,
+            UnicodeDecodeError) as e:  # what torch's readers raise on bytes that are not a checkpoint
+        first = str(e).splitlines()[0] if isinstance(e, (RuntimeError, ValueError)) and str(e) else type(e).__name__
+        raise WeightsError(f"{path}: truncated or corrupt weights file, or not a PyTorch checkpoint ({first})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]  # a PyTorch-Lightning checkpoint
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path}: expected a dict of tensors (a state dict)")
     return obj
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """The globals that a plain pickle file would import, read by pickletools without running anything; [] when the
+    file is not a pickle (random bytes) or imports nothing."""
+    import pickletools
+    names, strings = [], []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name in ("GLOBAL", "INST"):
+                    names.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL":
+                    names.append(".".join(strings[-2:]))
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # noqa: BLE001 - pickletools raises ValueError and others on bytes that are not a pickle
+        return []
+    return names
 
 
 def find_weights(folder: Path, component: str) -> Path:
@@ -99,6 +127,14 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], component: st
         problems.append(f"unexpected keys {_fmt(unexpected)}")
     if shapes:
         problems.append(f"wrong shapes {len(shapes)} ({'; '.join(shapes[:3])})")
+    kinds = [f"{k}: file {state[k].dtype} vs model {v.dtype}" for k, v in expected.items()
+             if k in state and state[k].is_floating_point() != v.is_floating_point()]
+    if kinds:  # integers where weights belong (or floats for integer buffers): a converted file gone wrong
+        problems.append(f"wrong dtypes {len(kinds)} ({'; '.join(kinds[:3])})")
+    if not problems:
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # NaN or inf weights make an all-black video with exit code 0
+            problems.append(f"NaN or inf values in {_fmt(bad)}")
     if problems:
         raise WeightsError(f"{component} weights from {source} do not match the network: " + "; ".join(problems))
     # Float tensors take the model's dtype; integer buffers (position_ids) keep theirs.
