@@ -25,12 +25,13 @@ def choose_providers(prefer=PREFERENCE, available=None) -> list[str]:
 
 
 def make_session(path, prefer=PREFERENCE, *, require: str | None = None, threads: int | None = None,
-                 fp16: bool = False, cache_dir=None):
+                 fp16: bool = False, cache_dir=None, trt_options: dict | None = None):
     """An InferenceSession for the ONNX file `path` on the first provider of `prefer` that loads.
 
     require: raise RuntimeError unless this provider was actually taken (e.g. "TensorrtExecutionProvider").
     threads: intra-op threads of the CPU provider (None: ORT's default, one per physical core).
     fp16, cache_dir: TensorRT EP options (fp16 kernels; engine and timing cache folder).
+    trt_options: further TensorRT EP options (e.g. trt_profile_min/opt/max_shapes).
     """
     import onnxruntime as ort
 
@@ -45,8 +46,10 @@ def make_session(path, prefer=PREFERENCE, *, require: str | None = None, threads
         if p == "TensorrtExecutionProvider":
             trt = {"trt_fp16_enable": fp16}
             if cache_dir is not None:
+                Path(cache_dir).mkdir(parents=True, exist_ok=True)
                 trt.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache_dir),
                            trt_timing_cache_enable=True, trt_timing_cache_path=str(cache_dir))
+            trt.update(trt_options or {})
             providers.append((p, trt))
         else:
             providers.append(p)

@@ -82,7 +82,11 @@ class OrtComponent:
         self.spec = read_specs(export_dir)[name]
         prefer = ("CPUExecutionProvider",) if device.type == "cpu" else \
             ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-        self.sess = make_session(Path(export_dir) / self.spec.file, prefer, threads=threads)
+        fp16 = any(t.dtype == "float16" for t in self.spec.inputs + self.spec.outputs)
+        # ORT's TensorRT provider builds an engine per process unless it has a cache and profile shapes: give it
+        # the export's dim ranges (one engine covers every request the export takes) and a persistent cache folder.
+        self.sess = make_session(Path(export_dir) / self.spec.file, prefer, threads=threads, fp16=fp16,
+                                 cache_dir=ort_trt_cache_dir(), trt_options=trt_profile_options(self.spec))
         self.provider = session_provider(self.sess)
         if device.type == "cuda" and self.provider == "CPUExecutionProvider":
             raise RuntimeError(f"{name}: onnxruntime ran on the CPU although device is {device}: install "
@@ -102,7 +106,34 @@ class OrtComponent:
             b.bind_input(name, dev, idx, _NP[t.dtype], tuple(t.shape), t.data_ptr())
         for name, t in outputs.items():
             b.bind_output(name, dev, idx, _NP[t.dtype], tuple(t.shape), t.data_ptr())
+        if self.device.type == "cuda":
+            # The inputs were written on torch's current stream (the main stream for the UNet, the decode stream for
+            # the VAE) and ORT runs on a stream of its own: wait for that work before ORT reads them, and for ORT's
+            # stream to finish before torch reads the outputs.
+            torch.cuda.current_stream(self.device).synchronize()
+            b.synchronize_inputs()
+            self.sess.run_with_iobinding(b)
+            b.synchronize_outputs()
+            return
         self.sess.run_with_iobinding(b)
+
+
+def ort_trt_cache_dir() -> Path:
+    """Engine and timing cache of ORT's TensorRT provider: $VIDRD_ORT_TRT_CACHE, else ~/.cache/vidrd/ort-trt."""
+    import os
+    base = os.environ.get("VIDRD_ORT_TRT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or
+                                                         Path.home() / ".cache") / "vidrd" / "ort-trt"
+    return Path(base)
+
+
+def trt_profile_options(spec) -> dict[str, str]:
+    """trt_profile_{min,opt,max}_shapes for ORT's TensorRT provider: every input over the export's dim ranges."""
+    out = {}
+    for at in ("min", "opt", "max"):
+        dims = {k: getattr(d, at) for k, d in spec.dims.items()}
+        out[f"trt_profile_{at}_shapes"] = ",".join(
+            f"{t.name}:{'x'.join(map(str, t.resolve(dims)))}" for t in spec.inputs)
+    return out
 
 
 def _check(spec, dims: dict) -> None:

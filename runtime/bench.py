@@ -2,11 +2,14 @@
 
 Protocol: build both, run each once as warm-up (excluded: compilation, caches, page faults), then `repeats` timed
 runs each, alternating runtime and reference; report medians. Per-stage times come from timers around the backend
-calls of the runtime (text, UNet, VAE), the rest of the loop is `loop_other`; writing is timed by encoding the
+calls of the runtime (text, UNet, VAE; on CUDA, events recorded on the stream each call runs on, so timing adds no
+synchronisation and the decode keeps overlapping the next clip's denoising), the rest of the loop is `loop_other`
+(on CUDA, wall time minus the stage times, which can overlap: the VAE runs beside the UNet); writing is timed by encoding the
 clips to an .mp4 in a temporary folder. One JSON object per run is printed (machine-readable), plus a summary row.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -34,22 +37,42 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Timed:
-    """Wraps a backend: accumulates seconds per call (synchronising CUDA so the time is the device's)."""
+    """Wraps a backend: accumulates seconds per call. On CUDA a pair of timing events on the stream the call is made
+    on (the decode thread's stream for the VAE): no device-wide synchronisation, which could fall inside another
+    thread's CUDA-graph capture and would serialise the decode with the denoising. Read `seconds` after a sync."""
 
     def __init__(self, backend, device):
-        self.backend, self.dtype, self.device, self.seconds, self.calls = backend, backend.dtype, device, 0.0, 0
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.backend, self.dtype, self.device = backend, backend.dtype, torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.reset()
 
     def __getattr__(self, name):  # check_shapes and friends
         return getattr(self.backend, name)
 
+    def reset(self) -> None:
+        self.host_seconds, self.calls, self.events = 0.0, 0, []
+
+    @property
+    def seconds(self) -> float:
+        """Host seconds on the CPU; on CUDA the events' elapsed times (the caller has synchronised)."""
+        return self.host_seconds + sum(a.elapsed_time(b) for a, b in self.events) / 1e3
+
     def __call__(self, *args):
-        self.sync()
-        t = time.perf_counter()
-        self.backend(*args)
-        self.sync()
-        self.seconds += time.perf_counter() - t
         self.calls += 1
+        if not self.cuda:
+            t = time.perf_counter()
+            self.backend(*args)
+            self.host_seconds += time.perf_counter() - t
+            return
+        if torch.cuda.is_current_stream_capturing():  # events with timing cannot be recorded into a graph
+            self.backend(*args)
+            return
+        stream = torch.cuda.current_stream(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        self.backend(*args)
+        end.record(stream)
+        self.events.append((start, end))
 
 
 @dataclass
@@ -87,6 +110,9 @@ def run(workload: str = "small", config: Config = Config(), *, repeats: int = 3,
 
     from .video_io import VideoWriter
 
+    can_write = importlib.util.find_spec("av") is not None
+    if not can_write:
+        log("[bench] PyAV is not installed: writing the .mp4 is not timed (write_s is NaN)")
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; choose one of {sorted(WORKLOADS)}")
     if config.dtype not in DTYPES:
@@ -109,18 +135,20 @@ def run(workload: str = "small", config: Config = Config(), *, repeats: int = 3,
 
     def runtime_once():
         for t in timers.values():
-            t.seconds, t.calls = 0.0, 0
+            t.reset()
         sync()
         t0 = time.perf_counter()
         clips = list(rt.generate(request))
         sync()
         wall = time.perf_counter() - t0
-        with tempfile.TemporaryDirectory() as tmp:
-            t1 = time.perf_counter()
-            with VideoWriter(os.path.join(tmp, "bench.mp4"), fps=8) as w:
-                for c in clips:
-                    w.write(c.frames[0])
-            write = time.perf_counter() - t1
+        write = math.nan  # not measured without PyAV (GPU images often lack it)
+        if can_write:
+            with tempfile.TemporaryDirectory() as tmp:
+                t1 = time.perf_counter()
+                with VideoWriter(os.path.join(tmp, "bench.mp4"), fps=8) as w:
+                    for c in clips:
+                        w.write(c.frames[0])
+                write = time.perf_counter() - t1
         stages = {k: t.seconds for k, t in timers.items()}
         return clips, wall, stages, write
 
@@ -187,10 +215,13 @@ def _summary(workload, wl, config, dev, model, s, rows, walls, refs, frames_out)
 
 
 def _accuracy(clips, ref) -> dict:
-    """PSNR of the video and relative error of the final latents against the float32 reference."""
-    video = torch.cat([c.video for c in clips], dim=2)
-    latents = torch.stack([c.latents for c in clips])
-    ref_video, ref_latents = ref
+    """PSNR of the video and relative error of the final latents against the float32 reference.
+
+    The runtime's clips are on the host; the reference's tensors are where it ran (CUDA on a GPU): both sides are
+    compared on the host in float32."""
+    video = torch.cat([c.video for c in clips], dim=2).to("cpu", torch.float32)
+    latents = torch.stack([c.latents for c in clips]).to("cpu", torch.float32)
+    ref_video, ref_latents = (t.to("cpu", torch.float32) for t in ref)
     mse = ((video - ref_video) ** 2).mean().item()
     return {"psnr_db": math.inf if mse == 0 else 10 * math.log10(1.0 / mse),
             "latents_rel_err": ((latents - ref_latents).norm() / ref_latents.norm()).item(),

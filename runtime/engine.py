@@ -55,6 +55,10 @@ class Cancelled(Exception):
     """Raised by an on_step callback to stop a generation after the current step."""
 
 
+class NonFiniteOutput(RuntimeError):
+    """The VAE decoder wrote NaN or inf (the SD VAE overflows in float16): the clip would be silently black."""
+
+
 class Job:
     """One request's views of the runtime's buffers and its denoising state (built before step 0)."""
 
@@ -74,6 +78,7 @@ class Job:
         self.noise_frame = rt.noise_frame[: n // f].view(b, c, 1, h, w)
         self.dec_in = rt.dec_in[:n].view(self.shape)
         self.dec_out = rt.dec_out[: b * f * 3 * s.height * s.width].view(b, f, 3, s.height, s.width)
+        self.dec_f32 = rt.dec_f32[: b * f * 3 * s.height * s.width].view(b, f, 3, s.height, s.width)
         self.u8 = rt.frames_u8[: b * f * s.height * s.width * 3].view(b, f, s.height, s.width, 3)
         self.generator = torch.Generator().manual_seed(request.seed)
 
@@ -132,6 +137,19 @@ class Job:
         return self.lat.to("cpu", copy=True), ready
 
 
+def _check_setup(be, lim: Limits) -> None:
+    """A backend with fixed shape ranges (engine profiles, export ranges) must serve the largest request: with
+    guidance (text and UNet see N = 2B) or, for engines built without guidance (N = B), without it. Each request is
+    checked again with its own guidance setting (Runtime.check)."""
+    try:
+        be.check_shapes(lim.batch, lim.frames, lim.height, lim.width, guidance=True)
+    except ValueError as with_guidance:
+        try:
+            be.check_shapes(lim.batch, lim.frames, lim.height, lim.width, guidance=False)
+        except ValueError:
+            raise with_guidance from None
+
+
 class Runtime:
     """A model's text, UNet and VAE backends plus every buffer the loop needs, for requests up to `limits`."""
 
@@ -169,10 +187,13 @@ class Runtime:
         self.noise = self.noise_cpu if dev.type == "cpu" else buf(n)
         self.dec_in = buf(n, vae.dtype)  # (B,C,F,h,w) latents / scaling factor, for the VAE
         self.dec_out = buf(b * f * 3 * lim.height * lim.width, vae.dtype)  # (B,F,3,H,W)
+        # (B,F,3,H,W) float32 for the [0,1] and *255 arithmetic: in float16, x*255 rounds (steps of 1/8 above 128)
+        # before the truncating uint8 cast and moves values across an integer
+        self.dec_f32 = self.dec_out if vae.dtype == fp32 else buf(b * f * 3 * lim.height * lim.width)
         self.frames_u8 = torch.empty(b * f * lim.height * lim.width * 3, dtype=torch.uint8)  # (B,F,H,W,3) host
         for be in (text, unet, vae):  # engines with fixed profiles say now if the largest request cannot run
             if hasattr(be, "check_shapes"):
-                be.check_shapes(lim.batch, lim.frames, lim.height, lim.width, guidance=True)
+                _check_setup(be, lim)
         self._lock = threading.Lock()
         # On a GPU the VAE decodes a clip on its own thread and CUDA stream while the next clip denoises. On the CPU
         # both would share the same cores (and OpenMP pools spin against each other), so decoding is inline there.
@@ -268,8 +289,15 @@ class Runtime:
             self._decode_stream.wait_event(ready)
             ctx = torch.cuda.stream(self._decode_stream)
         with ctx, torch.no_grad():
-            out = job.dec_out
-            self.vae(job.dec_in, out, s.temporal_decode)
+            out = job.dec_f32
+            self.vae(job.dec_in, job.dec_out, s.temporal_decode)
+            if out is not job.dec_out:
+                out.copy_(job.dec_out)
+            if not bool(torch.isfinite(out).all()):
+                raise NonFiniteOutput(
+                    f"the VAE decoder ({job.dec_out.dtype}) produced NaN or inf in clip {c}: the frames would be "
+                    "black. The SD VAE overflows in float16; decode in float32 or bfloat16 (--vae-dtype fp32 or bf16"
+                    ", or an fp32 export/engine for the VAE)")
             out.div_(2).add_(0.5).clamp_(0, 1)
             video = None
             if job.request.float_video:
@@ -285,27 +313,39 @@ class Runtime:
             self._decoder.shutdown(wait=True)
 
 
+_FLAG = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def default_vae_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The VAE decoder's dtype when none is asked for: the networks' dtype, but float32 instead of float16."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def create(model, backend: str = "torch", *, text: str | None = None, unet: str | None = None,
            vae: str | None = None, limits: Limits = Limits(), device="cpu", dtype=torch.float32,
            vae_dtype: torch.dtype | None = None, export_dir=None, engine_dir=None, compile: str | None = None,
            attention: str = "sdpa") -> Runtime:
     """A Runtime with `backend` for every component unless text/unet/vae name another one for that component.
 
-    dtype is the networks' dtype (latents and the DDIM update stay float32); vae_dtype, when given, runs the VAE
-    decoder in another dtype (e.g. bfloat16 VAE beside a float32 UNet). Raises ValueError when a backend cannot
-    run in the dtype asked for (an ONNX export or engine of another precision).
+    dtype is the networks' dtype (latents and the DDIM update stay float32); vae_dtype runs the VAE decoder in
+    another dtype (e.g. bfloat16 VAE beside a float32 UNet). By default the VAE runs in `dtype`, except float16:
+    the SD VAE decoder overflows in float16 (NaN frames), so it stays float32 unless vae_dtype=float16 is asked for.
+    Raises ValueError when a backend cannot run in the dtype asked for (an ONNX export or engine of another
+    precision).
     """
     from . import backends
 
     device = torch.device(device)
     kw = dict(export_dir=export_dir, engine_dir=engine_dir)
-    want = {"text": dtype, "unet": dtype, "vae": vae_dtype or dtype}
+    want = {"text": dtype, "unet": dtype, "vae": vae_dtype or default_vae_dtype(dtype)}
     made = {}
     for name, kind in (("text", text), ("unet", unet), ("vae", vae)):
         extra = {"unet": {"compile": compile, "attention": attention}, "vae": {"compile": compile}}.get(name, {})
         be = backends.make(kind or backend, name, model, want[name], device, **kw, **extra)
         if be.dtype != want[name]:
+            flag = "--vae-dtype" if name == "vae" else "--dtype"
             raise ValueError(f"the {kind or backend} {name} runs in {be.dtype} but {want[name]} was asked for: "
-                             f"export or build that component in {want[name]}, or ask for {be.dtype}")
+                             f"export or build that component in {want[name]}, or ask for {be.dtype} ({flag} "
+                             f"{_FLAG.get(be.dtype, be.dtype)})")
         made[name] = be
     return Runtime(model, made["text"], made["unet"], made["vae"], limits, device)

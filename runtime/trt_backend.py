@@ -1,5 +1,6 @@
-"""The tensorrt backend: engines from `vidrd build-engines`, run on the current torch CUDA stream into the runtime's
-buffers (the interface of runtime/backends.py).
+"""The tensorrt backend: engines from `vidrd build-engines`, run into the runtime's buffers (the interface of
+runtime/backends.py) on a stream of their own, ordered with torch's current stream both ways (enqueueing on the legacy
+default stream makes TensorRT synchronise around every call).
 
 Each engine has one optimisation profile and one execution context. Buffers are bound by tensor name and rebound
 only when a shape or an address changes. Engines built with --static capture a CUDA graph of the execute call after
@@ -30,9 +31,10 @@ def _sidecar(engine_dir, name: str, dtype: torch.dtype) -> dict:
     sidecar = engines.read_sidecar(engine_dir, name)
     io = _TORCH[sidecar["flags"]["io_dtype"]]
     if io != dtype:
+        flag = "--vae-dtype" if sidecar["component"].startswith("vae") else "--dtype"
         raise engines.EngineMismatch(
             f"{sidecar['engine']} takes {io} inputs and outputs (built with --precision {sidecar['precision']}) but "
-            f"the runtime dtype is {dtype}: run with --dtype {sidecar['precision']}, or rebuild the engines with "
+            f"the runtime dtype is {dtype}: run with {flag} {sidecar['precision']}, or rebuild the engines with "
             f"`vidrd build-engines --onnx {sidecar['onnx_dir']} --out {engine_dir} --precision "
             f"{_FLAG.get(dtype, dtype)}`")
     return sidecar
@@ -67,6 +69,7 @@ class TrtComponent:
         self.bound = None  # (address, shape) of every tensor as last bound
         self.warm: set = set()  # keys run once eagerly (TensorRT finishes shape-dependent setup on the first run)
         self.graphs: dict = {}  # key -> torch.cuda.CUDAGraph of the execute call (static engines only)
+        self.stream = torch.cuda.Stream(device)  # TensorRT's own stream, never the legacy default stream
         log.info("%s: TensorRT engine %s (%s, %s)", self.name, plan, sidecar["precision"],
                  "static, CUDA graphs" if self.static else "dynamic shapes")
 
@@ -111,27 +114,41 @@ class TrtComponent:
             raise RuntimeError(f"TensorRT failed to run {self.name} (see its log above)")
 
     def run(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Execute on the current stream with `tensors` (every input and output, by name) as the engine's I/O."""
+        """Execute with `tensors` (every input and output, by name) as the engine's I/O, after the work queued on
+        torch's current stream and before the work queued on it next (the caller's stream waits for ours)."""
         key = tuple((t.data_ptr(), tuple(t.shape)) for t in tensors.values())
         if key != self.bound:
             self._bind(tensors)
             self.bound = key
-        stream = torch.cuda.current_stream(self.device)
-        if not self.static or torch.cuda.is_current_stream_capturing():  # a caller's graph records this call
-            self._execute(stream.cuda_stream)
+        caller, stream = torch.cuda.current_stream(self.device), self.stream
+        capturing = torch.cuda.is_current_stream_capturing()  # a caller's graph records this call (fork and join)
+        stream.wait_stream(caller)  # the inputs were written on the caller's stream
+        with torch.cuda.stream(stream):
+            self._run_on_stream(key, capturing)
+        caller.wait_stream(stream)  # the caller reads the outputs after TensorRT wrote them
+
+    def _run_on_stream(self, key, capturing: bool) -> None:
+        """Eager execute, or (static engines) one eager run, then a captured CUDA graph replayed on self.stream."""
+        handle = self.stream.cuda_stream
+        if not self.static or capturing:
+            self._execute(handle)
             return
         graph = self.graphs.get(key)
         if graph is not None:
             graph.replay()
             return
         if key not in self.warm:
-            self._execute(stream.cuda_stream)
+            self._execute(handle)
             self.warm.add(key)
             return
         graph = torch.cuda.CUDAGraph()
-        # thread_local: the VAE captures on the decode thread while the main thread keeps denoising
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self._execute(torch.cuda.current_stream(self.device).cuda_stream)
+        # Captured on self.stream with capture_begin/end rather than torch.cuda.graph(), whose entry synchronises the
+        # whole device; thread_local: the VAE captures on the decode thread while the main thread keeps denoising.
+        graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            self._execute(handle)
+        finally:
+            graph.capture_end()
         graph.replay()  # capture records without running
         self.graphs[key] = graph
 

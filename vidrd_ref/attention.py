@@ -6,12 +6,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 BACKENDS = ("sdpa", "math", "triton")
+# CUDA SDPA kernels put the batch in a grid dimension limited to 65,535 blocks; temporal attention has batch
+# (2B h w): eight 512 px prompts under guidance reach 2*8*64*64 = 65,536. Larger batches run in slices.
+SDPA_MAX_BATCH = 65535
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+         max_batch: int = SDPA_MAX_BATCH) -> torch.Tensor:
+    """F.scaled_dot_product_attention in batch slices of at most max_batch. (N,H,Lq,Dh), (N,H,Lk,Dh) -> (N,H,Lq,Dh)."""
+    n = q.shape[0]
+    if n <= max_batch:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    out = torch.empty_like(q)  # (N,H,Lq,Dh)
+    for i in range(0, n, max_batch):
+        out[i:i + max_batch] = F.scaled_dot_product_attention(q[i:i + max_batch], k[i:i + max_batch],
+                                                              v[i:i + max_batch], scale=scale)
+    return out
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
     """Non-causal attention without mask. q (N,H,Lq,Dh), k/v (N,H,Lk,Dh) -> (N,H,Lq,Dh)."""
     if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return sdpa(q, k, v, scale)
     if backend == "math":
         w = torch.softmax((q @ k.transpose(-1, -2)).float() * scale, dim=-1).to(q.dtype)  # (N,H,Lq,Lk)
         return w @ v
