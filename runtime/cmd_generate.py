@@ -58,6 +58,8 @@ def register(sub) -> None:
     o.add_argument("--attention", choices=("sdpa", "math", "triton"), default="sdpa",
                    help="attention kernels of the torch backend's UNet (triton needs a GPU)")
     o.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    o.add_argument("--vae-dtype", choices=("fp32", "bf16", "fp16"),
+                   help="the VAE decoder's dtype (default: --dtype; fp32 for --dtype fp16, the SD VAE overflows in fp16)")
     o.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_args(p)
@@ -108,8 +110,9 @@ def run(args) -> int:
     for path in paths:
         check_output(path, args.force)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    if dtype == torch.float16 and device == "cpu":
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    dtype, vae_dtype = dtypes[args.dtype], args.vae_dtype and dtypes[args.vae_dtype]
+    if torch.float16 in (dtype, vae_dtype) and device == "cpu":
         raise ValueError("--dtype fp16 needs a GPU; use fp32 or bf16 on the CPU")
 
     from .model_args import load_model
@@ -144,7 +147,7 @@ def run(args) -> int:
             limits = Limits(len(prompts), s.frames, s.height, s.width, s.steps, max(s.overlap, 1))
             rt = create(model, args.backend, unet=args.unet_backend, vae=args.vae_backend, limits=limits,
                         device=device, dtype=dtype, export_dir=args.onnx, engine_dir=args.engines,
-                        compile=args.compile, attention=args.attention)
+                        compile=args.compile, attention=args.attention, vae_dtype=vae_dtype)
             try:
                 request = Request(tuple(prompts), tuple(negatives), s, args.seed)
                 for clip in rt.generate(request, on_step=(lambda c, i: bar.update(1)) if bar else None):

@@ -38,6 +38,8 @@ def register(sub) -> None:
     x.add_argument("--onnx", metavar="DIR", help="exported ONNX files (`vidrd export`), for onnxruntime")
     x.add_argument("--engines", metavar="DIR", help="TensorRT engines (`vidrd build-engines`), for tensorrt")
     x.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    x.add_argument("--vae-dtype", choices=("fp32", "bf16", "fp16"),
+                   help="the VAE decoder's dtype (default: --dtype; fp32 for --dtype fp16, the SD VAE overflows in fp16)")
     x.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     x.add_argument("--threads", type=int, help="torch CPU threads per runtime (default: torch's choice; under "
                    "--ray on CPUs, the replica's CPUs)")
@@ -82,7 +84,7 @@ def check(args) -> None:
 def run(args) -> int:
     config = config_from(args)
     check(args)
-    runtime_args = {k: getattr(args, k) for k in ("backend", "onnx", "engines", "dtype", "device", "threads")}
+    runtime_args = {k: getattr(args, k) for k in ("backend", "onnx", "engines", "dtype", "vae_dtype", "device", "threads")}
     if args.ray:
         return run_ray(args, config, runtime_args)
     return run_local(args, config, runtime_args)
@@ -100,12 +102,13 @@ def run_local(args, config: ServeConfig, ra: dict) -> int:
     if ra["threads"]:
         torch.set_num_threads(ra["threads"])
     device = ra["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[ra["dtype"]]
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    dtype, vae_dtype = dtypes[ra["dtype"]], ra["vae_dtype"] and dtypes[ra["vae_dtype"]]
     model, what, _ = load_model(args, dtype=dtype, device=device)
     if config.steps > model.scheduler.cfg.num_train_timesteps:
         raise ValueError(f"--max-steps {config.steps} exceeds the model's {model.scheduler.cfg.num_train_timesteps}")
     rt = create(model, ra["backend"], limits=config.limits(), device=device, dtype=dtype, export_dir=ra["onnx"],
-                engine_dir=ra["engines"])
+                engine_dir=ra["engines"], vae_dtype=vae_dtype)
     service = LocalService(rt, config)
     print(f"serving {what} ({ra['backend']} on {device}) at http://{args.host}:{args.port} (docs at /docs)",
           file=sys.stderr)

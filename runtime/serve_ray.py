@@ -79,13 +79,14 @@ class Generator:
         if ra.get("threads"):
             torch.set_num_threads(ra["threads"])
         device = ra.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[ra.get("dtype", "fp32")]
+        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+        dtype, vae_dtype = dtypes[ra.get("dtype", "fp32")], ra.get("vae_dtype") and dtypes[ra["vae_dtype"]]
         model, what, _ = load_model(argparse.Namespace(**model_args), dtype=dtype, device=device)
         if config.steps > model.scheduler.cfg.num_train_timesteps:
             raise ValueError(f"steps limit {config.steps} exceeds the model's "
                              f"{model.scheduler.cfg.num_train_timesteps} training timesteps")
         self.rt = create(model, ra.get("backend", "torch"), limits=config.limits(), device=device, dtype=dtype,
-                         export_dir=ra.get("onnx"), engine_dir=ra.get("engines"))
+                         export_dir=ra.get("onnx"), engine_dir=ra.get("engines"), vae_dtype=vae_dtype)
         self.config, self.name = config, worker_name()
         self.registry = _Blocking(ray.get_actor(REGISTRY, namespace=NAMESPACE))
         log.info("generator %s: %s on %s", self.name, what, device)
