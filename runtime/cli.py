@@ -15,6 +15,7 @@ COMMANDS = (
     "vidrd.runtime.cmd_bench",
     "vidrd.runtime.cmd_serve",
     "vidrd.runtime.shapes.cmd_train",
+    "vidrd.runtime.shapes.cmd_eval",
 )
 
 

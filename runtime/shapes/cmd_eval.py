@@ -1,0 +1,229 @@
+"""`vidrd eval`: a fixed prompt set x seeds through a backend and sampler settings, scored by the shapes harness.
+
+The same prompts, seeds, batch and settings give the same videos (the runtime matches the reference sampler for a
+seed), so two configurations' reports compare their quality on identical work.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+import numpy as np
+
+from vidrd.ref.sampler import ASSEMBLIES, CONTINUATIONS, SamplerSettings
+
+from ..model_args import add_model_args, check_model_args
+from . import data
+
+# The issue's evaluation setting: 64x64, 8 frames a clip, 3 clips, every other sampler setting at its default.
+EVAL_SETTINGS = replace(SamplerSettings(), height=data.SIZE, width=data.SIZE, frames=data.FRAMES, clips=3)
+NEGATIVE = "watermark"  # the official evaluator's negative prompt, as `vidrd generate`
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "reference")
+HELD_OUT_EVERY = 4  # every 4th prompt of the set (positions 1, 5, 9, ...) is a held-out caption
+
+
+def prompt_set(n: int, seed: int = 0) -> list[str]:
+    """n captions, deterministic in (n, seed): held-out captions at positions 1, 5, 9, ... (a quarter, so both
+    groups get enough samples), trained ones elsewhere; each group is a shuffle, repeated with a new shuffle when
+    exhausted. prompt_set(n) is a prefix of prompt_set(n + 1)."""
+    if n < 1:
+        raise ValueError(f"n={n} prompts must be >= 1")
+    rng = np.random.default_rng(seed)
+
+    def cycle(caps):
+        while True:
+            for i in rng.permutation(len(caps)):
+                yield str(caps[i])
+    trained, held = cycle(data.TRAIN_CAPTIONS), cycle(data.HELD_OUT_CAPTIONS)
+    return [next(held) if i % HELD_OUT_EVERY == 1 else next(trained) for i in range(n)]
+
+
+def evaluate(model, settings: SamplerSettings, prompts, seeds, backend: str = "torch", *, batch: int = 1,
+             negative_prompt: str = NEGATIVE, device="cpu", dtype=None, progress: bool = True, **runtime) -> dict:
+    """Generate every prompt x seed (seed-major, `batch` prompts a request) and score the videos -> JSON-ready
+    report {"config", "summary", "chance", "videos", "seconds"}. backend "reference" runs the reference sampler;
+    the others the lean runtime (`runtime` goes to vidrd.runtime.engine.create, e.g. export_dir, compile)."""
+    import torch
+    from tqdm import tqdm
+
+    from .harness import score_videos
+
+    prompts, seeds = [str(p) for p in prompts], [int(s) for s in seeds]
+    bad = [p for p in prompts if data.parse(p) is None]
+    if bad:
+        raise ValueError(f"prompt {bad[0]!r} is not in the shapes grammar {data.TEMPLATE!r}")
+    if not prompts or not seeds:
+        raise ValueError(f"need prompts and seeds (got {len(prompts)} prompts, {len(seeds)} seeds)")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
+    if batch < 1:
+        raise ValueError(f"batch={batch} must be >= 1")
+    settings.validate(model)
+    dtype = dtype or torch.float32
+    s = settings
+    chunks = [(seed, prompts[i:i + batch]) for seed in seeds for i in range(0, len(prompts), batch)]
+    bar = tqdm(total=len(chunks) * s.clips * s.steps, unit="step", desc="eval", file=sys.stderr, disable=not progress)
+    on_step = lambda c, i: bar.update(1)  # noqa: E731
+    videos, captions, sample_seeds = [], [], []  # videos: (T,3,H,W) float in [0,1], from uint8 frames as written
+    t0 = time.perf_counter()
+    rt = None
+    try:
+        if backend != "reference":
+            from ..engine import Limits, create
+            limits = Limits(min(batch, len(prompts)), s.frames, s.height, s.width, s.steps, max(s.overlap, 1))
+            rt = create(model, backend, limits=limits, device=device, dtype=dtype, **runtime)
+        for seed, group in chunks:
+            for frames in _generate(model, rt, s, group, negative_prompt, seed, on_step):  # (T,H,W,3) uint8
+                videos.append(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255)
+            captions += group
+            sample_seeds += [seed] * len(group)
+    finally:
+        bar.close()
+        if rt is not None:
+            rt.close()
+    seconds = time.perf_counter() - t0
+    report = score_videos(videos, captions, clip_frames(s))
+    for record, seed in zip(report["videos"], sample_seeds):
+        record["seed"] = seed
+    config = {"settings": asdict(s), "backend": backend, "batch": batch, "negative_prompt": negative_prompt,
+              "seeds": seeds, "prompts": len(prompts), "samples": len(videos), "device": str(device),
+              "dtype": str(dtype).removeprefix("torch.")}
+    return {"config": config, **report, "seconds": seconds, "seconds_per_sample": seconds / len(videos)}
+
+
+def clip_frames(s: SamplerSettings) -> list[int]:
+    """Frames of each clip in the assembled video: later clips lose their overlap frames under assembly 'trim'."""
+    later = s.frames - (s.overlap if s.assembly == "trim" else 0)
+    return [s.frames] + [later] * (s.clips - 1)
+
+
+def _generate(model, rt, s: SamplerSettings, prompts: list[str], negative: str, seed: int, on_step):
+    """The videos of one request as uint8 frames (T,H,W,3), one per prompt."""
+    import torch
+
+    negatives = tuple([negative] * len(prompts))
+    if rt is None:
+        from vidrd.ref.sampler import generate
+
+        from ..video_io import to_uint8
+        video, _ = generate(model, prompts, list(negatives), **asdict(s),
+                            generator=torch.Generator().manual_seed(seed), callback=on_step)  # (B,3,T,H,W)
+        return [to_uint8(v) for v in video]
+    from ..engine import Request
+    clips = [clip.frames for clip in rt.generate(Request(tuple(prompts), negatives, s, seed), on_step=on_step)]
+    return list(np.concatenate(clips, axis=1))  # each clip (B,F',H,W,3) -> (B,T,H,W,3)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="score a model on shapes captions (colour, shape, direction, motion) as JSON",
+                       description="Generate a fixed set of shapes captions (trained and held-out) x seeds with "
+                       "any backend and sampler settings, and score every video with the quality harness: colour, "
+                       "shape, background and direction accuracy, direction consistency across clips, motion "
+                       "smoothness and continuity at clip boundaries. Prints the JSON report or writes it to --out.")
+    p.add_argument("--samples", type=int, default=16, help="prompt x seed samples in all: a multiple of the "
+                   "number of seeds, each seed running samples/seeds prompts of the fixed set (default 16)")
+    p.add_argument("--seeds", default="0", help="comma-separated generation seeds (default 0)")
+    p.add_argument("--prompt-seed", type=int, default=0, help="seed of the fixed prompt set (default 0)")
+    p.add_argument("--batch", type=int, default=1, help="prompts per request (the noise depends on it)")
+    p.add_argument("--negative-prompt", default=NEGATIVE)
+    s = p.add_argument_group("sampler (the issue's evaluation setting: 64x64, 8 frames, 3 clips, official defaults)")
+    choices = {"assembly": ASSEMBLIES, "continuation": CONTINUATIONS}
+    for f in fields(SamplerSettings):
+        flag, value = f"--{f.name.replace('_', '-')}", getattr(EVAL_SETTINGS, f.name)
+        if isinstance(value, bool):
+            s.add_argument(flag, action="store_true", help="(default off)")
+        else:
+            s.add_argument(flag, type=type(value), default=value, choices=choices.get(f.name),
+                           help=f"(default {value})")
+    o = p.add_argument_group("execution and output")
+    o.add_argument("--backend", choices=BACKENDS, default="torch",
+                   help="torch, onnxruntime (--onnx), tensorrt (--engines): the lean runtime; reference: the "
+                   "reference sampler")
+    o.add_argument("--onnx", metavar="DIR", help="exported ONNX files, for onnxruntime")
+    o.add_argument("--engines", metavar="DIR", help="TensorRT engines, for tensorrt")
+    o.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    o.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    o.add_argument("--out", metavar="FILE", help="write the JSON report here (atomically) instead of stdout")
+    o.add_argument("--force", action="store_true", help="overwrite --out")
+    o.add_argument("--no-progress", action="store_true")
+    add_model_args(p)
+    p.set_defaults(func=run)
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r} must be comma-separated integers, e.g. 0,1,2") from None
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r} repeats a seed")
+    return seeds
+
+
+def run(args) -> int:
+    import torch
+
+    from ..model_args import load_model
+
+    seeds = parse_seeds(args.seeds)
+    if args.samples < 1 or args.samples % len(seeds):
+        raise ValueError(f"--samples {args.samples} must be a positive multiple of the {len(seeds)} seed(s)")
+    if args.batch < 1:
+        raise ValueError(f"--batch {args.batch} must be >= 1")
+    s = SamplerSettings(**{f.name: getattr(args, f.name) for f in fields(SamplerSettings)})
+    s.validate()
+    check_model_args(args)
+    if args.backend == "onnxruntime" and not args.onnx:
+        raise ValueError("the onnxruntime backend needs --onnx DIR (make it with `vidrd export --out DIR`)")
+    if args.backend == "tensorrt" and not args.engines:
+        raise ValueError("the tensorrt backend needs --engines DIR (make it with `vidrd build-engines`)")
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        if out.exists() and not args.force:
+            raise FileExistsError(f"{out} exists; --force overwrites it")
+        if not out.parent.is_dir():
+            raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    model, what, _ = load_model(args, dtype=dtype, device=device)
+    print(f"model: {what} on {device} ({args.dtype})", file=sys.stderr)
+    runtime = {} if args.backend == "reference" else {"export_dir": args.onnx, "engine_dir": args.engines}
+    report = evaluate(model, s, prompt_set(args.samples // len(seeds), args.prompt_seed), seeds, args.backend,
+                      batch=args.batch, negative_prompt=args.negative_prompt, device=device, dtype=dtype,
+                      progress=not args.no_progress, **runtime)
+    report["config"].update(model=what, prompt_seed=args.prompt_seed)
+    text = json.dumps(report, indent=1, allow_nan=False)
+    if out is None:
+        print(text)
+    else:
+        write_atomic(out, text + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+    for group, m in report["summary"].items():
+        if m["n"]:
+            print(f"{group}: n={m['n']} " + " ".join(f"{k}={_fmt(m[k])}" for k in (
+                "color_acc", "shape_acc", "direction_acc", "direction_consistency", "boundary_ratio")), file=sys.stderr)
+    return 0
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write beside `path` and rename over it, so a reader never sees a partial report."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
