@@ -190,6 +190,8 @@ def run(args) -> int:
             raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if dtype == torch.float16 and device == "cpu":
+        raise ValueError("--dtype fp16 needs a GPU; use fp32 or bf16 on the CPU")
     model, what, _ = load_model(args, dtype=dtype, device=device)
     print(f"model: {what} on {device} ({args.dtype})", file=sys.stderr)
     runtime = {} if args.backend == "reference" else {"export_dir": args.onnx, "engine_dir": args.engines}
