@@ -51,9 +51,13 @@ def _components(mask: torch.Tensor) -> torch.Tensor:
     """Labels of the 8-connected components of mask (T,H,W) bool: each pixel takes its component's largest index+1."""
     t, h, w = mask.shape
     m = mask[:, None].float()  # (T,1,H,W)
-    lab = (torch.arange(1, h * w + 1, dtype=torch.float32).view(1, 1, h, w) * m)  # (T,1,H,W), 0 off the mask
-    while True:  # propagate the maximum label; converges in (longest geodesic path) iterations
-        nxt = F.max_pool2d(lab, 3, stride=1, padding=1) * m
+    lab = torch.arange(1, h * w + 1, dtype=torch.float32).view(1, 1, h, w) * m  # (T,1,H,W), 0 off the mask
+    while True:
+        nxt = F.max_pool2d(lab, 3, stride=1, padding=1) * m  # the largest label among the 8 neighbours
+        # pointer jumping: take the label of the pixel a label names (same component, label >= its own), so long
+        # components converge in about log(length) rounds instead of length
+        flat = nxt.view(t, h * w)
+        nxt = torch.maximum(nxt, flat.gather(1, (flat.long() - 1).clamp(min=0)).view_as(nxt) * m)
         if torch.equal(nxt, lab):
             return lab[:, 0].long()  # (T,H,W)
         lab = nxt
