@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from tolerances import TRT_FP32, TRT_RUNTIME_VIDEO
 from vidrd.export import engines
 from vidrd.export.engines import EngineMismatch, Shapes, TensorRTUnavailable, build_all, parse_range, profile_dims
 from vidrd.export.onnx_export import FORMAT, file_sha256
@@ -18,8 +19,6 @@ from vidrd.runtime.cli import main
 ENV = {"tensorrt": "10.15.1.29", "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}}
 OTHER_GPU = {"tensorrt": ENV["tensorrt"], "gpu": {"name": "NVIDIA L4", "compute_capability": "8.9"}}
 OTHER_TRT = {"tensorrt": "10.9.0.34", "gpu": ENV["gpu"]}
-TRT_FP32_TOL = 1e-3  # max abs error, TensorRT fp32 (TF32 off) vs ONNX Runtime on the CPU
-RUNTIME_TOL = 2e-2  # max abs error of [0,1] video, runtime with the TensorRT UNet vs the torch UNet, 3 steps
 
 
 @pytest.fixture(scope="module")
@@ -337,7 +336,7 @@ def test_tiny_engines_match_onnxruntime(tiny_export, tmp_path):
         trt_be(*(a.to(cuda) for a in args), got, *extra)
         torch.cuda.synchronize()
         err = (got.cpu() - ref).abs().max().item()
-        assert err < TRT_FP32_TOL, f"{name}: TensorRT vs ONNX Runtime max abs error {err}"
+        assert err < TRT_FP32, f"{name}: TensorRT vs ONNX Runtime max abs error {err}"
 
 
 @pytest.mark.gpu
@@ -362,4 +361,4 @@ def test_runtime_with_the_tensorrt_unet(tiny_export, tmp_path):
         videos.append(torch.cat([c.video for c in rt.generate(request)], 2))
         rt.close()
     err = (videos[0] - videos[1]).abs().max().item()
-    assert err < RUNTIME_TOL, f"runtime video, TensorRT UNet vs torch UNet: max abs error {err}"
+    assert err < TRT_RUNTIME_VIDEO, f"runtime video, TensorRT UNet vs torch UNet: max abs error {err}"

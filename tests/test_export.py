@@ -6,6 +6,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from tolerances import EXPORT_FP32
 from vidrd.export import onnx_export
 from vidrd.export.check import CheckError, check_export, check_trt_ops, trt_friendly_issues, unsupported_ops
 from vidrd.export.onnx_export import export, read_manifest
@@ -15,7 +16,6 @@ from vidrd.export.spec import COMPONENTS, ComponentSpec, component_specs, read_s
 from vidrd.ref.weights import random_model
 from vidrd.runtime.cli import main
 
-FP32_TOL = 1e-4  # max abs error, ONNX Runtime vs the reference PyTorch model
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -41,7 +41,7 @@ def test_rewrites_equal_reference(tiny):
         module = export_module(tiny, name)
         for dims in (specs[name].example, *specs[name].checks):
             err = verify(tiny, name, module, example_inputs(specs[name], dims, tiny.config))
-            assert err < FP32_TOL, (name, dims, err)
+            assert err < EXPORT_FP32, (name, dims, err)
     # the copy shares the reference's tensors and leaves the reference modules untouched
     assert type(tiny.unet.down_blocks[0].temp_convs[0]).__name__ == "TemporalConv"
 
@@ -78,7 +78,7 @@ def test_ort_matches_reference(tiny_export, tiny):
         assert len(rep["ort"]) >= 2 and not rep["failures"]
         for row in rep["ort"]:
             assert row["dims"] != spec.example
-            assert all(err <= FP32_TOL for err in row["errors"].values()), (name, row)
+            assert all(err <= EXPORT_FP32 for err in row["errors"].values()), (name, row)
 
 
 def test_graphs_are_tensorrt_friendly(tiny_export):

@@ -1,25 +1,26 @@
 """vidrd.kernels: Triton attention vs torch SDPA under the interpreter, GPU compile checks, fallback, custom op.
 
 Runs on CPU: conftest sets TRITON_INTERPRET=1 before triton is imported, so the kernels run in
-Triton's interpreter (which computes in fp32 after loads: UPCAST). Inputs are random each run;
-failures print the seed.
+Triton's interpreter (which computes in fp32 after loads: UPCAST). Inputs are seeded: each case draws from a
+generator seeded by the case's name, so every run and every machine sees the same inputs.
 """
 import json
 import logging
 import os
 import subprocess
 import sys
+import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tolerances import ATTENTION, CFG_DDIM_STEP, CFG_DDIM_STEP_TORCH, TRITON_UNET_REL
 from vidrd.kernels import attention, cfg_ddim_step, ops
 from vidrd.kernels.ops import attention_into, plan
 
 triton = pytest.importorskip("triton")
 
-TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # (path, N, H, Lq, Lk, D); default configs: temporal when Lq, Lk <= 32, cross when Lk <= 128.
 CASES = [
     ("spatial", 1, 2, 200, 200, 64),
@@ -35,12 +36,17 @@ CASES = [
 ]
 
 
-def _inputs(n, h, lq, lk, d, dtype, layout):
-    """Random q (N,H,Lq,D), k, v (N,H,Lk,D); 'nlhd' gives the strided views the UNet produces."""
+def gen(name: str) -> torch.Generator:
+    """A CPU generator seeded by `name` (crc32: stable across runs, processes and machines)."""
+    return torch.Generator().manual_seed(zlib.crc32(name.encode()))
+
+
+def _inputs(n, h, lq, lk, d, dtype, layout, g):
+    """Seeded q (N,H,Lq,D), k, v (N,H,Lk,D) from generator g; 'nlhd' gives the strided views the UNet produces."""
     def make(length):
         if layout == "nlhd":  # (N, L, H, D) buffer viewed as (N, H, L, D)
-            return torch.randn(n, length, h, d).to(dtype).transpose(1, 2)
-        return torch.randn(n, h, length, d).to(dtype)
+            return torch.randn(n, length, h, d, generator=g).to(dtype).transpose(1, 2)
+        return torch.randn(n, h, length, d, generator=g).to(dtype)
     return make(lq), make(lk), make(lk)
 
 
@@ -49,10 +55,10 @@ def _inputs(n, h, lq, lk, d, dtype, layout):
 def test_matches_sdpa(case, dtype):
     """Each path (spatial, cross Lk=77, temporal short sequences) matches SDPA and writes every output."""
     path, n, h, lq, lk, d = case
-    seed = torch.seed()
+    seed = zlib.crc32(f"{case}-{dtype}".encode())  # the layout and scale vary over the cases, fixed per case
     layout = "nlhd" if seed % 2 else "nhld"
     scale = None if seed % 3 else 0.3
-    q, k, v = _inputs(n, h, lq, lk, d, dtype, layout)
+    q, k, v = _inputs(n, h, lq, lk, d, dtype, layout, torch.Generator().manual_seed(seed))
     name, consts, _ = plan("default", dtype, d, lq, lk, upcast=True)
     assert name == ("short_fwd" if path == "temporal" else "flash_fwd")
     if path == "temporal":
@@ -62,7 +68,7 @@ def test_matches_sdpa(case, dtype):
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale)
     msg = f"seed={seed} layout={layout} scale={scale}"
     assert got is out and not out.isnan().any(), msg
-    torch.testing.assert_close(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype], msg=msg)
+    torch.testing.assert_close(out.float(), ref, atol=ATTENTION[dtype], rtol=ATTENTION[dtype], msg=msg)
     public = attention(q, k, v, scale=scale)
     assert public.shape == q.shape and public.dtype == dtype and public.stride() == torch.empty_like(q).stride()
     torch.testing.assert_close(public, out, atol=0, rtol=0, msg=msg)
@@ -86,11 +92,12 @@ def test_dispatch_by_shape():
 def test_fallback_logs_once(caplog):
     """Valid but unsupported inputs (D > 256, float64) return SDPA's result and log once per reason."""
     ops._warned.clear()
-    q, k, v = (torch.randn(1, 2, 5, 320) for _ in range(3))
+    g = gen("fallback")
+    q, k, v = (torch.randn(1, 2, 5, 320, generator=g) for _ in range(3))
     with caplog.at_level(logging.WARNING, logger="vidrd.kernels.ops"):
         for _ in range(2):
             torch.testing.assert_close(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
-        q64, k64, v64 = (torch.randn(1, 2, 5, 16, dtype=torch.float64) for _ in range(3))
+        q64, k64, v64 = (torch.randn(1, 2, 5, 16, dtype=torch.float64, generator=g) for _ in range(3))
         torch.testing.assert_close(attention(q64, k64, v64), F.scaled_dot_product_attention(q64, k64, v64))
     msgs = [r.getMessage() for r in caplog.records]
     assert sum("head dim > 256" in m for m in msgs) == 1, msgs
@@ -100,7 +107,8 @@ def test_fallback_logs_once(caplog):
 def test_fallback_cpu_without_interpreter(monkeypatch):
     """CPU tensors without TRITON_INTERPRET=1 fall back to SDPA; autograd inputs too, keeping gradients."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    q, k, v = (torch.randn(1, 2, 20, 32) for _ in range(3))
+    g = gen("cpu-fallback")
+    q, k, v = (torch.randn(1, 2, 20, 32, generator=g) for _ in range(3))
     assert ops._unsupported(q, k, v).startswith("CPU tensors")
     torch.testing.assert_close(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -111,11 +119,11 @@ def test_fallback_cpu_without_interpreter(monkeypatch):
 
 def test_bad_shapes_raise():
     """Mismatched shapes, dtypes or ranks raise ValueError naming the shapes."""
-    q = torch.randn(2, 3, 10, 64)
+    q = torch.zeros(2, 3, 10, 64)  # only the shapes and dtypes matter here
     with pytest.raises(ValueError, match=r"\(2, 3, 10, 64\).*\(2, 3, 7, 32\)"):
-        attention(q, torch.randn(2, 3, 7, 32), torch.randn(2, 3, 7, 32))
+        attention(q, torch.zeros(2, 3, 7, 32), torch.zeros(2, 3, 7, 32))
     with pytest.raises(ValueError, match="k .*v "):
-        attention(q, torch.randn(2, 3, 7, 64), torch.randn(2, 3, 8, 64))
+        attention(q, torch.zeros(2, 3, 7, 64), torch.zeros(2, 3, 8, 64))
     with pytest.raises(ValueError, match="4-D"):
         attention(q[0], q[0], q[0])
     with pytest.raises(ValueError, match="dtype"):
@@ -125,15 +133,16 @@ def test_bad_shapes_raise():
 def test_custom_op_compile_and_fake():
     """torch.ops.vidrd.attention traces as one op under torch.compile(fullgraph) and fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    q, k, v = (torch.randn(2, 2, l, 40) for l in (24, 77, 77))
+    g = gen("custom-op")
+    q, k, v = (torch.randn(2, 2, l, 40, generator=g) for l in (24, 77, 77))
     with FakeTensorMode() as mode:
         fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
         fo = torch.ops.vidrd.attention(fq, fk, fv, None)
         assert fo.shape == (2, 2, 24, 40) and fo.dtype == q.dtype
     compiled = torch.compile(lambda a, b, c: attention(a, b, c, scale=0.2) * 2, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v), F.scaled_dot_product_attention(q, k, v, scale=0.2) * 2,
-                               atol=2e-5, rtol=2e-5)
-    qs, ks, vs = _inputs(2, 3, 20, 77, 64, torch.float16, "nlhd")  # output strides follow q
+                               atol=ATTENTION[torch.float32], rtol=ATTENTION[torch.float32])
+    qs, ks, vs = _inputs(2, 3, 20, 77, 64, torch.float16, "nlhd", g)  # output strides follow q
     for args in ((q, k, v, None), (qs, ks, vs, 0.125)):
         torch.library.opcheck(torch.ops.vidrd.attention.default, args,
                               test_utils=("test_schema", "test_faketensor"))
@@ -190,14 +199,14 @@ def _ddim_reference(m, x, a_t, a_prev, g, prediction_type):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_cfg_ddim_step(dtype, guidance, prediction_type):
     """The fused guidance + DDIM kernel matches the two-step formula (x in fp32, UNet output in dtype)."""
-    seed = torch.seed()
-    x = torch.randn(2, 4, 3, 9, 7)  # (B,C,F,h,w); numel not a multiple of the block
-    m = torch.randn(4 if guidance else 2, 4, 3, 9, 7).to(dtype)
-    a_t, a_prev = 0.05 + 0.4 * torch.rand(1).item(), 0.5 + 0.45 * torch.rand(1).item()
+    g = gen(f"cfg-ddim-{dtype}-{guidance}-{prediction_type}")
+    x = torch.randn(2, 4, 3, 9, 7, generator=g)  # (B,C,F,h,w); numel not a multiple of the block
+    m = torch.randn(4 if guidance else 2, 4, 3, 9, 7, generator=g).to(dtype)
+    a_t, a_prev = 0.05 + 0.4 * torch.rand(1, generator=g).item(), 0.5 + 0.45 * torch.rand(1, generator=g).item()
     got = cfg_ddim_step(m, x, a_t, a_prev, guidance, prediction_type)
     ref = _ddim_reference(m, x, a_t, a_prev, guidance, prediction_type)
     assert got.dtype == x.dtype and got.shape == x.shape
-    torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-4, msg=f"seed={seed}")
+    torch.testing.assert_close(got.double(), ref, atol=CFG_DDIM_STEP, rtol=CFG_DDIM_STEP)
     with pytest.raises(ValueError, match="does not match x"):
         cfg_ddim_step(m[:1], x, a_t, a_prev, guidance, prediction_type)
 
@@ -205,9 +214,11 @@ def test_cfg_ddim_step(dtype, guidance, prediction_type):
 def test_cfg_ddim_step_torch_fallback(monkeypatch):
     """Without the interpreter on CPU the same formula runs in torch."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    x, m = torch.randn(1, 4, 2, 8, 8), torch.randn(2, 4, 2, 8, 8)
+    g = gen("cfg-ddim-torch")
+    x, m = torch.randn(1, 4, 2, 8, 8, generator=g), torch.randn(2, 4, 2, 8, 8, generator=g)
     ref = _ddim_reference(m, x, 0.3, 0.6, 5.0, "epsilon")
-    torch.testing.assert_close(cfg_ddim_step(m, x, 0.3, 0.6, 5.0).double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cfg_ddim_step(m, x, 0.3, 0.6, 5.0).double(), ref, atol=CFG_DDIM_STEP_TORCH,
+                               rtol=CFG_DDIM_STEP_TORCH)
 
 
 def _has_nvidia_backend():
@@ -280,11 +291,14 @@ def test_tiny_unet_with_triton_attention_matches_sdpa():
     from vidrd.ref.weights import random_model
 
     unet = random_model("tiny", 0).unet
-    x, ctx = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 77, 32)
+    g = gen("tiny-unet")
+    x, ctx = torch.randn(1, 4, 3, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
     with torch.no_grad():
         want = unet(x, 501, ctx)
         try:
             got = set_attention(unet, "triton")(x, 501, ctx)
         finally:
             set_attention(unet, "sdpa")
-    assert (got - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())
+    err = ((got - want).abs().max() / max(1.0, want.abs().max().item())).item()
+    print(f"tiny UNet, Triton vs SDPA attention: max abs error / max(1, max |out|) = {err:.3g}")
+    assert err <= TRITON_UNET_REL

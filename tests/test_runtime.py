@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from tolerances import (BF16_LATENT_REL_NORM, BF16_VAE_VIDEO, GOLDEN, ORT_LATENT_REL, ORT_VIDEO, RUNTIME_LATENT_REL,
+                        RUNTIME_VIDEO, assert_uint8_close)
 from vidrd.ref.loading import load_official
 from vidrd.ref.sampler import SamplerSettings, generate
 from vidrd.ref.weights import random_model
@@ -52,12 +54,13 @@ def test_torch_fp32_matches_reference_and_goldens(tiny_model, tiny_dir, golden, 
     video, latents, clips = run(rt, request)
     ref_video, ref_latents = reference(tiny_model, request)
     scale = ref_latents.abs().max()
-    assert (latents - ref_latents).abs().max() <= 1e-5 * scale
-    assert (video - ref_video).abs().max() <= 1e-5
-    assert (video - golden[f"pipe.{name}.video"]).abs().max() <= 1e-4
+    assert (latents - ref_latents).abs().max() <= RUNTIME_LATENT_REL * scale
+    assert (video - ref_video).abs().max() <= RUNTIME_VIDEO
+    assert (video - golden[f"pipe.{name}.video"]).abs().max() <= GOLDEN
     # the uint8 frames are the official truncating conversion of the video
     frames = np.concatenate([c.frames for c in clips], axis=1)  # (B,T,H,W,3)
-    assert np.array_equal(frames, (ref_video.permute(0, 2, 3, 4, 1) * 255).to(torch.uint8).numpy())
+    want = (ref_video.permute(0, 2, 3, 4, 1) * 255).to(torch.uint8).numpy()
+    assert_uint8_close(frames, want)
 
 
 def test_trim_temporal_decode_and_noise_prior_match_reference():
@@ -70,8 +73,8 @@ def test_trim_temporal_decode_and_noise_prior_match_reference():
     video, latents, clips = run(rt, request)
     ref_video, ref_latents = reference(model, request)
     assert video.shape == ref_video.shape == (2, 3, 6 + 2 * 3, 48, 64)
-    assert (latents - ref_latents).abs().max() <= 1e-5 * ref_latents.abs().max()
-    assert (video - ref_video).abs().max() <= 1e-5
+    assert (latents - ref_latents).abs().max() <= RUNTIME_LATENT_REL * ref_latents.abs().max()
+    assert (video - ref_video).abs().max() <= RUNTIME_VIDEO
 
 
 def test_onnxruntime_matches_reference(tiny_model, tiny_dir, tmp_path_factory):
@@ -84,8 +87,8 @@ def test_onnxruntime_matches_reference(tiny_model, tiny_dir, tmp_path_factory):
         request = case(tiny_dir, name)
         video, latents, _ = run(rt, request)
         ref_video, ref_latents = reference(tiny_model, request)
-        assert (latents - ref_latents).abs().max() <= 1e-3 * ref_latents.abs().max()
-        assert (video - ref_video).abs().max() <= 1e-3
+        assert (latents - ref_latents).abs().max() <= ORT_LATENT_REL * ref_latents.abs().max()
+        assert (video - ref_video).abs().max() <= ORT_VIDEO
     small = Request(("a",), None, SamplerSettings(height=32, width=32, frames=4, steps=2))
     with pytest.raises(ValueError, match="exported unet cannot run this request: dim h=4"):
         next(rt.generate(small))  # outside the export's ranges: refused before any work
@@ -201,8 +204,8 @@ def test_backend_choice_errors_and_mixed_dtypes():
     request = Request(("a",), None, s, seed=2, float_video=True)
     video, latents, _ = run(rt, request)
     ref_video, ref_latents = reference(model, request)
-    assert torch.equal(latents, ref_latents)  # the UNet path is untouched
-    assert 0 < (video - ref_video).abs().max() < 0.05
+    assert (latents - ref_latents).abs().max() <= RUNTIME_LATENT_REL * ref_latents.abs().max()  # UNet untouched
+    assert 0 < (video - ref_video).abs().max() < BF16_VAE_VIDEO
 
 
 @pytest.mark.slow  # bf16 convolutions are ~100x slower than fp32 on CPUs without AVX512-BF16 (this CI's)
@@ -217,4 +220,4 @@ def test_bf16_runtime_runs_with_float32_latents():
     v32, l32, _ = run(create(model, limits=LIMITS), request)
     v16, l16, _ = run(create(model, limits=LIMITS, dtype=torch.bfloat16), request)
     assert l16.dtype == torch.float32
-    assert 0 < ((l16 - l32).norm() / l32.norm()).item() < 0.05
+    assert 0 < ((l16 - l32).norm() / l32.norm()).item() < BF16_LATENT_REL_NORM
