@@ -40,6 +40,15 @@ def test_ground_truth_clips_score_at_least_98_percent():
     assert m["all"]["step_std"] < 0.15 * m["all"]["step_mean"]
 
 
+def test_ground_truth_with_pixel_noise_still_scores():
+    caps = CAPTIONS[::3]
+    g = torch.Generator().manual_seed(1)
+    videos = [(data.video(c, 0) + 0.03 * torch.randn(data.FRAMES, 3, 64, 64, generator=g)).clamp(0, 1) for c in caps]
+    m = score_videos(videos, caps, data.FRAMES)["summary"]["all"]
+    for key in ("color_acc", "shape_acc", "background_acc", "direction_acc"):
+        assert m[key] >= 0.98, (key, m)
+
+
 def test_three_clip_ground_truth_is_consistent_and_continuous():
     caps = CAPTIONS[::3]
     m = score_videos([long_video(c, 3) for c in caps], caps, 8)["summary"]["all"]

@@ -80,10 +80,12 @@ def frames(video: torch.Tensor) -> list[Frame]:
     d = c - b
     alpha = ((px - b) * d).sum(-1) / (d * d).sum(-1)  # (T,H,W)
     residual = (px - b - alpha[..., None] * d).square().sum(-1).sqrt()  # (T,H,W)
-    mask = (cls == col[:, None, None]) | ((alpha >= 0.5) & (alpha <= 1.5) & (residual < EDGE_RESIDUAL))
-    mask &= present[:, None, None]
+    named = cls == col[:, None, None]  # (T,H,W)
+    mask = (named | ((alpha >= 0.5) & (alpha <= 1.5) & (residual < EDGE_RESIDUAL))) & present[:, None, None]
     lab = _components(mask)
-    soft = alpha.clamp(0, 1) * (residual < EDGE_RESIDUAL)  # (T,H,W) coverage estimate of each pixel
+    # coverage of each pixel: a mix of background and colour, or a pixel named the colour though off their line
+    # (a generated video's colour drifts); other pixels are not the object
+    soft = alpha.clamp(0, 1) * ((residual < EDGE_RESIDUAL) | named)  # (T,H,W)
     out = []
     ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     for i in range(t):
