@@ -123,7 +123,9 @@ def test_evaluate_runtime_and_reference_agree():
     model = random_model("tiny")
     reports = [evaluate(model, s, prompt_set(2), [0, 1], backend, batch=2, progress=False)
                for backend in ("torch", "reference")]
-    keys = ("caption", "seed", "color", "shape", "background", "directions")
+    # the two agree to one uint8 level (tests/tolerances.py UINT8_LEVELS), so compare the majority votes over
+    # thousands of pixels, not the centroids of a random model's blobs, which one level may move
+    keys = ("caption", "seed", "color", "background")
     assert [[{k: r[k] for k in keys} for r in rep["videos"]] for rep in reports] == \
         [[{k: r[k] for k in keys} for r in reports[0]["videos"]]] * 2
     assert reports[0]["config"]["samples"] == 4 and [r["seed"] for r in reports[0]["videos"]] == [0, 0, 1, 1]
