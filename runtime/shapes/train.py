@@ -43,7 +43,7 @@ class TrainConfig:
     vae_lr: float = 5e-4
     kl_weight: float = 1e-4
     object_weight: float = 8.0  # extra loss weight on pixels that differ from the background
-    unet_steps: int = 5000
+    unet_steps: int = 6000
     unet_batch: int = 8  # videos
     unet_lr: float = 4e-4
     warmup: int = 300

@@ -1,0 +1,91 @@
+"""vidrd-shapes data and training: deterministic data, resumable training, export in the official layout."""
+import json
+
+import pytest
+import torch
+
+from vidrd.runtime.shapes import data
+from vidrd.runtime.shapes.train import Trainer, TrainConfig
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY_RUN = TrainConfig(vae_steps=3, vae_batch=2, unet_steps=3, unet_batch=2, warmup=2, scale_batches=1)
+
+
+def test_grammar_captions_and_held_out_set():
+    caps = [str(c) for c in data.all_captions()]
+    assert len(caps) == len(set(caps)) == 144
+    assert all(data.parse(c) is not None and str(data.parse(c)) == c for c in caps)
+    assert data.parse("a purple circle moving left on a black background") is None
+    assert data.parse("a red circle moving left") is None
+    assert len(data.HELD_OUT) == 14 and len(data.TRAIN_CAPTIONS) == 130
+    assert not {str(c) for c in data.TRAIN_CAPTIONS} & data.HELD_OUT
+    assert data.palette_distance() >= 120
+    assert data.out_of_vocabulary("a red boat sailing on a gray lake") == ["boat", "lake", "sailing"]
+
+
+def test_videos_are_deterministic_and_move_as_captioned():
+    for cap in data.all_captions()[::7]:
+        v = data.video(cap, seed=3)  # (F,3,H,W)
+        assert v.shape == (8, 3, 64, 64) and 0 <= v.min() and v.max() <= 1
+        assert torch.equal(v, data.video(str(cap), seed=3))
+        bg = torch.tensor(data.BACKGROUNDS[cap.background]) / 255
+        obj = ((v - bg[:, None, None]).abs().amax(dim=1) > 0.3).float()  # (F,H,W)
+        ys, xs = torch.arange(64.0)[:, None], torch.arange(64.0)[None, :]
+        cx = (obj * xs).sum((1, 2)) / obj.sum((1, 2))
+        cy = (obj * ys).sum((1, 2)) / obj.sum((1, 2))
+        dx, dy = data.VELOCITY[cap.direction]
+        move_x, move_y = float(cx[-1] - cx[0]), float(cy[-1] - cy[0])
+        assert move_x * dx + move_y * dy > 8, (str(cap), move_x, move_y)
+    a, caps_a = data.batch(5, 3, seed=1)
+    b, caps_b = data.batch(5, 3, seed=1)
+    assert torch.equal(a, b) and caps_a == caps_b
+    assert not torch.equal(a, data.batch(6, 3, seed=1)[0])
+
+
+def _params(trainer):
+    return {k: v.clone() for k, v in trainer.ema.items()}
+
+
+def test_training_resumes_where_it_stopped(tmp_path):
+    whole = Trainer(tmp_path / "whole", TINY_RUN, log=lambda m: None, bf16=False)
+    assert whole.run()
+    part = Trainer(tmp_path / "part", TINY_RUN, log=lambda m: None, bf16=False)
+    assert not part.run(stop_after=0.0)  # one step, a checkpoint, stop
+    assert part.state["step"] == 1
+    resumed = Trainer(tmp_path / "part", TINY_RUN, log=lambda m: None, bf16=False)
+    assert resumed.state["step"] == 1 and resumed.run()
+    a, b = _params(whole), _params(resumed)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert whole.state["scale"] == pytest.approx(resumed.state["scale"], rel=1e-5)
+    assert len(whole.state["losses"]["unet"]) == 1
+    with pytest.raises(ValueError, match="other settings"):
+        Trainer(tmp_path / "part", TrainConfig(), log=lambda m: None)
+
+
+def test_export_is_fp16_official_layout_and_loads(tmp_path):
+    from vidrd.ref.weights import load_dir
+    from vidrd.runtime.shapes.cmd_train import export
+
+    trainer = Trainer(tmp_path / "run", TINY_RUN, log=lambda m: None, bf16=False)
+    trainer.run()
+    out = export(trainer, tmp_path / "run" / "model")
+    from safetensors.torch import load_file
+    state = load_file(str(out / "ModelT2V.safetensors"))
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}
+    assert sum(p.stat().st_size for p in out.rglob("*")) <= 24 * 2 ** 20
+    model = load_dir(out)
+    assert model.config.vae.scaling_factor == pytest.approx(trainer.state["scale"], rel=1e-5)
+    ids = model.tokenizer("a red circle moving left on a black background").input_ids
+    assert len(ids) == 2 + 9  # every grammar word is one token
+    info = json.loads((out / "train.json").read_text())
+    assert info["phase"] == "done" and info["step"] == 3
+    assert torch.allclose(model.unet.conv_in.weight, trainer.ema["unet.conv_in.weight"].half().float())
+
+
+def test_train_shapes_cli_rejects_bad_values(tmp_path, capsys):
+    from vidrd.runtime.cli import main
+    assert main(["train-shapes", "--out", str(tmp_path / "r"), "--unet-batch", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unet_batch=0" in err[0]
+    assert not (tmp_path / "r").exists()
