@@ -40,9 +40,12 @@ def main(argv=None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (UsageError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
         print(f"vidrd {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # storage failing during the work (disk full, a folder removed): one line, not a traceback
+        print(f"vidrd {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except RuntimeError as e:  # e.g. TensorRT or a GPU missing: a clear message, not a traceback
         if type(e).__module__.startswith("vidrd"):
             print(f"vidrd {args.command}: error: {e}", file=sys.stderr)

@@ -5,7 +5,7 @@ import sys
 import time
 from pathlib import Path
 
-from vidrd.ref.sampler import ASSEMBLIES, SamplerSettings
+from vidrd.ref.sampler import ASSEMBLIES, SamplerSettings, check_text
 
 from .model_args import add_model_args, check_model_args
 
@@ -44,7 +44,7 @@ def register(sub) -> None:
                    help="official: every clip whole; trim: later clips without their overlap frames")
     s.add_argument("--seed", type=int, default=42)
     o = p.add_argument_group("output and execution")
-    o.add_argument("--fps", type=float, default=8.0)
+    o.add_argument("--fps", type=float, default=8.0, help="frames per second (0.1 to 120; gif: at most 100)")
     o.add_argument("--force", action="store_true", help="overwrite existing outputs")
     o.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="torch (default), onnxruntime (--onnx), tensorrt (--engines) run the lean runtime; "
@@ -93,9 +93,10 @@ def run(args) -> int:
     prompts = ([args.prompt] if args.prompt else []) + args.prompts
     if not prompts:
         raise ValueError("give a prompt: vidrd generate \"a boat sailing on a lake\" -o boat.mp4")
+    for i, text in enumerate(prompts):
+        check_text("prompt" if len(prompts) == 1 else f"prompt {i}", text)
+    check_text("--negative-prompt", args.negative_prompt)
     s = settings(args)
-    if args.fps <= 0:
-        raise ValueError(f"--fps {args.fps} must be > 0")
     check_model_args(args)
     kinds = {args.backend, args.unet_backend, args.vae_backend} - {None}
     if args.backend == "reference" and len(kinds) > 1:
@@ -107,8 +108,8 @@ def run(args) -> int:
     if args.compile and args.backend == "reference":
         raise ValueError("--compile applies to the torch backend, not --backend reference")
     paths = outputs(args.out, len(prompts))
-    for path in paths:
-        check_output(path, args.force)
+    for path in paths:  # everything the writers will need, before the model loads
+        check_output(path, args.force, height=s.height, width=s.width, fps=args.fps)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     dtype, vae_dtype = dtypes[args.dtype], args.vae_dtype and dtypes[args.vae_dtype]
@@ -131,8 +132,10 @@ def run(args) -> int:
         bar = tqdm(total=s.clips * s.steps, unit="step", desc="denoising", file=sys.stderr)
     t0 = time.perf_counter()
     negatives = [args.negative_prompt] * len(prompts)
-    writers = [VideoWriter(path, fps=args.fps, force=args.force) for path in paths]
+    writers = []
     try:
+        for path in paths:
+            writers.append(VideoWriter(path, fps=args.fps, force=args.force))
         if args.backend == "reference":
             generator = torch.Generator().manual_seed(args.seed)
             video, _ = generate(model, prompts, negatives, height=s.height, width=s.width, frames=s.frames,
@@ -162,8 +165,14 @@ def run(args) -> int:
     finally:
         if bar:
             bar.close()
+    try:
+        for w in writers:
+            w.close()  # publishes the file; on failure it drops its own temporary output
+    except BaseException:
+        for w in writers:
+            w.abort()  # the ones not published yet
+        raise
     for path, w in zip(paths, writers):
-        w.close()
         print(f"wrote {path} ({w.frames_written} frames, {s.width}x{s.height}, {args.fps:g} fps)", file=sys.stderr)
     print(f"done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0

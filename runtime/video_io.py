@@ -1,6 +1,7 @@
 """Video output: .mp4 (H.264), .gif or a folder of PNGs, streamed clip by clip, published atomically."""
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
@@ -22,14 +23,69 @@ def output_kind(path: Path) -> str:
     return FORMATS[ext]
 
 
-def check_output(path: Path, force: bool) -> None:
-    """Fail before any work if the output exists (without force) or its folder is missing."""
+# Frame rates every format keeps exactly (GIF stores delays in whole centiseconds, so at most 100 fps there);
+# below 0.1 fps, H.264's time base loses the rate (it silently becomes 24 fps) and GIF's delay field overflows.
+FPS_RANGE = {"mp4": (0.1, 120.0), "gif": (0.1, 100.0), "png": (0.1, 120.0)}
+ENCODERS = {"mp4": ("libx264", "yuv420p"), "gif": ("gif", "pal8")}
+
+
+def check_fps(kind: str, fps: float) -> None:
+    """ValueError unless `fps` is a frame rate that a `kind` file keeps as given."""
+    lo, hi = FPS_RANGE[kind]
+    if not (isinstance(fps, (int, float)) and lo <= fps <= hi):  # also refuses NaN and inf
+        raise ValueError(f"fps={fps!r} must be between {lo:g} and {hi:g} for {kind} output")
+
+
+def check_frame_size(kind: str, height: int, width: int) -> None:
+    """ValueError unless the `kind` encoder accepts (height, width) frames: it is opened in memory, so the limit
+    is the encoder's own (libx264: at most 16384 per side; gif: 65535), found before any generation."""
+    if kind == "png":
+        return
+    import av
+    codec, pix_fmt = ENCODERS[kind]
+    if kind == "mp4" and (height % 2 or width % 2):
+        raise ValueError(f"H.264 needs even frame sizes, got {width}x{height}")
+    container = av.open(io.BytesIO(), mode="w", format=kind)
+    try:
+        stream = container.add_stream(codec, rate=8)
+        stream.pix_fmt, stream.width, stream.height = pix_fmt, width, height
+        stream.codec_context.open()
+    except av.error.FFmpegError:
+        raise ValueError(f"{width}x{height} frames are too large for {kind} output (the {codec} encoder refuses "
+                         "them); make them smaller, or write PNG frames (an output name without extension)") from None
+    finally:
+        container.close()
+
+
+def check_output(path: Path, force: bool, *, height: int | None = None, width: int | None = None,
+                 fps: float | None = None) -> None:
+    """Fail before any work if the output cannot be written: it exists (without force) or is a folder where a
+    file goes, its folder is missing or not writable, or the encoder refuses the frame size or rate."""
     path = Path(path)
-    output_kind(path)
+    kind = output_kind(path)
     if path.exists() and not force:
         raise FileExistsError(f"{path} exists; pass --force to overwrite it")
+    if kind != "png" and path.is_dir():
+        raise FileExistsError(f"{path} is a folder; --force replaces files only: remove it or choose another name")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output folder {path.parent} does not exist")
+    try:  # the only exact test of writability (permissions, read-only mounts, root): make and drop a file
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise PermissionError(f"cannot write to the output folder {path.parent} ({e.strerror})") from None
+    if fps is not None:
+        check_fps(kind, fps)
+    if height is not None and width is not None:
+        check_frame_size(kind, height, width)
+
+
+def _publishable(tmp: Path) -> None:
+    """Give a temporary output the permissions of a normal new file or folder (mkstemp/mkdtemp make 0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod((0o777 if tmp.is_dir() else 0o666) & ~umask)
 
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:
@@ -41,9 +97,7 @@ class VideoWriter:
     """Streams uint8 frames (T,H,W,3) to `path`; the file appears only when `close()` succeeds."""
 
     def __init__(self, path: Path, fps: float = 8.0, force: bool = False):
-        check_output(path, force)
-        if not fps > 0:
-            raise ValueError(f"fps={fps!r} must be > 0")
+        check_output(path, force, fps=fps)
         self.path, self.kind, self.force, self.fps = Path(path), output_kind(path), force, Fraction(fps).limit_denominator(1001)
         self.frames_written = 0
         self._container = self._stream = None
@@ -89,7 +143,15 @@ class VideoWriter:
             self.frames_written += 1
 
     def close(self) -> Path:
-        """Flush and publish atomically (rename over the target)."""
+        """Flush and publish atomically (rename over the target); a failure drops the temporary output."""
+        try:
+            self._finish()
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def _finish(self) -> None:
         if self._container is not None:
             if self.kind == "gif":
                 for frame in _drain(self._graph):
@@ -98,18 +160,20 @@ class VideoWriter:
             for packet in self._stream.encode():
                 self._container.mux(packet)
             self._container.close()
+            self._container = None
+        _publishable(self._tmp)
         if self.kind == "png":
             if self.path.exists():  # only reachable with force
                 shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
             os.replace(self._tmp, self.path)
         else:
             os.replace(self._tmp, self.path)
-        return self.path
 
     def abort(self) -> None:
         """Drop the partial output; what was at `path` before stays untouched."""
         if self._container is not None:
             self._container.close()
+            self._container = None
         shutil.rmtree(self._tmp, ignore_errors=True) if self._tmp.is_dir() else self._tmp.unlink(missing_ok=True)
 
     def __enter__(self):

@@ -1,12 +1,15 @@
 """The `vidrd` command line end to end on the embedded default model."""
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tolerances import H264_VS_OTHER_SEED, assert_uint8_close
 from vidrd.runtime.cli import main
 from vidrd.runtime.video_io import read_video
 
@@ -26,7 +29,7 @@ def test_generate_mp4_on_the_embedded_default(tmp_path, capsys):
     want = reference_frames("a boat sailing on a lake", trim=False)
     blocks = lambda a: a.astype(np.float32).reshape(12, 16, 4, 12, 4, 3).mean(axis=(2, 4))  # noqa: E731
     other = reference_frames("a boat sailing on a lake", trim=False, seed=7)
-    assert np.abs(blocks(frames) - blocks(want)).mean() < 0.3 * np.abs(blocks(other) - blocks(want)).mean()
+    assert np.abs(blocks(frames) - blocks(want)).mean() < H264_VS_OTHER_SEED * np.abs(blocks(other) - blocks(want)).mean()
 
 
 def reference_frames(prompt, trim, seed=42, batch=None):
@@ -54,14 +57,17 @@ def test_batch_writes_one_png_folder_each(tmp_path):
     assert main(["generate", "--prompt", "a", "--prompt", "b", "-o", str(out), "--assembly", "trim", *SMALL]) == 0
     for i in range(2):
         assert read_video(tmp_path / f"frames-{i}").shape == (4 + 2 * 2, 64, 48, 3)
-    # PNG is lossless: each file is exactly the reference sampler's video for the same batch and seed
+    # PNG is lossless: each file is the reference sampler's video for the same batch and seed (up to truncation)
     for i, p in enumerate("ab"):
-        assert np.array_equal(read_video(tmp_path / f"frames-{i}"), reference_frames(p, trim=True, batch=["a", "b"]))
+        assert_uint8_close(read_video(tmp_path / f"frames-{i}"), reference_frames(p, trim=True, batch=["a", "b"]))
 
 
 @pytest.mark.parametrize("args, needle", [
     (["--overlap", "4"], "overlap=4"), (["--height", "30"], "height=30"), (["--steps", "0"], "steps=0"),
-    (["--denoise-guidance", "2"], "denoise_guidance=2.0"), (["--fps", "0"], "--fps"),
+    (["--denoise-guidance", "2"], "denoise_guidance=2.0"), (["--fps", "0"], "fps=0"),
+    (["--fps", "inf"], "fps=inf"), (["--fps", "nan"], "fps=nan"), (["--guidance-scale", "1e300"], "guidance_scale"),
+    (["--noise-prior", "inf"], "noise_prior"), (["--width", "100000", "--height", "8"], "100000x8"),
+    (["--negative-prompt", "\udcff"], "--negative-prompt"),
     (["--preset", "tiny", "--weights", "/x"], "choose one of"), (["--sd", "/x"], "--sd and --ckpt"),
     (["--weights", "/nonexistent"], "/nonexistent"),
 ])
@@ -69,8 +75,52 @@ def test_bad_arguments_exit_nonzero_naming_the_argument(tmp_path, capsys, args, 
     out = tmp_path / "v.mp4"
     base = SMALL[:SMALL.index("--overlap")] + ["--no-progress"] if "--overlap" in args else SMALL
     assert main(["generate", "x", "-o", str(out), *base, *args]) == 2
-    assert needle in capsys.readouterr().err
-    assert not out.exists()
+    assert_one_error_line(capsys.readouterr().err, needle)
+    assert not list(tmp_path.iterdir())
+
+
+def assert_one_error_line(err: str, needle: str) -> None:
+    """The whole stderr is one `vidrd generate: error: ...` line naming the bad value, printed before the model
+    loaded (which prints its own line first): checked before the expensive work."""
+    assert err.count("\n") == 1 and err.startswith("vidrd generate: error: ") and needle in err, err
+
+
+def test_gif_fps_and_output_problems_fail_before_any_work(tmp_path, capsys):
+    assert main(["generate", "x", "-o", str(tmp_path / "v.gif"), "--fps", "0.0004", *SMALL]) == 2
+    assert_one_error_line(capsys.readouterr().err, "fps=0.0004")
+    folder = tmp_path / "d.mp4"  # a folder where the video file would go: --force replaces files only
+    folder.mkdir()
+    (folder / "keep").write_text("mine")
+    assert main(["generate", "x", "-o", str(folder), "--force", *SMALL]) == 2
+    assert_one_error_line(capsys.readouterr().err, "is a folder")
+    assert (folder / "keep").read_text() == "mine"
+    if os.geteuid() == 0:  # root writes through permission bits: use a folder no one can create files in
+        readonly = Path("/sys")
+    else:
+        readonly = tmp_path / "ro"
+        readonly.mkdir(mode=0o555)
+    assert main(["generate", "x", "-o", str(readonly / "v.mp4"), *SMALL]) == 2
+    assert_one_error_line(capsys.readouterr().err, "cannot write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["d.mp4"] + (["ro"] if os.geteuid() else []))
+
+
+def test_invalid_utf8_prompt_is_one_line_not_a_traceback(tmp_path):
+    out = tmp_path / "v.mp4"
+    r = subprocess.run([sys.executable.encode(), b"-m", b"vidrd.runtime.cli", b"generate", b"a \xff boat", b"-o",
+                        str(out).encode(), *(a.encode() for a in SMALL)], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and not out.exists(), r.stderr
+    assert r.stderr.startswith("vidrd generate: error: prompt=") and "surrogate" in r.stderr
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    umask = os.umask(0o027)
+    try:
+        assert main(["generate", "x", "-o", str(tmp_path / "v.mp4"), *SMALL]) == 0
+        assert main(["generate", "x", "-o", str(tmp_path / "frames"), *SMALL]) == 0
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "v.mp4").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "frames").stat().st_mode & 0o777 == 0o750
 
 
 def test_unknown_extension_and_missing_prompt(tmp_path, capsys):
