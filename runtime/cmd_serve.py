@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import sys
 
 from .cmd_generate import BACKENDS
@@ -33,6 +34,9 @@ def register(sub) -> None:
         j.add_argument(f"--max-{name}", type=int, default=getattr(D, name), help=f"largest {name} of a request")
     j.add_argument("--max-prompt-chars", type=int, default=D.max_prompt_chars)
     j.add_argument("--max-body-bytes", type=int, default=D.max_body_bytes, help="larger request bodies get 413")
+    j.add_argument("--read-timeout", type=float, default=D.read_timeout_s,
+                   help="seconds a client has to send a request's headers, and then its body (slow clients: 408 or "
+                   "the connection closed)")
     x = p.add_argument_group("execution")
     x.add_argument("--backend", choices=BACKENDS[:3], default="torch")
     x.add_argument("--onnx", metavar="DIR", help="exported ONNX files (`vidrd export`), for onnxruntime")
@@ -57,7 +61,7 @@ def config_from(args) -> ServeConfig:
     c = ServeConfig(results=args.results, queue_size=args.queue_size, ttl_s=args.ttl, batch=args.max_batch,
                     frames=args.max_frames, height=args.max_height, width=args.max_width, steps=args.max_steps,
                     clips=args.max_clips, overlap=args.max_overlap, max_prompt_chars=args.max_prompt_chars,
-                    max_body_bytes=args.max_body_bytes, api_key=args.api_key or None)
+                    max_body_bytes=args.max_body_bytes, read_timeout_s=args.read_timeout, api_key=args.api_key or None)
     c.validate()
     return c
 
@@ -96,7 +100,7 @@ def run_local(args, config: ServeConfig, ra: dict) -> int:
 
     from .engine import create
     from .model_args import load_model
-    from .serve_api import make_app
+    from .serve_api import http_protocol, make_app
     from .serve_worker import LocalService
 
     if ra["threads"]:
@@ -112,8 +116,14 @@ def run_local(args, config: ServeConfig, ra: dict) -> int:
     service = LocalService(rt, config)
     print(f"serving {what} ({ra['backend']} on {device}) at http://{args.host}:{args.port} (docs at /docs)",
           file=sys.stderr)
+    # SIGTERM (docker stop, systemd) as SIGINT: uvicorn shuts down gracefully on either, then re-raises it; without
+    # this the re-raised SIGTERM would kill the process before the finally below cancels jobs and drops temp files
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        uvicorn.run(make_app(service, config), host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(make_app(service, config), host=args.host, port=args.port, log_level=args.log_level,
+                    http=http_protocol(config.read_timeout_s))
+    except KeyboardInterrupt:
+        pass  # a stop request: shut down cleanly
     finally:
         service.close()
     return 0

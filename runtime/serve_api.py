@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 from importlib.metadata import PackageNotFoundError, version
@@ -16,10 +17,11 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
-from vidrd.ref.sampler import ASSEMBLIES, SamplerSettings
+from vidrd.ref.sampler import ASSEMBLIES, SamplerSettings, check_text
 
 from .cmd_generate import OFFICIAL_NEGATIVE
 from .serve_jobs import ID_PATTERN, STATES, ServeConfig, clip_path, video_path
+from .video_io import FPS_RANGE, check_fps, check_frame_size
 
 D = SamplerSettings()
 MEDIA = {"mp4": "video/mp4", "gif": "image/gif"}
@@ -49,7 +51,8 @@ class VideoRequest(BaseModel):
     assembly: Literal[ASSEMBLIES] = D.assembly
     seed: int = Field(42, ge=0, le=2**63 - 1)
     format: Literal["mp4", "gif"] = "mp4"
-    fps: float = Field(8.0, gt=0, le=120)
+    fps: float = Field(8.0, ge=min(lo for lo, _ in FPS_RANGE.values()), le=max(hi for _, hi in FPS_RANGE.values()),
+                       description="gif: at most 100 (GIF delays are whole centiseconds)")
 
 
 class JobStatus(BaseModel):
@@ -95,6 +98,10 @@ def to_spec(req: VideoRequest, config: ServeConfig) -> dict:
         for i, text in enumerate(texts):
             if len(text) > config.max_prompt_chars:
                 raise _field_error((name, i), f"{len(text)} characters exceed {config.max_prompt_chars}")
+            try:
+                check_text(f"{name}[{i}]", text)
+            except ValueError as e:  # a lone surrogate: it would fail the job, and its status could not be JSON
+                raise _field_error((name, i), str(e)) from None
     s = SamplerSettings(**{k: getattr(req, k) for k in SETTINGS})
     try:
         s.validate()
@@ -108,31 +115,47 @@ def to_spec(req: VideoRequest, config: ServeConfig) -> dict:
         if getattr(s, name) > most:
             raise _field_error(name, f"{name}={getattr(s, name)} exceeds this service's limit ({name} <= {most})",
                                getattr(s, name))
+    for field, check in (("fps", lambda: check_fps(req.format, req.fps)),
+                         ("width", lambda: check_frame_size(req.format, s.height, s.width))):
+        try:  # what the video writer would refuse mid-job
+            check()
+        except ValueError as e:
+            raise _field_error(field, str(e)) from None
     return {"prompts": list(req.prompts), "negative_prompts": list(negatives),
             "settings": {k: getattr(s, k) for k in SETTINGS}, "seed": req.seed, "format": req.format, "fps": req.fps}
 
 
-class BodyLimit:
-    """ASGI middleware: 413 for a request body over `max_bytes`, declared (Content-Length) or streamed (chunked)."""
+class Guard:
+    """ASGI middleware in front of every route: the API key (401) before anything of the body is read, then the
+    body size (413, declared by Content-Length or streamed) and its read time (408 for a client that stalls)."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, read_timeout_s: float, api_key: str | None):
+        self.app, self.max_bytes, self.read_timeout_s, self.api_key = app, max_bytes, read_timeout_s, api_key
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        if self.api_key and scope["path"].startswith("/v1/") and not _key_ok(headers, self.api_key):
+            return await _reply(scope, receive, send, 401, UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
+        if scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await self._refuse(scope, receive, send)
+            return await self._too_large(scope, receive, send)
         chunks, size = [], 0
         while True:
-            msg = await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except TimeoutError:
+                return await _reply(scope, receive, send, 408, f"request body not received within "
+                                    f"{self.read_timeout_s:g} s", {"Connection": "close"})
             if msg["type"] == "http.disconnect":
                 return
             chunks.append(msg.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                return await self._refuse(scope, receive, send)
+                return await self._too_large(scope, receive, send)
             if not msg.get("more_body"):
                 break
         body, done = b"".join(chunks), False
@@ -146,20 +169,66 @@ class BodyLimit:
 
         return await self.app(scope, replay, send)
 
-    async def _refuse(self, scope, receive, send):
-        r = JSONResponse({"detail": f"request body larger than {self.max_bytes} bytes"}, status_code=413,
-                         headers={"Connection": "close"})
-        await r(scope, receive, send)
+    async def _too_large(self, scope, receive, send):
+        await _reply(scope, receive, send, 413, f"request body larger than {self.max_bytes} bytes",
+                     {"Connection": "close"})
+
+
+UNAUTHORIZED = "missing or wrong API key (Authorization: Bearer KEY or X-API-Key: KEY)"
+
+
+def _key_ok(headers: dict, key: str) -> bool:
+    """X-API-Key: KEY or Authorization: Bearer KEY, compared in constant time."""
+    given = headers.get(b"x-api-key")
+    if given is None:
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        given = token.strip() if scheme.lower() == b"bearer" else None
+    return given is not None and secrets.compare_digest(given, key.encode())
+
+
+async def _reply(scope, receive, send, status: int, detail: str, headers: dict | None = None):
+    await JSONResponse({"detail": detail}, status_code=status, headers=headers)(scope, receive, send)
+
+
+def http_protocol(header_timeout_s: float):
+    """uvicorn's HTTP protocol class, closing a connection whose request headers have not arrived within
+    `header_timeout_s` of it opening or of its previous response (slow clients holding connections); bodies are
+    timed by Guard. uvicorn itself times only idle keep-alive connections."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:  # httptools is optional for uvicorn
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
+
+    class HeaderTimeout(Base):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._header_timer = self.loop.call_later(header_timeout_s, self._headers_late)
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._header_timer.cancel()  # the next request on this connection gets its own time
+            self._header_timer = self.loop.call_later(header_timeout_s, self._headers_late)
+
+        def connection_lost(self, exc):
+            self._header_timer.cancel()
+            super().connection_lost(exc)
+
+        def _headers_late(self):
+            idle = self.cycle is None or self.cycle.response_complete  # no request in progress: headers still due
+            if idle and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeout
 
 
 def _auth_dependency(key: str):
     bearer, header = HTTPBearer(auto_error=False), APIKeyHeader(name="X-API-Key", auto_error=False)
 
     async def check(b: HTTPAuthorizationCredentials | None = Security(bearer), k: str | None = Security(header)):
+        # Guard has already checked the key before the body was read; this documents it in the OpenAPI schema
         given = k if k is not None else (b.credentials if b is not None else None)
         if given is None or not secrets.compare_digest(given.encode(), key.encode()):
-            raise HTTPException(401, "missing or wrong API key (Authorization: Bearer KEY or X-API-Key: KEY)",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(401, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
     return check
 
 
@@ -175,7 +244,8 @@ def make_app(backend, config: ServeConfig) -> FastAPI:
     app = FastAPI(title="vidrd", version=_package_version(),
                   description="Long text-to-video generation with Reuse and Diffuse: submit a job, follow its "
                   "progress, play its clips while later ones are still being generated, fetch the whole video.")
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(Guard, max_bytes=config.max_body_bytes, read_timeout_s=config.read_timeout_s,
+                       api_key=config.api_key)
     app.add_exception_handler(RequestValidationError, _invalid)
     auth = {401: {"model": Error, "description": "missing or wrong API key"}} if config.api_key else {}
     v1 = APIRouter(prefix="/v1", tags=["videos"], responses=auth,
@@ -197,7 +267,9 @@ def make_app(backend, config: ServeConfig) -> FastAPI:
                              + (" (try again later)" if open_ else ""), headers={"Retry-After": "1"} if open_ else None)
 
     @v1.post("/videos", status_code=202, response_model=JobStatus, summary="Submit a video job",
-             responses={413: {"model": Error, "description": "request body too large"},
+             responses={400: {"model": Error, "description": "body not parseable as JSON (e.g. nested too deeply)"},
+                        408: {"model": Error, "description": "request body not received in time"},
+                        413: {"model": Error, "description": "request body too large"},
                         429: {"model": Error, "description": "queue full", "headers": {"Retry-After": {
                             "schema": {"type": "integer"}, "description": "seconds to wait before retrying"}}}})
     async def submit(req: VideoRequest, response: Response):

@@ -30,13 +30,14 @@ def serving(model, config, backend: str = "torch"):
     import uvicorn
 
     from .engine import create
-    from .serve_api import make_app
+    from .serve_api import http_protocol, make_app
     from .serve_worker import LocalService
 
     service = LocalService(create(model, backend, limits=config.limits()), config)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(make_app(service, config), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(make_app(service, config), log_level="warning",
+                                           http=http_protocol(config.read_timeout_s)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="vidrd-uvicorn")
     thread.start()
     while not server.started:

@@ -40,6 +40,7 @@ class ServeConfig:
     overlap: int = 4
     max_prompt_chars: int = 1000
     max_body_bytes: int = 65536
+    read_timeout_s: float = 30.0  # a client must send a request's headers, and then its body, within this time
     api_key: str | None = None
 
     def validate(self) -> None:
@@ -52,8 +53,10 @@ class ServeConfig:
             raise ValueError(f"height={self.height}, width={self.width} limits must be multiples of 8")
         if not 0 <= self.overlap < self.frames:
             raise ValueError(f"overlap={self.overlap} limit must be in [0, frames={self.frames})")
-        if not self.ttl_s > 0:
-            raise ValueError(f"ttl_s={self.ttl_s!r} must be > 0")
+        for name in ("ttl_s", "read_timeout_s"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 < v < float("inf")):
+                raise ValueError(f"{name}={v!r} must be a number of seconds > 0")
         if self.api_key is not None and len(self.api_key) < 8:
             raise ValueError("the API key must have at least 8 characters")
 

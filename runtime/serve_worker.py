@@ -27,13 +27,15 @@ def run_job(rt, results, job_id: str, spec: dict, registry) -> int:
                       spec["seed"])
     fmt, fps = spec["format"], spec["fps"]
     job_dir(results, job_id).mkdir(exist_ok=True)  # exists when this is a retry
-    videos = [VideoWriter(video_path(results, job_id, v, fmt), fps, force=True) for v in range(len(request.prompts))]
+    videos = []
 
     def on_step(c: int, i: int) -> None:  # runs after every denoising step: a cancel stops within one step
         if registry.step(job_id, c, i):
             raise Cancelled(f"job {job_id} cancelled at clip {c}, step {i}")
 
     try:
+        for v in range(len(request.prompts)):
+            videos.append(VideoWriter(video_path(results, job_id, v, fmt), fps, force=True))
         for clip in rt.generate(request, on_step=on_step):
             for v, frames in enumerate(clip.frames):  # (F',H,W,3) uint8 per prompt
                 with VideoWriter(clip_path(results, job_id, clip.index, v, fmt), fps, force=True) as w:
@@ -47,8 +49,13 @@ def run_job(rt, results, job_id: str, spec: dict, registry) -> int:
             except OSError:  # the job folder itself may be what failed
                 pass
         raise
-    for w in videos:
-        w.close()
+    try:
+        for w in videos:
+            w.close()  # on failure it drops its own temporary file
+    except BaseException:
+        for w in videos:
+            w.abort()  # the ones not published yet
+        raise
     return sum(w.frames_written for w in videos)
 
 

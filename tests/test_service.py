@@ -215,18 +215,43 @@ BAD = [  # (what, method, path, body or raw bytes, status, field named in the 42
     ("traversal in clip", "get", "/v1/videos/" + "0" * 32 + "/clips/..%2F..%2Fx", None, 404, None),
     ("negative clip", "get", "/v1/videos/" + "0" * 32 + "/clips/-1", None, 422, None),
     ("no such route", "get", "/v1/jobs", None, 404, None),
+    # issue 11: values that used to pass validation and then fail the job (or answer 500)
+    ("lone surrogate prompt", "post", "/v1/videos", b'{"prompts": ["a \\ud800 b"]}', 422, "prompts"),
+    ("lone surrogate negative", "post", "/v1/videos", b'{"prompts": ["a"], "negative_prompts": ["\\udfff"]}', 422,
+     "negative_prompts"),
+    ("huge guidance", "post", "/v1/videos", {"prompts": ["a"], "guidance_scale": 1e300}, 422, "guidance_scale"),
+    ("huge noise recycle", "post", "/v1/videos", {"prompts": ["a"], "noise_recycle": 1e300}, 422, "noise_recycle"),
+    ("tiny fps gif", "post", "/v1/videos", {"prompts": ["a"], "format": "gif", "fps": 0.0004, "steps": 2, **TINY}, 422, "fps"),
+    ("tiny fps mp4", "post", "/v1/videos", {"prompts": ["a"], "fps": 0.0004, "steps": 2, **TINY}, 422, "fps"),
+    ("gif over 100 fps", "post", "/v1/videos", {"prompts": ["a"], "format": "gif", "fps": 110.0, "steps": 2, **TINY}, 422, "fps"),
+    ("deeply nested JSON", "post", "/v1/videos", b'{"prompts": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None),
 ]
 
 
 @pytest.mark.parametrize("what,method,path,body,status,field", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_gets_its_4xx(server, what, method, path, body, status, field):
-    client, _ = server
+    client, service = server
     kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else (
         {"json": body} if body is not None else {})
+    jobs = set(service.registry.jobs)
     r = client.request(method.upper(), path, **kw)
     assert r.status_code == status, (what, r.text)
     if field is not None:
         assert any(field in map(str, e["loc"]) for e in r.json()["detail"]), r.json()
+    assert set(service.registry.jobs) == jobs  # refused before a job was recorded
+
+
+def test_frame_size_the_encoder_refuses_is_a_422_before_the_job():
+    from fastapi.exceptions import RequestValidationError
+
+    from vidrd.runtime.serve_api import VideoRequest, to_spec
+    config = ServeConfig(height=64, width=20000, frames=4, steps=2)
+    assert to_spec(VideoRequest(prompts=["a"], height=8, width=16384, frames=4, steps=2), config)
+    with pytest.raises(RequestValidationError) as e:
+        to_spec(VideoRequest(prompts=["a"], height=8, width=16392, frames=4, steps=2), config)
+    assert e.value.errors()[0]["loc"] == ("body", "width") and "16392x8" in e.value.errors()[0]["msg"]
+    # gif holds wider frames than H.264, and PNG has no such limit: each format is asked for its own
+    assert to_spec(VideoRequest(prompts=["a"], height=8, width=16392, frames=4, steps=2, format="gif"), config)
 
 
 def test_service_keeps_serving_after_bad_input(server):
@@ -243,7 +268,7 @@ def test_openapi_lists_the_routes_and_codes(server):
     client, _ = server
     paths = client.get("/openapi.json").json()["paths"]
     codes = {p: {m: sorted(int(c) for c in op["responses"]) for m, op in ms.items()} for p, ms in paths.items()}
-    assert codes == {"/v1/videos": {"post": [202, 413, 422, 429]},
+    assert codes == {"/v1/videos": {"post": [202, 400, 408, 413, 422, 429]},
                      "/v1/videos/{job_id}": {"get": [200, 404, 422], "delete": [200, 202, 404, 409, 422]},
                      "/v1/videos/{job_id}/clips/{k}": {"get": [200, 404, 409, 422]},
                      "/v1/videos/{job_id}/file": {"get": [200, 404, 409, 422]},
@@ -286,6 +311,11 @@ def test_api_key(model, tmp_path):
     with serving(model, config) as (client, _):
         body = {"prompts": ["a"], "steps": 1, "clips": 1, **TINY}
         assert client.post("/v1/videos", json=body).status_code == 401
+        # the key is checked before the body is read or parsed: no 422 or 413 tells a stranger anything
+        bad = client.post("/v1/videos", content=b'{"prompts": ["a"', headers={"content-type": "application/json"})
+        assert bad.status_code == 401, bad.text
+        huge = client.post("/v1/videos", content=b"x" * 100_000, headers={"content-type": "application/json"})
+        assert huge.status_code == 401, huge.text
         assert client.post("/v1/videos", json=body, headers={"X-API-Key": "wrong-key-1"}).status_code == 401
         assert client.post("/v1/videos", json=body, headers={"Authorization": "Basic czNjcmV0"}).status_code == 401
         r = client.post("/v1/videos", json=body, headers={"Authorization": "Bearer s3cret-key-1"})
@@ -296,6 +326,25 @@ def test_api_key(model, tmp_path):
         spec = client.get("/openapi.json").json()
         assert 401 in map(int, spec["paths"]["/v1/videos/{job_id}"]["get"]["responses"])
         assert {"HTTPBearer", "APIKeyHeader"} <= set(spec["components"]["securitySchemes"])
+
+
+def test_slow_clients_are_cut_off(model, tmp_path):
+    """A client that dribbles its headers loses the connection; one that stalls its body gets 408; others go on."""
+    config = ServeConfig(results=str(tmp_path), read_timeout_s=1.0, **LIMITS)
+    with serving(model, config) as (client, _):
+        port = int(str(client.base_url).rsplit(":", 1)[1].rstrip("/"))
+        t0 = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+            assert s.recv(1024) == b""  # closed by the server
+        assert 0.9 < time.monotonic() - t0 < 5
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /v1/videos HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{")
+            reply = s.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 408"), reply
+        assert client.get("/healthz").status_code == 200
+        assert wait(client, submit(client))["state"] == "done"
 
 
 def test_janitor_deletes_expired_jobs_and_orphans_only(tmp_path):
@@ -347,15 +396,17 @@ def test_load_20_clients_over_a_small_queue(model, tmp_path):
     print("\n" + json.dumps(row))
 
 
-def test_vidrd_serve_command(tmp_path):
-    """The CLI end to end in a subprocess: starts, serves a job, stops on SIGINT."""
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_vidrd_serve_command(tmp_path, stop):
+    """The CLI end to end in a subprocess: starts, serves a job, and on SIGINT or SIGTERM (docker stop, systemd)
+    cancels the running job and exits cleanly, leaving no temporary file."""
     assert main(["serve", "--max-height", "30"]) == 2  # a bad limit fails before anything loads
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "vidrd.runtime.cli", "serve", "--preset", "tiny", "--port",
                              str(port), "--results", str(tmp_path), "--threads", "1", "--max-height", "32",
-                             "--max-width", "32", "--max-frames", "4", "--max-steps", "2", "--max-clips", "2",
+                             "--max-width", "32", "--max-frames", "4", "--max-steps", "50", "--max-clips", "8",
                              "--max-overlap", "2", "--log-level", "warning"], stderr=subprocess.PIPE, text=True)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
@@ -367,12 +418,17 @@ def test_vidrd_serve_command(tmp_path):
                 assert proc.poll() is None and time.monotonic() - t0 < 120, "vidrd serve did not come up"
                 time.sleep(0.2)
             assert wait(client, submit(client))["state"] == "done"
-            assert client.post("/v1/videos", json={"prompts": ["a"], "steps": 3}).status_code == 422
+            assert client.post("/v1/videos", json={"prompts": ["a"], "steps": 51}).status_code == 422
+            running = submit(client, steps=50, clips=8)
+            st = wait(client, running, until=lambda st: st["steps_done"] >= 1)
+            assert st["state"] == "running"
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert "serving preset tiny" in err
+    assert "serving preset tiny" in err and "Traceback" not in err
+    leftovers = [p.name for p in tmp_path.rglob(".*")]
+    assert leftovers == [], leftovers  # the running job's temporary video was dropped
 
 
 # ------------------------------------------------------------------------------------------------ Ray Serve
