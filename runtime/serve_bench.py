@@ -73,7 +73,10 @@ def one_client(base: str, i: int, body: dict, cancel: bool, timeout: float = 300
             return out
         out["id"] = r.json()["id"]
         if cancel:
-            out["cancel_status"] = c.delete(f"/v1/videos/{out['id']}").status_code
+            r = c.delete(f"/v1/videos/{out['id']}")
+            out["cancel_status"] = r.status_code
+            if r.status_code in (200, 202):  # how far the job was when the cancel landed
+                out["cancel_at"] = (r.json()["steps_done"], r.json()["steps_total"])
         while True:
             st = c.get(f"/v1/videos/{out['id']}").json()
             if st["state"] in ("done", "failed", "cancelled"):
