@@ -206,6 +206,9 @@ class Runtime:
         """Validate a request against the sampler rules and this runtime's buffers, before any work."""
         s = request.settings
         s.validate(self.model)
+        if s.solver != "ddim":
+            raise ValueError(f"solver={s.solver!r} runs on the reference sampler only (backend 'reference'); "
+                             "the runtime's step is DDIM")
         prompts, negatives = check_prompts(self.tokenizer, list(request.prompts),
                                            None if request.negative_prompts is None else list(request.negative_prompts))
         lim = self.limits

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .dpmpp import DPMSolverPP2M
 from .text import dropped_words, tokenize
 
 ASSEMBLIES = ("official", "trim")
@@ -14,6 +15,7 @@ ASSEMBLIES = ("official", "trim")
 # low enough that guidance times the UNet's output stays finite in float32 and bf16 (1e300 overflowed mid-job).
 MAX_WEIGHT = 1000.0
 CONTINUATIONS = ("official", "forward")
+SOLVERS = ("ddim", "dpmpp-2m")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class SamplerSettings:
     temporal_decode: bool = False
     assembly: str = "official"
     continuation: str = "official"
+    solver: str = "ddim"
 
     def validate(self, model=None) -> None:
         """Raise ValueError naming the first bad setting; nothing expensive has run yet."""
@@ -59,6 +62,8 @@ class SamplerSettings:
             raise ValueError(f"assembly={self.assembly!r} must be one of {ASSEMBLIES}")
         if self.continuation not in CONTINUATIONS:
             raise ValueError(f"continuation={self.continuation!r} must be one of {CONTINUATIONS}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver={self.solver!r} must be one of {SOLVERS}")
 
     @property
     def cfg(self) -> bool:
@@ -160,14 +165,16 @@ def decode(model, latents: torch.Tensor, temporal: bool) -> torch.Tensor:
 @torch.no_grad()
 def generate(model, prompts, negative_prompts=None, *, height=256, width=256, frames=8, steps=50, clips=1,
              overlap=4, noise_recycle=4.0, denoise_guidance=0.4, guidance_scale=10.0, generator=None,
-             temporal_decode=False, noise_prior=0.0, assembly="official", continuation="official", callback=None):
+             temporal_decode=False, noise_prior=0.0, assembly="official", continuation="official", solver="ddim",
+             callback=None):
     """Long video by reuse and diffuse. -> video (B,3,frames_out,H,W) in [0,1], latents (clips,B,C,F,h,w).
 
     Mirrors the official SDVideoPipeline.__call__ (SPEC §3.5) step for step, including its random draws, so one
     seed gives the official video. `callback(clip, step)` is called after every denoising step.
     """
     s = SamplerSettings(height, width, frames, steps, clips, overlap, float(noise_recycle), float(denoise_guidance),
-                        float(guidance_scale), float(noise_prior), bool(temporal_decode), assembly, continuation)
+                        float(guidance_scale), float(noise_prior), bool(temporal_decode), assembly, continuation,
+                        solver)
     s.validate(model)
     prompts, negative_prompts = check_prompts(model.tokenizer, prompts, negative_prompts)
     if generator is not None and generator.device.type != "cpu":
@@ -178,6 +185,7 @@ def generate(model, prompts, negative_prompts=None, *, height=256, width=256, fr
     b, f, o, r = len(prompts), s.frames, s.overlap, s.noise_recycle
     shape = (b, model.unet.cfg.in_channels, f, height // 8, width // 8)  # (B,C,F,h,w)
     timesteps = model.scheduler.timesteps(steps).tolist()
+    multistep = DPMSolverPP2M(model.config.scheduler, steps) if s.solver == "dpmpp-2m" else None  # same timesteps
 
     latents = initial_noise(shape, generator, s.noise_prior, dtype, device)
     src = torch.tensor(s.source_frames(), device=device)  # (F,) previous-clip frame reused by each frame
@@ -204,7 +212,10 @@ def generate(model, prompts, negative_prompts=None, *, height=256, width=256, fr
             if s.cfg:
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + s.guidance_scale * (eps_c - eps_u)
-            latents = model.scheduler.step(eps, t, latents, steps)
+            if multistep is None:
+                latents = model.scheduler.step(eps, t, latents, steps)
+            else:  # its history restarts at i = 0 of every clip
+                latents = multistep.step(eps, i, latents)
             if callback is not None:
                 callback(c, i)
         finals.append(latents)
