@@ -72,3 +72,14 @@ def one_torch_thread():
     torch.set_num_threads(THREADS or 1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def default_onnx(tmp_path_factory):
+    """`vidrd export` of the embedded default model (preset tiny, weights seed 0): all four components, fp32."""
+    pytest.importorskip("onnxruntime")
+    from vidrd.export.onnx_export import export
+    from vidrd.ref.weights import random_model
+    out = tmp_path_factory.mktemp("default_onnx")
+    export(random_model("tiny", 0), out, log=lambda *a: None)
+    return out

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tolerances import H264_VS_OTHER_SEED, assert_uint8_close
+from tolerances import COMPILE_UINT8_LEVELS, H264_VS_OTHER_SEED, ORT_UINT8_LEVELS, RUNTIME_LATENT_REL, \
+    assert_uint8_close
 from vidrd.runtime.cli import main
 from vidrd.runtime.video_io import read_video
 
@@ -136,3 +137,73 @@ def test_console_script_help_and_info():
     r = subprocess.run([sys.executable, "-m", "vidrd.runtime.cli", "info", "--json"], capture_output=True, text=True)
     data = json.loads(r.stdout)
     assert data["torch"].startswith("2.13.0") and data["backends"]["reference"] is True
+
+
+# ------------------------------------------------------------------------------------------ execution paths
+# 64x64 and 4 frames: the smallest request inside the ONNX export's ranges (latents >= 8)
+PATHS = ["--height", "64", "--width", "64", "--frames", "4", "--steps", "2", "--clips", "2", "--overlap", "2",
+         "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def torch_frames(tmp_path_factory):
+    """PNG frames of `vidrd generate` on the default torch backend, per frame and temporal decoding."""
+    out = {}
+    for temporal in (False, True):
+        path = tmp_path_factory.mktemp("torch") / "frames"
+        assert main(["generate", "a boat", "-o", str(path), *PATHS] + (["--temporal-decode"] if temporal else [])) == 0
+        out[temporal] = read_video(path)
+    return out
+
+
+def diff_levels(a, b):
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+def test_backend_reference_writes_the_runtimes_video(tmp_path, torch_frames):
+    out = tmp_path / "frames"
+    assert main(["generate", "a boat", "-o", str(out), "--backend", "reference", *PATHS]) == 0
+    assert_uint8_close(read_video(out), torch_frames[False])
+    assert main(["generate", "a boat", "-o", str(tmp_path / "v.mp4"), "--backend", "reference", "--compile",
+                 "default", *PATHS]) == 2  # --compile is the runtime's
+
+
+@pytest.mark.parametrize("flags", [["--vae-backend", "onnxruntime"], ["--unet-backend", "onnxruntime"],
+                                   ["--vae-backend", "onnxruntime", "--temporal-decode"],
+                                   ["--backend", "onnxruntime"]], ids=" ".join)
+def test_per_component_backends(tmp_path, torch_frames, default_onnx, flags):
+    out = tmp_path / "frames"
+    assert main(["generate", "a boat", "-o", str(out), "--onnx", str(default_onnx), *flags, *PATHS]) == 0
+    got = read_video(out)
+    want = torch_frames["--temporal-decode" in flags]
+    assert got.shape == want.shape == (8, 64, 64, 3)
+    assert diff_levels(got, want) <= ORT_UINT8_LEVELS
+
+
+def test_per_component_backend_needs_its_files(tmp_path, capsys):
+    assert main(["generate", "x", "-o", str(tmp_path / "v.mp4"), "--vae-backend", "onnxruntime", *PATHS]) == 2
+    assert "--onnx" in capsys.readouterr().err
+    assert main(["generate", "x", "-o", str(tmp_path / "v.mp4"), "--backend", "reference", "--unet-backend",
+                 "onnxruntime", "--onnx", str(tmp_path), *PATHS]) == 2
+    assert "do not apply to --backend reference" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # inductor compiles the UNet and the VAE decoder: about 3 minutes on one core
+def test_compile_default_matches_eager(tmp_path, torch_frames):
+    """--compile default: inductor with freezing on the CPU for the UNet and the VAE decoder."""
+    out = tmp_path / "frames"
+    assert main(["generate", "a boat", "-o", str(out), "--compile", "default", *PATHS]) == 0
+    got = read_video(out)
+    assert got.shape == torch_frames[False].shape and diff_levels(got, torch_frames[False]) <= COMPILE_UINT8_LEVELS
+
+
+def test_bench_tiny_workload(capsys):
+    """`vidrd bench --workload tiny`: one JSON row per run and a summary with times, FLOPs and the accuracy against
+    the reference sampler, which runs the same workload in the same process."""
+    assert main(["bench", "--workload", "tiny", "--repeats", "2"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["kind"] for r in rows] == ["run", "run", "summary"]
+    summary = rows[-1]
+    assert summary["workload"] == "tiny" and summary["repeats"] == 2 and summary["frames_out"] == 8
+    assert summary["s_per_frame"] > 0 and summary["unet_per_call_s"] > 0 and rows[0]["unet_calls"] == 2 * 3
+    assert summary["latents_max_abs_rel"] <= RUNTIME_LATENT_REL

@@ -96,6 +96,19 @@ def test_onnxruntime_matches_reference(tiny_model, tiny_dir, tmp_path_factory):
         create(tiny_model, "torch", unet="onnxruntime", export_dir=out, limits=LIMITS, dtype=torch.bfloat16)
 
 
+def test_temporal_vae_on_onnxruntime_matches_reference(default_onnx):
+    """The temporal VAE decoder (vae_decoder_temporal.onnx, loaded on first use) beside the torch UNet."""
+    model = random_model("tiny", 0)
+    rt = create(model, "torch", vae="onnxruntime", export_dir=default_onnx, limits=LIMITS)
+    s = SamplerSettings(height=64, width=64, frames=4, steps=2, clips=2, overlap=2, temporal_decode=True)
+    request = Request(("a boat",), None, s, seed=3, float_video=True)
+    video, latents, _ = run(rt, request)
+    ref_video, ref_latents = reference(model, request)
+    assert rt.vae.temporal is not None  # the temporal graph ran, not the per-frame one
+    assert (latents - ref_latents).abs().max() <= RUNTIME_LATENT_REL * ref_latents.abs().max()  # torch UNet
+    assert (video - ref_video).abs().max() <= ORT_VIDEO
+
+
 class Recorded:
     """A real backend whose calls are marked in the profiler, so the loop's own allocations can be told apart."""
 

@@ -41,7 +41,8 @@ ORT_VIDEO = 1e-3  # same, max abs of the [0,1] video
 EXPORT_FP32 = 1e-4  # max abs, one exported component on ONNX Runtime vs PyTorch, one call
 BF16_VAE_VIDEO = 0.05  # max abs of the [0,1] video with a bf16 VAE beside the fp32 UNet (8-bit mantissa)
 BF16_LATENT_REL_NORM = 0.05  # bf16 networks vs fp32, no guidance, 2 steps: relative L2 error of the latents
-COMPILE_VIDEO = 1e-3  # max abs of the [0,1] video, torch.compile (inductor, freezing) vs eager: fused, reordered ops
+ORT_UINT8_LEVELS = 1  # uint8 frames of videos that agree to ORT_VIDEO (0.26 levels): truncation moves one level
+COMPILE_UINT8_LEVELS = 1  # uint8 frames, torch.compile (inductor with freezing: fused, reordered ops) vs eager
 
 # --- encoded outputs --------------------------------------------------------------------------------------------
 # H.264 (crf 17, 4:2:0 chroma) of the same video, decoded, vs the reference's frames: compared as 4x4 block means,
