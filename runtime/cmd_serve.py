@@ -141,6 +141,7 @@ def run_ray(args, config: ServeConfig, ra: dict) -> int:
     app = build(config, {k: getattr(args, k) for k in MODEL_FLAGS}, ra, min_replicas=args.min_replicas,
                 max_replicas=args.max_replicas, replica_cpus=args.replica_cpus)
     print(f"serving on Ray Serve at http://{args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM as Ctrl-C: the finally below runs
     try:
         serve.run(app, name="vidrd", route_prefix="/", blocking=True)
     except KeyboardInterrupt:
