@@ -144,9 +144,10 @@ class Guard:
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await self._too_large(scope, receive, send)
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + self.read_timeout_s  # for the whole body, not per chunk
         while True:
             try:
-                msg = await asyncio.wait_for(receive(), self.read_timeout_s)
+                msg = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
             except TimeoutError:
                 return await _reply(scope, receive, send, 408, f"request body not received within "
                                     f"{self.read_timeout_s:g} s", {"Connection": "close"})
