@@ -4,8 +4,9 @@ Protocol: build both, run each once as warm-up (excluded: compilation, caches, p
 runs each, alternating runtime and reference; report medians. Per-stage times come from timers around the backend
 calls of the runtime (text, UNet, VAE; on CUDA, events recorded on the stream each call runs on, so timing adds no
 synchronisation and the decode keeps overlapping the next clip's denoising), the rest of the loop is `loop_other`
-(on CUDA, wall time minus the stage times, which can overlap: the VAE runs beside the UNet); writing is timed by encoding the
-clips to an .mp4 in a temporary folder. One JSON object per run is printed (machine-readable), plus a summary row.
+(on CUDA, wall time minus the stage times, which can overlap: the VAE runs beside the UNet); writing is timed by
+encoding the clips to an .mp4 in a temporary folder (not without PyAV). One JSON object per run is printed
+(machine-readable), plus a summary row.
 """
 from __future__ import annotations
 

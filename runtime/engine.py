@@ -277,8 +277,9 @@ class Runtime:
                 if self._decoder is not None:
                     pending = self._decoder.submit(self._decode, job, c, *job.handoff())
                 else:
+                    clip = self._decode(job, c, *job.handoff())  # first: a failed decode leaves no unset Future
                     pending = Future()
-                    pending.set_result(self._decode(job, c, *job.handoff()))
+                    pending.set_result(clip)
             yield pending.result()
             pending = None
         finally:

@@ -12,9 +12,10 @@ SDPA_MAX_BATCH = 65535
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-         max_batch: int = SDPA_MAX_BATCH) -> torch.Tensor:
-    """F.scaled_dot_product_attention in batch slices of at most max_batch. (N,H,Lq,Dh), (N,H,Lk,Dh) -> (N,H,Lq,Dh)."""
-    n = q.shape[0]
+         max_batch: int | None = None) -> torch.Tensor:
+    """F.scaled_dot_product_attention in batch slices of at most max_batch (default SDPA_MAX_BATCH).
+    q (N,H,Lq,Dh), k/v (N,H,Lk,Dh) -> (N,H,Lq,Dh)."""
+    n, max_batch = q.shape[0], max_batch or SDPA_MAX_BATCH
     if n <= max_batch:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     out = torch.empty_like(q)  # (N,H,Lq,Dh)

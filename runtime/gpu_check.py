@@ -1,0 +1,516 @@
+"""`./dev gpu-check`: every GPU path of vidrd on one CUDA machine, in one command: a JSON report and a Markdown table.
+
+    python -m vidrd.runtime.gpu_check [--out DIR] [--only parity,kernels,...] [--budget-min 19]
+
+Sections (SECTIONS, in this order): the fixture parity cases on CUDA in float32; the GPU tests of tests/
+(pytest -m gpu); the Triton kernels against SDPA; the UNet with Triton attention against SDPA; bf16 and fp16 against fp32 (quality
+numbers); torch.compile reduce-overhead; the ONNX Runtime and TensorRT backends (when a CUDA onnxruntime or TensorRT
+is installed); the sd21-base benchmark workload (float32 reference against the GPU configurations, best marked).
+Each section runs in a process of its own with a time limit, so a CUDA fault or a hang costs that section only; the
+whole run keeps within --budget-min minutes and reports every section it skipped, and why.
+
+Needs only torch with CUDA (plus triton, onnx, onnxruntime where a section uses them): no PyAV, no FastAPI, no
+network. On a machine without a CUDA GPU it says so in one line and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout (tests/ and the fixtures are found from here)
+NET_TOL = 1e-3  # fixture parity on CUDA fp32, networks: max abs error relative to max(1, |golden|)
+PIPE_TOL = 5e-3  # fixture parity on CUDA fp32, whole pipelines (10 DDIM steps with guidance amplify kernel rounding)
+UNET_TOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}  # UNet Triton vs SDPA attention, relative L2 error
+
+
+class Skip(Exception):
+    """A section that cannot run on this machine; the message says why."""
+
+
+def fixtures_dir() -> Path | None:
+    """vidrd-tiny fixtures: $VIDRD_FIXTURES, ../shared/fixtures (dev machines, CI), ./shared/fixtures (GPU machines)."""
+    for base in (os.environ.get("VIDRD_FIXTURES"), ROOT.parent / "shared" / "fixtures", ROOT / "shared" / "fixtures"):
+        if base and (Path(base) / "vidrd-tiny" / "golden.safetensors").is_file():
+            return Path(base) / "vidrd-tiny"
+    return None
+
+
+def _rel_max(a, b) -> float:
+    """max |a - b| relative to max(1, max |b|), both on the host in float32 (the tests' `close`)."""
+    a, b = a.detach().float().cpu(), b.detach().float().cpu()
+    return (a - b).abs().max().item() / max(1.0, b.abs().max().item())
+
+
+def _cuda_ms(fn, reps: int = 5) -> float:
+    """Median milliseconds of fn() on the current stream (CUDA events), after one warm-up call."""
+    import torch
+    fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def _bench_row(summary: dict) -> dict:
+    """The numbers of a `vidrd bench` summary that go into the report."""
+    keys = ("workload", "s_per_frame", "reference_s_per_frame", "speedup", "psnr_db", "latents_rel_err",
+            "unet_per_call_s", "vae_per_clip_s", "unet_gflops", "peak_cuda_mb")
+    row = {k: summary.get(k) for k in keys}
+    row["config"] = {k: v for k, v in summary["config"].items() if v not in (None, "sdpa", "torch")} or \
+        {"dtype": "fp32"}
+    return row
+
+
+def _bench(workload: str, repeats: int = 1, with_reference: bool = True, **config) -> dict:
+    from .bench import Config, run
+    return _bench_row(run(workload, Config(**config), repeats=repeats, device="cuda", with_reference=with_reference,
+                          log=lambda *a: print(*a, flush=True)))
+
+
+# ------------------------------------------------------------------------------------------------------- sections
+
+def parity() -> dict:
+    """The fixture cases (golden tensors of the official code) on CUDA in float32, TF32 off."""
+    import torch
+    from safetensors.torch import load_file
+
+    from vidrd.ref.loading import load_official
+    from vidrd.ref.sampler import SamplerSettings
+    from vidrd.ref.text import tokenize
+
+    from .engine import Limits, Request, create
+
+    fx = fixtures_dir()
+    if fx is None:
+        raise Skip("fixtures not found (../shared/fixtures/vidrd-tiny, ./shared/fixtures/vidrd-tiny or "
+                   "$VIDRD_FIXTURES)")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    golden, cases = load_file(str(fx / "golden.safetensors")), json.loads((fx / "cases.json").read_text())["cases"]
+    model = load_official(fx / "sd", fx / "ModelT2V.pth", fx / "vae_finetuned", device="cuda")
+    g = {k: v.cuda() for k, v in golden.items()}
+    errs = {}
+    with torch.no_grad():
+        ids = tokenize(model.tokenizer, cases["text"]["prompts"]).cuda()
+        errs["text.embeddings"] = _rel_max(model.text_encoder(ids), g["text.embeddings"])
+        for t in (981, 501, 1):
+            errs[f"unet.t{t}.out"] = _rel_max(model.unet(g["unet.sample"], t, g["unet.context"]), g[f"unet.t{t}.out"])
+        errs["unet.f1.out"] = _rel_max(model.unet(g["unet.sample"][:, :, :1], 981, g["unet.context"]), g["unet.f1.out"])
+        z = g["vae.latents"]  # (1,C,F,h,w)
+        b, c, f, h, w = z.shape
+        zf = z.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)  # ((B F),C,h,w)
+        errs["vae.decode_per_frame"] = _rel_max(model.vae.decode(zf, num_frames=1), g["vae.decode_per_frame"])
+        errs["vae.decode_temporal"] = _rel_max(model.vae.decode(zf, num_frames=f), g["vae.decode_temporal"])
+    rt = create(model, "torch", limits=Limits(batch=2, frames=8, height=64, width=64, steps=10, overlap=4),
+                device="cuda")
+    try:
+        for name in ("single_clip", "three_clips", "batch_two"):
+            cs = cases[f"pipe.{name}"]
+            s = SamplerSettings(height=cs["height"], width=cs["width"], frames=cs["num_frames"],
+                                steps=cs["num_inference_steps"], clips=cs.get("num_generated_clips", 1),
+                                overlap=cs.get("extend_overlap_frames", 4),
+                                noise_recycle=cs.get("extend_noise_recycle", 4),
+                                denoise_guidance=cs.get("extend_denoise_guidance", 0.4),
+                                guidance_scale=cs["guidance_scale"])
+            neg = None if cs["negative_prompt"] is None else tuple(cs["negative_prompt"])
+            clips = list(rt.generate(Request(tuple(cs["prompt"]), neg, s, cs["seed"], float_video=True)))
+            errs[f"pipe.{name}.video"] = _rel_max(torch.cat([c.video for c in clips], 2), golden[f"pipe.{name}.video"])
+            latents = torch.stack([c.latents for c in clips])
+            ref = golden[f"pipe.{name}.final_latents"]
+            errs[f"pipe.{name}.final_latents"] = (latents - ref).abs().max().item() / ref.abs().max().item()
+    finally:
+        rt.close()
+    bad = {k: v for k, v in errs.items() if v > (PIPE_TOL if k.startswith("pipe.") else NET_TOL)}
+    return {"status": "fail" if bad else "ok", "max_rel_err": errs, "tolerance": {"networks": NET_TOL,
+            "pipelines": PIPE_TOL}, "over_tolerance": bad}
+
+
+def gpu_tests() -> dict:
+    """The tests of tests/ marked gpu, with the compiled Triton kernels (TRITON_INTERPRET=0) and slow tests on."""
+    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
+                   if "mark.gpu" in p.read_text())
+    env = {**os.environ, "TRITON_INTERPRET": "0", "VIDRD_SLOW": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-rs", "-q", "-p", "no:cacheprovider", *files]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    out = res.stdout + res.stderr
+    print(out, flush=True)
+    lines = out.strip().splitlines()
+    skipped = [ln.split(" ", 2)[-1] for ln in lines if ln.startswith("SKIPPED")]
+    failed = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))]
+    summary = next((ln.strip("= ") for ln in reversed(lines) if " in " in ln and ("passed" in ln or "failed" in ln
+                    or "skipped" in ln or "error" in ln)), lines[-1] if lines else "no output")
+    return {"status": "ok" if res.returncode == 0 else "fail", "command": " ".join(cmd[2:]), "summary": summary,
+            "skipped": skipped, "failed": failed}
+
+
+def kernels() -> dict:
+    """Triton attention against SDPA on the sd21-base shapes (python -m vidrd.kernels.bench), and the fused CFG+DDIM
+    step against the same formula in float64."""
+    import torch
+
+    from vidrd.kernels import cfg_ddim_step
+
+    rows, timings = [], []
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for dtype in ("fp16", "bf16", "fp32"):
+        res = subprocess.run([sys.executable, "-m", "vidrd.kernels.bench", "--check", "--res", "256", "512",
+                              "--frames", "16", "--dtype", dtype], env=env, capture_output=True, text=True)
+        print(res.stdout[-3000:], res.stderr[-3000:], flush=True)
+        rows += [dict(json.loads(ln), dtype=dtype) for ln in res.stdout.splitlines() if '"max_abs_err"' in ln]
+        if res.returncode not in (0, 1):
+            raise RuntimeError(f"vidrd.kernels.bench --check --dtype {dtype} exited {res.returncode}: "
+                               f"{res.stderr.strip()[-500:]}")
+    for dtype in ("fp16", "bf16"):
+        res = subprocess.run([sys.executable, "-m", "vidrd.kernels.bench", "--res", "256", "512", "--frames", "16",
+                              "--dtype", dtype], env=env, capture_output=True, text=True)
+        timings += [json.loads(ln) for ln in res.stdout.splitlines() if '"speedup"' in ln]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2, 4, 16, 32, 32, device="cuda", generator=g)
+    m = torch.randn(4, 4, 16, 32, 32, device="cuda", generator=g)
+    got = cfg_ddim_step(m, x, 0.3, 0.5, guidance_scale=7.5)
+    u, c = m.double().chunk(2)
+    a, b = math.sqrt(0.5 / 0.3), math.sqrt(0.5) - math.sqrt(0.5 * 0.7 / 0.3)
+    step_err = (got.double() - (a * x.double() + b * (u + 7.5 * (c - u)))).abs().max().item()
+    bad = [r for r in rows if not r.get("ok", True)]
+    return {"status": "fail" if bad or step_err > 1e-4 or not rows else "ok", "checked_shapes": len(rows),
+            "mismatches": bad, "max_abs_err": {d: max((r["max_abs_err"] for r in rows if r["dtype"] == d),
+                                                     default=None) for d in ("fp16", "bf16", "fp32")},
+            "cfg_ddim_step_max_abs_err": step_err,
+            "timings": [{k: t[k] for k in ("shape", "dtype", "ours_ms", "sdpa_ms", "ours_tflops", "sdpa_tflops",
+                                            "speedup")} for t in timings]}
+
+
+def triton_unet() -> dict:
+    """The UNet with attention='triton' against SDPA: the tiny preset in fp32, sd21-base in fp16 and bf16."""
+    import torch
+
+    from vidrd.ref.attention import set_attention
+    from vidrd.ref.weights import random_model
+
+    out = {}
+    for preset, dtype, frames, side in (("tiny", torch.float32, 8, 32), ("sd21-base", torch.float16, 16, 32),
+                                        ("sd21-base", torch.bfloat16, 16, 32)):
+        model = random_model(preset, 0, dtype=dtype, device="cuda")
+        g = torch.Generator(device="cuda").manual_seed(0)
+        c = model.config.unet.in_channels
+        x = torch.randn(2, c, frames, side, side, device="cuda", generator=g).to(dtype)  # (2B,C,F,h,w)
+        ctx = torch.randn(2, 77, model.config.text.hidden_size, device="cuda", generator=g).to(dtype)
+        ts = torch.full((2,), 981.0, device="cuda")
+        res = {}
+        with torch.no_grad():
+            for attn in ("sdpa", "triton"):
+                set_attention(model.unet, attn)
+                res[attn] = (model.unet(x, ts, ctx).float(), _cuda_ms(lambda: model.unet(x, ts, ctx)))
+        ref, got = res["sdpa"][0], res["triton"][0]
+        name = f"{preset} {str(dtype).split('.')[-1]} (2,{c},{frames},{side},{side})"
+        out[name] = {"rel_l2_err": ((got - ref).norm() / ref.norm()).item(), "sdpa_ms": res["sdpa"][1],
+                     "triton_ms": res["triton"][1], "tol": UNET_TOL[str(dtype).split(".")[-1]]}
+        del model, res
+        torch.cuda.empty_cache()
+    bad = [k for k, v in out.items() if not v["rel_l2_err"] <= v["tol"]]
+    return {"status": "fail" if bad else "ok", "unet": out, "over_tolerance": bad}
+
+
+def precision() -> dict:
+    """bf16 and fp16 runtimes against the float32 reference on the `small` workload: PSNR and latent error."""
+    from .engine import NonFiniteOutput
+
+    rows = []
+    for cfg in ({"dtype": "fp32"}, {"dtype": "bf16"}, {"dtype": "fp16"}, {"dtype": "fp16", "vae_dtype": "fp16"}):
+        try:
+            rows.append(_bench("small", **cfg))
+        except NonFiniteOutput as e:  # the guard doing its job: report it, it is a finding about fp16 VAEs
+            rows.append({"config": cfg, "non_finite": str(e)})
+    return {"status": "ok", "rows": rows}
+
+
+def compiled() -> dict:
+    """torch.compile mode='reduce-overhead' (CUDA graphs) in fp32 and bf16 on the `small` workload."""
+    rows = [_bench("small", repeats=2, dtype=d, compile="reduce-overhead") for d in ("fp32", "bf16")]
+    bad = [r for r in rows if r["config"].get("dtype", "fp32") == "fp32" and not r["psnr_db"] > 40]
+    return {"status": "fail" if bad else "ok", "rows": rows,
+            "note": "fp32 must stay within 40 dB PSNR of the reference"}
+
+
+def _tiny_export(tmp: Path):
+    from vidrd.export.onnx_export import export
+    from vidrd.ref.weights import random_model
+
+    model = random_model("tiny", 0)
+    export(model, tmp / "onnx", source={"kind": "preset", "preset": "tiny", "seed": 0}, log=lambda *a: None)
+    return model, tmp / "onnx"
+
+
+def _runtime_video(model, backend: str, dtype="fp32", **kw):
+    """One tiny request (2 clips, 3 steps, 256 px) through the runtime on CUDA: video (B,3,T,H,W) float32."""
+    import torch
+
+    from vidrd.ref.loading import to
+    from vidrd.ref.sampler import SamplerSettings
+
+    from .bench import DTYPES
+    from .engine import Limits, Request, create
+
+    s = SamplerSettings(height=256, width=256, frames=8, steps=3, clips=2, overlap=4)
+    rt = create(to(model, device="cuda"), backend, limits=Limits(1, 8, 256, 256, 3, 4), device="cuda",
+                dtype=DTYPES[dtype], **kw)
+    try:
+        t0 = time.perf_counter()
+        video = torch.cat([c.video for c in rt.generate(Request(("a boat",), ("watermark",), s, 42, True))], 2)
+        return video, time.perf_counter() - t0
+    finally:
+        rt.close()
+
+
+def _psnr(a, b) -> float:
+    mse = ((a - b) ** 2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def onnxruntime() -> dict:
+    """The onnxruntime backend on CUDA (CUDA or TensorRT execution provider) against the torch backend."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise Skip(f"onnxruntime is not installed ({e})") from None
+    providers = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in providers:
+        raise Skip(f"onnxruntime {ort.__version__} is the CPU build (providers {providers}): install onnxruntime-gpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        model, onnx_dir = _tiny_export(Path(tmp))
+        ref, t_ref = _runtime_video(model, "torch")
+        got, t_ort = _runtime_video(model, "onnxruntime", export_dir=onnx_dir)
+    psnr = _psnr(got, ref)
+    return {"status": "ok" if psnr > 40 else "fail", "providers": providers, "psnr_db_vs_torch": psnr,
+            "seconds": {"torch": t_ref, "onnxruntime": t_ort}}
+
+
+def tensorrt() -> dict:
+    """TensorRT engines (fp32 dynamic for every component; fp16 static UNet with CUDA graphs) against torch."""
+    try:
+        import tensorrt as trt
+        import polygraphy.backend.trt  # noqa: F401
+    except ImportError as e:
+        raise Skip(f"TensorRT or polygraphy is not installed ({e}): pip install tensorrt-cu12 'vidrd[tensorrt]'") \
+            from None
+    from vidrd.export.engines import Shapes, build_all
+
+    out = {"tensorrt": trt.__version__}
+    with tempfile.TemporaryDirectory() as tmp:
+        model, onnx_dir = _tiny_export(Path(tmp))
+        ref, t_ref = _runtime_video(model, "torch")
+        t0 = time.perf_counter()
+        build_all(onnx_dir, Path(tmp) / "fp32", Shapes((1, 1, 2), (8, 8, 8), (256, 256, 256)), "fp32", log=print)
+        build_all(onnx_dir, Path(tmp) / "fp16", Shapes((1, 1, 1), (8, 8, 8), (256, 256, 256), static=True), "fp16",
+                  components=["unet"], log=print)
+        out["build_s"] = time.perf_counter() - t0
+        got, t32 = _runtime_video(model, "tensorrt", engine_dir=Path(tmp) / "fp32")
+        half, t16 = _runtime_video(model, "torch", "fp16", unet="tensorrt", engine_dir=Path(tmp) / "fp16")
+    out.update(psnr_db_fp32_vs_torch=_psnr(got, ref), psnr_db_fp16_static_unet_vs_torch=_psnr(half, ref),
+               seconds={"torch": t_ref, "tensorrt_fp32": t32, "tensorrt_fp16_static_unet": t16})
+    return {"status": "ok" if out["psnr_db_fp32_vs_torch"] > 40 else "fail", **out}
+
+
+def sd21_base() -> dict:
+    """The sd21-base bench workload: the float32 reference sampler against the GPU configurations; best marked."""
+    configs = [{"dtype": "fp32"}, {"dtype": "bf16"}, {"dtype": "fp16"}, {"dtype": "fp16", "attention": "triton"},
+               {"dtype": "fp16", "compile": "reduce-overhead"}]
+    rows = []
+    for cfg in configs:
+        try:
+            rows.append(_bench("sd21-base", **cfg))
+        except Exception as e:  # one configuration failing must not hide the others' numbers
+            traceback.print_exc()
+            rows.append({"config": cfg, "error": f"{type(e).__name__}: {e}"[:400]})
+    ok = [r for r in rows if "s_per_frame" in r and r.get("psnr_db", 0) > 20]
+    best = min(ok, key=lambda r: r["s_per_frame"]) if ok else None
+    return {"status": "ok" if best and not any("error" in r for r in rows) else "fail", "rows": rows,
+            "best": best and best["config"], "best_rule": "lowest s/frame among runs within 20 dB PSNR of the "
+            "float32 reference"}
+
+
+# name, time limit (s), function
+SECTIONS = [("parity", 240, parity), ("gpu_tests", 480, gpu_tests), ("kernels", 240, kernels),
+            ("triton_unet", 180, triton_unet), ("precision", 240, precision), ("compile", 360, compiled),
+            ("onnxruntime", 240, onnxruntime), ("tensorrt", 480, tensorrt), ("sd21_base", 600, sd21_base)]
+
+
+# ------------------------------------------------------------------------------------------------------- driver
+
+def run_section(name: str, result: Path) -> int:
+    """Child process: run one section and write its result (status ok, fail or skipped) as JSON."""
+    fn = dict((n, f) for n, _, f in SECTIONS)[name]
+    t0 = time.perf_counter()
+    try:
+        res = fn()
+    except Skip as e:
+        res = {"status": "skipped", "reason": str(e)}
+    except Exception as e:
+        traceback.print_exc()
+        res = {"status": "fail", "error": f"{type(e).__name__}: {e}"[:2000]}
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    result.write_text(json.dumps(res, indent=1, default=str))
+    return 0
+
+
+def machine() -> dict:
+    """What this machine offers: GPU, versions, and which optional stacks are there."""
+    import importlib.util
+
+    import torch
+    info = {"gpu": torch.cuda.get_device_name(), "capability": ".".join(map(str, torch.cuda.get_device_capability())),
+            "gpu_memory_gb": round(torch.cuda.get_device_properties(0).total_memory / 2 ** 30, 1),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
+    for mod in ("triton", "onnx", "onnxruntime", "tensorrt", "transformers", "av", "fastapi"):
+        if importlib.util.find_spec(mod) is None:
+            info[mod] = None
+            continue
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception as e:  # a broken optional install: name it, do not stop
+            info[mod] = f"broken: {type(e).__name__}: {e}"[:200]
+    if info["onnxruntime"] and not str(info["onnxruntime"]).startswith("broken"):
+        import onnxruntime
+        info["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    return info
+
+
+def markdown(report: dict) -> str:
+    """The report as Markdown: one row per section, then the benchmark rows (for BENCHMARKS.md)."""
+    m = report["machine"]
+    lines = [f"GPU check on {m['gpu']} (sm {m['capability']}, {m['gpu_memory_gb']} GB), torch {m['torch']} "
+             f"(CUDA {m['cuda']}), triton {m['triton']}, onnxruntime {m['onnxruntime']}, tensorrt {m['tensorrt']}; "
+             f"{report['total_s']:.0f} s in all.", "", "| section | status | seconds | result |", "|---|---|---|---|"]
+    for name, r in report["sections"].items():
+        lines.append(f"| {name} | {r['status']} | {r.get('seconds', '')} | {_gist(name, r)} |")
+    bench = [(name, row) for name, r in report["sections"].items() for row in r.get("rows", [])]
+    if bench:
+        lines += ["", "| section | workload | config | s/frame | reference s/frame | speed-up | PSNR dB | latents rel "
+                  "err | peak CUDA MB |", "|---|---|---|---|---|---|---|---|---|"]
+        for name, row in bench:
+            cfg = " ".join(f"{k}={v}" for k, v in row["config"].items())
+            if "s_per_frame" not in row:
+                lines.append(f"| {name} | | {cfg} | {row.get('error') or row.get('non_finite')} | | | | | |")
+                continue
+            lines.append(f"| {name} | {row['workload']} | {cfg} | {_f(row['s_per_frame'])} | "
+                         f"{_f(row['reference_s_per_frame'])} | {_f(row['speedup'])} | {_f(row['psnr_db'])} | "
+                         f"{_f(row['latents_rel_err'])} | {_f(row['peak_cuda_mb'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _f(v) -> str:
+    return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _gist(name: str, r: dict) -> str:
+    """One cell saying what a section found."""
+    if r["status"] in ("skipped", "timeout") or "error" in r and "rows" not in r:
+        return (r.get("reason") or r.get("error") or "").replace("|", "/").replace("\n", " ")[:300]
+    if name == "parity":
+        worst = max(r["max_rel_err"].items(), key=lambda kv: kv[1])
+        return f"{len(r['max_rel_err'])} tensors, worst {worst[0]} {worst[1]:.2e} (tol {NET_TOL}/{PIPE_TOL})"
+    if name == "gpu_tests":
+        return f"{r['summary']}; skipped: {'; '.join(r['skipped'])[:200] or 'none'}"
+    if name == "kernels":
+        sp = [t["speedup"] for t in r["timings"]]
+        return (f"{r['checked_shapes']} shapes, {len(r['mismatches'])} mismatches, max err {r['max_abs_err']}; "
+                f"speed-up vs SDPA median {statistics.median(sp):.2f}" if sp else "no timings")
+    if name == "triton_unet":
+        return "; ".join(f"{k}: rel err {v['rel_l2_err']:.1e}, {v['triton_ms']:.1f} vs {v['sdpa_ms']:.1f} ms"
+                         for k, v in r["unet"].items())
+    if name == "sd21_base":
+        return f"best: {r['best']}"
+    if name in ("onnxruntime", "tensorrt"):
+        return ", ".join(f"{k} {_f(v)}" for k, v in r.items() if k.startswith("psnr"))
+    return f"{len(r.get('rows', []))} runs (table below)"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="gpu-check", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="out/gpu-check", help="folder for gpu-check.json, gpu-check.md, gpu-check.log")
+    p.add_argument("--only", help="comma-separated sections: " + ",".join(n for n, _, _ in SECTIONS))
+    p.add_argument("--budget-min", type=float, default=19.0, help="stop starting sections after this many minutes")
+    p.add_argument("--section", help=argparse.SUPPRESS)  # child process: run this section ...
+    p.add_argument("--result", help=argparse.SUPPRESS)  # ... and write its result here
+    args = p.parse_args(argv)
+    if args.section:
+        return run_section(args.section, Path(args.result))
+
+    import torch
+    if not torch.cuda.is_available():
+        print(f"gpu-check: no CUDA GPU on this machine (torch {torch.__version__}, CUDA build "
+              f"{torch.version.cuda or 'none'}): nothing checked; run it on a machine with an NVIDIA GPU",
+              file=sys.stderr)
+        return 2
+    names = [n for n, _, _ in SECTIONS]
+    only = names if not args.only else [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in only if s not in names]
+    if unknown:
+        print(f"gpu-check: unknown sections {unknown}; choose from {names}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    deadline = t0 + 60 * args.budget_min
+    report = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), "sections": {}}
+    print(json.dumps({"machine": report["machine"]}), flush=True)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels, not the interpreter
+    env["PYTHONUNBUFFERED"] = "1"
+    log_path = out / "gpu-check.log"
+    log_path.write_text("")
+    for name, limit, fn in SECTIONS:
+        if name not in only:
+            continue
+        left = deadline - time.monotonic()
+        if left < 30:
+            report["sections"][name] = {"status": "skipped", "reason": f"time budget of {args.budget_min:g} min used"}
+            continue
+        limit = min(limit, left)
+        print(f"[gpu-check] {name} (up to {limit:.0f} s): {fn.__doc__.splitlines()[0]}", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            res_file = Path(tmp) / "result.json"
+            t1 = time.monotonic()
+            with open(log_path, "a") as log:
+                log.write(f"\n===== {name} =====\n")
+                log.flush()
+                try:
+                    proc = subprocess.run([sys.executable, "-m", "vidrd.runtime.gpu_check", "--section", name,
+                                           "--result", str(res_file)], cwd=ROOT, env=env, stdout=log,
+                                          stderr=subprocess.STDOUT, timeout=limit)
+                    res = json.loads(res_file.read_text()) if res_file.is_file() else \
+                        {"status": "fail", "error": f"the section's process exited {proc.returncode} without a "
+                                                    f"result (crash? see gpu-check.log)"}
+                except subprocess.TimeoutExpired:
+                    res = {"status": "timeout", "reason": f"stopped after {limit:.0f} s (see gpu-check.log)"}
+            res.setdefault("seconds", round(time.monotonic() - t1, 1))
+        report["sections"][name] = res
+        print(f"[gpu-check] {name}: {res['status']} ({res['seconds']} s) {_gist(name, res)}", flush=True)
+    report["total_s"] = round(time.monotonic() - t0, 1)
+    report["skipped"] = {n: r.get("reason") for n, r in report["sections"].items() if r["status"] == "skipped"}
+    (out / "gpu-check.json").write_text(json.dumps(report, indent=1, default=str))
+    md = markdown(report)
+    (out / "gpu-check.md").write_text(md)
+    print(md)
+    for n, why in report["skipped"].items():
+        print(f"skipped {n}: {why}")
+    print(f"wrote {out / 'gpu-check.json'}, {out / 'gpu-check.md'}, {log_path}")
+    return 1 if any(r["status"] in ("fail", "timeout") for r in report["sections"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
