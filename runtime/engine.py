@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from vidrd.ref.dpmpp import DPMSolverPP2M
 from vidrd.ref.sampler import SamplerSettings, check_prompts
 from vidrd.ref.text import tokenize
 
@@ -119,12 +120,31 @@ class Job:
             g.add_(eps[:b])
         else:
             g.copy_(eps)
+        if self.s.solver == "dpmpp-2m":
+            self.multistep_update(i)
+            return
         torch.mul(g, coef[0], out=tmp)  # x0 = (x - sqrt(1-a_t) eps) / sqrt(a_t)
         lat.sub_(tmp)
         lat.div_(coef[1])
         lat.mul_(coef[2])  # x_prev = sqrt(a_prev) x0 + sqrt(1-a_prev) eps
         torch.mul(g, coef[3], out=tmp)
         lat.add_(tmp)
+
+    def multistep_update(self, i: int) -> None:
+        """DPM-Solver++(2M) from the guided noise prediction, in place (vidrd.ref.dpmpp)."""
+        lat, g, x0, prev, m = self.lat, self.guided, self.scratch, self.rt.prev_x0[: self.lat.numel()], self.rt.mcoef[i]
+        prev = prev.view(self.shape)
+        torch.mul(g, m[0], out=x0)  # sigma_i eps
+        torch.sub(lat, x0, out=x0)
+        x0.div_(m[1])  # x0 = (x - sigma_i eps) / alpha_i
+        if i == 0:  # a new trajectory (every clip restarts at step 0): c_prev is 0, keep the product finite
+            prev.copy_(x0)
+        lat.mul_(m[2])  # the reference's c_x x + c_x0 x0 + c_prev x0_prev, term by term (no fused multiply-add)
+        torch.mul(x0, m[3], out=g)  # the guided prediction is no longer needed
+        lat.add_(g)
+        torch.mul(prev, m[4], out=g)
+        lat.add_(g)
+        prev.copy_(x0)
 
     def handoff(self):
         """After a clip's last step: latents / scaling factor into the VAE input; a CPU copy of the latents."""
@@ -180,6 +200,8 @@ class Runtime:
         self.timestep = buf(2 * b)  # (2B,) float32
         self.ts_table = torch.empty(lim.steps, 2 * b, device=dev)  # (T,2B) timestep of every step
         self.coef = torch.empty(lim.steps, 4, device=dev)  # (T,4) DDIM factors of every step
+        self.mcoef = torch.empty(lim.steps, 5, device=dev)  # (T,5) DPM-Solver++(2M) factors of every step
+        self.prev_x0 = buf(n)  # (B,C,F,h,w) DPM-Solver++(2M): the previous step's data prediction
         self.gscale = torch.empty((), device=dev)  # guidance scale
         self.history = History(n, b * c * lim.overlap * h * w, lim.steps, f, dev)
         self.noise_cpu = buf(n, device="cpu")  # (B,C,F,h,w) random draws come from a CPU generator (parity)
@@ -206,9 +228,6 @@ class Runtime:
         """Validate a request against the sampler rules and this runtime's buffers, before any work."""
         s = request.settings
         s.validate(self.model)
-        if s.solver != "ddim":
-            raise ValueError(f"solver={s.solver!r} runs on the reference sampler only (backend 'reference'); "
-                             "the runtime's step is DDIM")
         prompts, negatives = check_prompts(self.tokenizer, list(request.prompts),
                                            None if request.negative_prompts is None else list(request.negative_prompts))
         lim = self.limits
@@ -254,6 +273,13 @@ class Runtime:
             a, ap = self.scheduler.alphas(int(t), s.steps)
             rows.append([(1 - a) ** 0.5, a ** 0.5, ap ** 0.5, (1 - ap) ** 0.5])
         self.coef[: s.steps].copy_(torch.tensor(rows, dtype=torch.float32))
+        if s.solver == "dpmpp-2m":  # x0 = (x - sigma eps) / alpha; x' = c_x x + c_x0 x0 + c_prev x0_prev
+            dpm = DPMSolverPP2M(self.model.config.scheduler, s.steps)
+            mrows = []
+            for i in range(s.steps):
+                c_x, c_x0, c_prev, alpha = dpm.coefficients(i)
+                mrows.append([dpm.sigma[i], alpha, c_x, c_x0, c_prev])
+            self.mcoef[: s.steps].copy_(torch.tensor(mrows, dtype=torch.float32))
         self.ts_table[: s.steps].copy_(torch.tensor(timesteps, dtype=torch.float32)[:, None].expand(-1, 2 * self.limits.batch))
         self.gscale.fill_(s.guidance_scale)
         job.initial_noise()

@@ -64,9 +64,15 @@ def test_sampler_runs_the_solver_on_the_same_schedule():
         SamplerSettings(solver="euler").validate()
 
 
-def test_runtime_refuses_a_solver_it_does_not_run():
+@pytest.mark.parametrize("guidance", [1.0, 7.5])
+def test_runtime_solver_matches_reference(guidance):
     from vidrd.runtime.engine import Limits, Request, create
-    rt = create(random_model("tiny", 0), limits=Limits(batch=1, frames=4, height=16, width=16, steps=2, overlap=1))
-    with pytest.raises(ValueError, match="solver='dpmpp-2m'"):
-        next(rt.generate(Request(("a",), None, SamplerSettings(height=16, width=16, frames=4, steps=2,
-                                                              solver="dpmpp-2m"))))
+    model = random_model("tiny", 0)
+    s = SamplerSettings(height=16, width=16, frames=4, steps=5, clips=2, overlap=2, guidance_scale=guidance,
+                        solver="dpmpp-2m")
+    rt = create(model, limits=Limits(batch=2, frames=4, height=16, width=16, steps=5, overlap=2))
+    clips = list(rt.generate(Request(("a", "b"), None, s, seed=3, float_video=True)))
+    latents = torch.stack([c.latents for c in clips])
+    _, ref = generate(model, ["a", "b"], height=16, width=16, frames=4, steps=5, clips=2, overlap=2,
+                      guidance_scale=guidance, solver="dpmpp-2m", generator=torch.Generator().manual_seed(3))
+    assert (latents - ref).abs().max() <= 1e-5 * ref.abs().max()
