@@ -221,9 +221,11 @@ BAD = [  # (what, method, path, body or raw bytes, status, field named in the 42
      "negative_prompts"),
     ("huge guidance", "post", "/v1/videos", {"prompts": ["a"], "guidance_scale": 1e300}, 422, "guidance_scale"),
     ("huge noise recycle", "post", "/v1/videos", {"prompts": ["a"], "noise_recycle": 1e300}, 422, "noise_recycle"),
-    ("tiny fps gif", "post", "/v1/videos", {"prompts": ["a"], "format": "gif", "fps": 0.0004, "steps": 2, **TINY}, 422, "fps"),
+    ("tiny fps gif", "post", "/v1/videos", {"prompts": ["a"], "format": "gif", "fps": 0.0004, "steps": 2, **TINY},
+     422, "fps"),
     ("tiny fps mp4", "post", "/v1/videos", {"prompts": ["a"], "fps": 0.0004, "steps": 2, **TINY}, 422, "fps"),
-    ("gif over 100 fps", "post", "/v1/videos", {"prompts": ["a"], "format": "gif", "fps": 110.0, "steps": 2, **TINY}, 422, "fps"),
+    ("gif over 100 fps", "post", "/v1/videos", {"prompts": ["a"], "format": "gif", "fps": 110.0, "steps": 2, **TINY},
+     422, "fps"),
     ("deeply nested JSON", "post", "/v1/videos", b'{"prompts": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None),
 ]
 

@@ -74,7 +74,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, IndexError, TypeError,
             UnicodeDecodeError) as e:  # what torch's readers raise on bytes that are not a checkpoint
         first = str(e).splitlines()[0] if isinstance(e, (RuntimeError, ValueError)) and str(e) else type(e).__name__
-        raise WeightsError(f"{path}: truncated or corrupt weights file, or not a PyTorch checkpoint ({first})") from None
+        raise WeightsError(f"{path}: truncated or corrupt weights file, or not a PyTorch checkpoint "
+                           f"({first})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]  # a PyTorch-Lightning checkpoint
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
