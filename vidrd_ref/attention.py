@@ -45,19 +45,35 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.scale = heads, (dim // heads) ** -0.5
         self.backend = "sdpa"
+        self.cross = context_dim is not None  # attends to the text context (constant over a request)
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        ctx = x if context is None else context
+    def kv(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of ctx (N,Lk,Dc) -> (N,H,Lk,Dh) each."""
+        n, lk = ctx.shape[:2]
+        k = self.to_k(ctx).view(n, lk, self.heads, -1).transpose(1, 2)  # (N,H,Lk,Dh)
+        v = self.to_v(ctx).view(n, lk, self.heads, -1).transpose(1, 2)  # (N,H,Lk,Dh)
+        return k, v
+
+    def forward(self, x: torch.Tensor, context: "torch.Tensor | CrossKV | None" = None) -> torch.Tensor:
         n, l, c = x.shape
         q = self.to_q(x).view(n, l, self.heads, -1).transpose(1, 2)  # (N,H,L,Dh)
-        k = self.to_k(ctx).view(n, ctx.shape[1], self.heads, -1).transpose(1, 2)  # (N,H,Lk,Dh)
-        v = self.to_v(ctx).view(n, ctx.shape[1], self.heads, -1).transpose(1, 2)  # (N,H,Lk,Dh)
+        k, v = context.kv[self] if isinstance(context, CrossKV) else self.kv(x if context is None else context)
         o = attend(q, k, v, self.scale, self.backend)
         return self.to_out[0](o.transpose(1, 2).reshape(n, l, c))  # (N,L,C)
+
+
+class CrossKV:
+    """Keys and values of every cross-attention of `model` for one text context (B,L,Dc): the context is constant
+    over a request, so they are computed once instead of at every step. Pass it where the context goes."""
+
+    def __init__(self, model: nn.Module, context: torch.Tensor):
+        self.context = context
+        self.kv = {m: m.kv(context.to(m.to_k.weight.dtype)) for m in model.modules()
+                   if isinstance(m, Attention) and m.cross}
 
 
 def set_attention(model: nn.Module, backend: str) -> nn.Module:

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import CrossKV
 from .config import UNetConfig
 from .unet_blocks import Block3D, MidBlock3D, conv2d_5d
 
@@ -32,7 +33,7 @@ class TimestepEmbedding(nn.Module):
 
 
 class UNet3D(nn.Module):
-    """sample (B,4,F,h,w), timestep () or (B,), context (B,L,Dc) -> noise prediction (B,4,F,h,w)."""
+    """sample (B,4,F,h,w), timestep () or (B,), context (B,L,Dc) or its CrossKV -> noise prediction (B,4,F,h,w)."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -71,7 +72,9 @@ class UNet3D(nn.Module):
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.reshape(-1).expand(b) if t.numel() == 1 else t.reshape(b)  # (B,)
         emb = self.time_embedding(timestep_embedding(t, self.conv_in.out_channels).to(dtype))  # (B,Dt)
-        x, context = sample.to(dtype), context.to(dtype)
+        x = sample.to(dtype)
+        if not isinstance(context, CrossKV):  # a CrossKV holds keys/values already in the layers' dtype
+            context = context.to(dtype)
 
         n_up = len(self.up_blocks) - 1
         # Up-sampling to an explicit size is needed when h or w is not a multiple of 2**(number of up-samplers).

@@ -107,11 +107,14 @@ class TransformerBlock(nn.Module):
         """The (F,C) frame embedding for x ((B F),hw,C); the ONNX export overrides this with a table slice."""
         return frame_embedding(frames, x.shape[-1], x.dtype, x.device)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, frames: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context, frames: int) -> torch.Tensor:
+        """x ((B F),hw,C); context (B,L,Dc) or its CrossKV."""
         x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context) + x
         bf, hw, c = x.shape
         b = bf // frames
+        # Every frame of a video attends to the same context: its queries go in as one (F hw) sequence, the same
+        # arithmetic per query as the official per-frame copies of the context, without F copies of its keys/values.
+        x = self.attn2(self.norm2(x).view(b, frames * hw, c), context).view(bf, hw, c) + x
         # The frame embedding stays in the residual stream (SPEC §4.3); for F == 1 the official in-place add
         # leaks into the returned identity, so PE[0] is added even on the single-frame path (SPEC §4.4).
         pe = self.frame_embedding(frames, x)  # (F,C)
@@ -125,7 +128,8 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer3D(nn.Module):
-    """Official Transformer3DModel: per-frame GroupNorm, linear proj in/out, one block. (B,C,F,h,w), ctx (B,L,Dc)."""
+    """Official Transformer3DModel: per-frame GroupNorm, linear proj in/out, one block. (B,C,F,h,w), ctx (B,L,Dc)
+    or its CrossKV."""
 
     def __init__(self, dim: int, heads: int, context_dim: int, groups: int):
         super().__init__()
@@ -137,10 +141,9 @@ class Transformer3D(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, f, h, w = x.shape
         frames = x.transpose(1, 2).reshape(b * f, c, h, w)  # ((B F),C,h,w)
-        ctx = context[:, None].expand(b, f, *context.shape[1:]).reshape(b * f, *context.shape[1:])  # ((B F),L,Dc)
         t = self.norm(frames).permute(0, 2, 3, 1).reshape(b * f, h * w, c)  # ((B F),hw,C): norm is per frame
         t = self.proj_in(t)
-        t = self.transformer_blocks[0](t, ctx, f)
+        t = self.transformer_blocks[0](t, context, f)
         t = self.proj_out(t).view(b * f, h, w, c).permute(0, 3, 1, 2)  # ((B F),C,h,w)
         return (t + frames).view(b, f, c, h, w).transpose(1, 2)  # (B,C,F,h,w)
 
