@@ -5,9 +5,10 @@ import sys
 import time
 from pathlib import Path
 
-from vidrd.ref.sampler import ASSEMBLIES, SamplerSettings, check_text
+from vidrd.ref.sampler import ASSEMBLIES, CONTINUATIONS, SOLVERS, SamplerSettings, check_text
 
-from .model_args import add_model_args, check_model_args
+from . import shapes
+from .model_args import add_model_args, check_model_args, is_default_model
 
 DEFAULTS = SamplerSettings()
 OFFICIAL_NEGATIVE = "watermark"  # the official evaluator hard-codes this negative prompt (SPEC §4.14)
@@ -16,20 +17,26 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt", "reference")
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate a video from a prompt (reuse and diffuse for long videos)",
-                       description="Generate a video. With no weights given, the embedded tiny model with random "
-                       "weights is used: it runs anywhere but its output is not a trained model's.")
+                       description="Generate a video. With no weights given, the embedded vidrd-shapes model is "
+                       "used (trained here on videos of one coloured shape moving on a plain background; prompts "
+                       f"like {shapes.DEMO_PROMPT!r}), at settings that suit it: "
+                       + ", ".join(f"--{k} {v}" for k, v in shapes.SETTINGS.items()) + ".")
     p.add_argument("prompt", nargs="?", help="the text prompt")
     p.add_argument("--prompt", dest="prompts", action="append", default=[], metavar="TEXT",
                    help="a prompt; repeat for a batch (one output file each)")
     p.add_argument("-o", "--out", required=True, help="output: NAME.mp4 (H.264), NAME.gif, or a folder for PNGs")
-    p.add_argument("--negative-prompt", default=OFFICIAL_NEGATIVE,
-                   help=f"negative prompt for every video (default {OFFICIAL_NEGATIVE!r}, as the official evaluator)")
+    p.add_argument("--negative-prompt", default=None,
+                   help=f"negative prompt for every video (default {OFFICIAL_NEGATIVE!r}, as the official evaluator; "
+                   f"{shapes.NEGATIVE!r} for the embedded model)")
     s = p.add_argument_group("sampler (official defaults)")
-    s.add_argument("--height", type=int, default=DEFAULTS.height)
-    s.add_argument("--width", type=int, default=DEFAULTS.width)
-    s.add_argument("--frames", type=int, default=DEFAULTS.frames, help="frames per clip")
-    s.add_argument("--steps", type=int, default=DEFAULTS.steps, help="DDIM steps per clip")
-    s.add_argument("--clips", type=int, default=DEFAULTS.clips, help="clips in total (1 = no extension)")
+    embedded = shapes.SETTINGS
+    s.add_argument("--height", type=int, help=f"default {DEFAULTS.height} ({embedded['height']} for the embedded model)")
+    s.add_argument("--width", type=int, help=f"default {DEFAULTS.width} ({embedded['width']} for the embedded model)")
+    s.add_argument("--frames", type=int, help=f"frames per clip (default {DEFAULTS.frames})")
+    s.add_argument("--steps", type=int, help=f"denoising steps per clip (default {DEFAULTS.steps}; "
+                   f"{embedded['steps']} for the embedded model)")
+    s.add_argument("--clips", type=int, help=f"clips in total, 1 = no extension (default {DEFAULTS.clips}; "
+                   f"{embedded['clips']} for the embedded model)")
     s.add_argument("--overlap", type=int, default=DEFAULTS.overlap, help="frames shared with the previous clip")
     s.add_argument("--noise-recycle", type=float, default=DEFAULTS.noise_recycle,
                    help="weight of the previous clip's reversed noise in a new clip's noise")
@@ -42,6 +49,11 @@ def register(sub) -> None:
                    help="decode with the temporal VAE layers (paper) instead of per frame (official code)")
     s.add_argument("--assembly", choices=ASSEMBLIES, default=DEFAULTS.assembly,
                    help="official: every clip whole; trim: later clips without their overlap frames")
+    s.add_argument("--continuation", choices=CONTINUATIONS, default=DEFAULTS.continuation,
+                   help="official: a new clip replays the previous clip's end backwards (the paper's reversed "
+                   "noise and overlap); forward: it continues in the same frame order (use with --assembly trim)")
+    s.add_argument("--solver", choices=SOLVERS, default=DEFAULTS.solver,
+                   help="ddim (official) or dpmpp-2m (DPM-Solver++(2M): similar quality in fewer --steps)")
     s.add_argument("--seed", type=int, default=42)
     o = p.add_argument_group("output and execution")
     o.add_argument("--fps", type=float, default=8.0, help="frames per second (0.1 to 120; gif: at most 100)")
@@ -75,12 +87,23 @@ def outputs(out: str, n: int) -> list[Path]:
 
 
 def settings(args) -> SamplerSettings:
-    """The sampler settings of the flags, validated (ValueError names the flag's value)."""
-    s = SamplerSettings(args.height, args.width, args.frames, args.steps, args.clips, args.overlap,
-                        args.noise_recycle, args.denoise_guidance, args.guidance_scale, args.noise_prior,
-                        args.temporal_decode, args.assembly)
+    """The sampler settings of the flags, validated (ValueError names the flag's value); flags left out take the
+    official defaults, or the embedded model's (shapes.SETTINGS) when no model flag is given."""
+    base = shapes.SETTINGS if is_default_model(args) else {}
+    sized = {k: getattr(args, k) if getattr(args, k) is not None else base.get(k, getattr(DEFAULTS, k))
+             for k in ("height", "width", "frames", "steps", "clips")}
+    s = SamplerSettings(**sized, overlap=args.overlap, noise_recycle=args.noise_recycle,
+                        denoise_guidance=args.denoise_guidance, guidance_scale=args.guidance_scale,
+                        noise_prior=args.noise_prior, temporal_decode=args.temporal_decode, assembly=args.assembly,
+                        continuation=args.continuation, solver=args.solver)
     s.validate()
     return s
+
+
+def negative_prompt(args) -> str:
+    if args.negative_prompt is not None:
+        return args.negative_prompt
+    return shapes.NEGATIVE if is_default_model(args) else OFFICIAL_NEGATIVE
 
 
 def run(args) -> int:
@@ -92,10 +115,11 @@ def run(args) -> int:
 
     prompts = ([args.prompt] if args.prompt else []) + args.prompts
     if not prompts:
-        raise ValueError("give a prompt: vidrd generate \"a boat sailing on a lake\" -o boat.mp4")
+        raise ValueError(f"give a prompt: vidrd generate \"{shapes.DEMO_PROMPT}\" -o shapes.mp4")
     for i, text in enumerate(prompts):
         check_text("prompt" if len(prompts) == 1 else f"prompt {i}", text)
-    check_text("--negative-prompt", args.negative_prompt)
+    negative = negative_prompt(args)
+    check_text("--negative-prompt", negative)
     s = settings(args)
     check_model_args(args)
     kinds = {args.backend, args.unet_backend, args.vae_backend} - {None}
@@ -121,9 +145,16 @@ def run(args) -> int:
     model, what, random = load_model(args, dtype=dtype, device=device)
     print(f"model: {what} on {device} ({args.dtype}), loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if random:
-        print("note: no weights given, so this is the embedded tiny model with random weights: the video shows "
-              "what the pipeline does, not what a trained model makes. Use --weights DIR or --sd/--ckpt/--vae for "
-              "real weights.", file=sys.stderr)
+        print("note: random weights: the video shows what the pipeline does, not what a trained model makes. Use "
+              "--weights DIR or --sd/--ckpt/--vae for real weights, or no model flag for the embedded model.",
+              file=sys.stderr)
+    if is_default_model(args):
+        from .shapes.data import TEMPLATE, out_of_vocabulary
+        for text in prompts:
+            unknown = out_of_vocabulary(text)
+            if unknown:
+                print(f"warning: {shapes.NAME} does not know the words {', '.join(unknown)} in {text!r}; it was "
+                      f"trained on captions like {TEMPLATE!r}", file=sys.stderr)
     s.validate(model)
 
     bar = None
@@ -131,7 +162,7 @@ def run(args) -> int:
         from tqdm import tqdm
         bar = tqdm(total=s.clips * s.steps, unit="step", desc="denoising", file=sys.stderr)
     t0 = time.perf_counter()
-    negatives = [args.negative_prompt] * len(prompts)
+    negatives = [negative] * len(prompts)
     writers = []
     try:
         for path in paths:
@@ -142,7 +173,8 @@ def run(args) -> int:
                                 steps=s.steps, clips=s.clips, overlap=s.overlap, noise_recycle=s.noise_recycle,
                                 denoise_guidance=s.denoise_guidance, guidance_scale=s.guidance_scale,
                                 generator=generator, temporal_decode=s.temporal_decode, noise_prior=s.noise_prior,
-                                assembly=s.assembly, callback=(lambda c, i: bar.update(1)) if bar else None)
+                                assembly=s.assembly, continuation=s.continuation, solver=s.solver,
+                                callback=(lambda c, i: bar.update(1)) if bar else None)
             for w, v in zip(writers, video):
                 w.write(to_uint8(v))
         else:

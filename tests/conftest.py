@@ -76,7 +76,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def default_onnx(tmp_path_factory):
-    """`vidrd export` of the embedded default model (preset tiny, weights seed 0): all four components, fp32."""
+    """`vidrd export` of the random tiny preset (weights seed 0): all four components, fp32."""
     pytest.importorskip("onnxruntime")
     from vidrd.export.onnx_export import export
     from vidrd.ref.weights import random_model

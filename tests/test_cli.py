@@ -1,4 +1,4 @@
-"""The `vidrd` command line end to end on the embedded default model."""
+"""The `vidrd` command line end to end on the random tiny preset (the embedded trained model: test_shapes_model)."""
 import json
 import os
 import subprocess
@@ -15,10 +15,10 @@ from vidrd.runtime.cli import main
 from vidrd.runtime.video_io import read_video
 
 SMALL = ["--height", "64", "--width", "48", "--frames", "4", "--steps", "2", "--clips", "3", "--overlap", "2",
-         "--no-progress"]
+         "--no-progress", "--preset", "tiny"]
 
 
-def test_generate_mp4_on_the_embedded_default(tmp_path, capsys):
+def test_generate_mp4_on_the_random_tiny_preset(tmp_path, capsys):
     out = tmp_path / "boat.mp4"
     assert main(["generate", "a boat sailing on a lake", "-o", str(out), *SMALL]) == 0
     err = capsys.readouterr().err
@@ -75,7 +75,9 @@ def test_batch_writes_one_png_folder_each(tmp_path):
 ])
 def test_bad_arguments_exit_nonzero_naming_the_argument(tmp_path, capsys, args, needle):
     out = tmp_path / "v.mp4"
-    base = SMALL[:SMALL.index("--overlap")] + ["--no-progress"] if "--overlap" in args else SMALL
+    base = SMALL[:SMALL.index("--overlap")] + ["--no-progress", "--preset", "tiny"] if "--overlap" in args else SMALL
+    if {"--preset", "--sd", "--weights"} & set(args):  # the model flag under test replaces the tiny preset
+        base = [a for a in base if a not in ("--preset", "tiny")]
     assert main(["generate", "x", "-o", str(out), *base, *args]) == 2
     assert_one_error_line(capsys.readouterr().err, needle)
     assert not list(tmp_path.iterdir())
@@ -143,7 +145,7 @@ def test_console_script_help_and_info():
 # ------------------------------------------------------------------------------------------ execution paths
 # 64x64 and 4 frames: the smallest request inside the ONNX export's ranges (latents >= 8)
 PATHS = ["--height", "64", "--width", "64", "--frames", "4", "--steps", "2", "--clips", "2", "--overlap", "2",
-         "--no-progress"]
+         "--no-progress", "--preset", "tiny"]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from . import data
 
 # The evaluation setting: 64x64, 8 frames a clip, 3 clips, every other sampler setting at its default.
 EVAL_SETTINGS = replace(SamplerSettings(), height=data.SIZE, width=data.SIZE, frames=data.FRAMES, clips=3)
-NEGATIVE = "watermark"  # the official evaluator's negative prompt, as `vidrd generate`
+NEGATIVE = ""  # what vidrd-shapes was trained with as its unconditional caption (caption dropout)
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "reference")
 HELD_OUT_EVERY = 4  # every 4th prompt of the set (positions 1, 5, 9, ...) is a held-out caption
 

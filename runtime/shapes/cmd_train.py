@@ -76,6 +76,8 @@ def export(trainer, out: Path) -> Path:
     model = trainer.trained_model()
     with tempfile.TemporaryDirectory() as tmp:
         write_official(model, out, safetensors=True, force=True, tokenizer_dir=tokenizer_folder(Path(tmp) / "tok"))
+    umask = os.umask(0)
+    os.umask(umask)
     # sd/vae would repeat the 2-D half of vae_finetuned/, which the loader reads instead: keep only its config.
     (out / "sd" / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     for path in out.rglob("*.safetensors"):
@@ -84,6 +86,7 @@ def export(trainer, out: Path) -> Path:
         tmp_path = path.with_name(f".{path.name}.tmp")
         save_file(half, str(tmp_path))
         os.replace(tmp_path, path)
+        path.chmod(0o666 & ~umask)  # like the other files of the folder, not the temporary file's 0600
     s = trainer.state
     info = {"config": asdict(trainer.cfg), "phase": s["phase"], "step": s["step"], "latent_scale": s["scale"],
             "train_minutes": round(s["wall"] / 60, 1), "device": str(trainer.device),
