@@ -36,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def model():
-    return random_model("tiny", 0)  # what `vidrd generate` uses without weights (preset tiny, weights seed 0)
+    return random_model("tiny", 0)  # what `vidrd generate --preset tiny` uses (weights seed 0)
 
 
 @contextlib.contextmanager
@@ -101,7 +101,7 @@ def test_streams_clips_while_running_and_file_equals_vidrd_generate(server, tmp_
     # the same request through `vidrd generate` gives the same frames (same VideoWriter, fps, encoder settings)
     args = ["generate", "--prompt", prompts[0], "--prompt", prompts[1], "-o", str(tmp_path / "cli.mp4"), "--height",
             "48", "--width", "32", "--frames", "4", "--steps", "10", "--clips", "3", "--overlap", "2", "--seed", "7",
-            "--no-progress"]
+            "--no-progress", "--preset", "tiny"]
     assert main(args) == 0
     for v in range(2):
         want = read_video(tmp_path / f"cli-{v}.mp4").astype(np.int16)
