@@ -9,7 +9,8 @@ from vidrd.runtime.shapes.train import Trainer, TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TINY_RUN = TrainConfig(vae_steps=3, vae_batch=2, unet_steps=3, unet_batch=2, warmup=2, scale_batches=1)
+TINY_RUN = TrainConfig(vae_steps=3, vae_batch=2, unet_steps=3, unet_batch=2, warmup=2, scale_batches=1,
+                       offset_noise_from=1)
 
 
 def test_grammar_captions_and_held_out_set():

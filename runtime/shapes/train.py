@@ -51,6 +51,8 @@ class TrainConfig:
     caption_dropout: float = 0.1
     min_snr: float = 5.0
     scale_batches: int = 16  # batches used to measure the latent scale
+    offset_noise: float = 0.1
+    offset_noise_from: int = 2425  # the shipped run added it at this step (backgrounds came out too dark before)
 
     def validate(self) -> None:
         for name in ("vae_steps", "unet_steps"):
@@ -220,6 +222,10 @@ class Trainer:
         ids = tokenize(m.tokenizer, caps).to(self.device)  # (B,77)
         t = torch.randint(0, len(self.ab), (b,), generator=g, device=self.device)
         noise = torch.randn(z.shape, generator=g, device=self.device)
+        if cfg.offset_noise and step >= cfg.offset_noise_from:
+            # a per-video, per-channel constant in the noise lets the model move a whole frame's mean (the plain
+            # backgrounds), which zero-mean noise at SD's terminal SNR (alpha_bar 0.005) almost never asks for
+            noise = noise + cfg.offset_noise * torch.randn((b, z.shape[1], 1, 1, 1), generator=g, device=self.device)
         ab = self.ab[t].view(b, 1, 1, 1, 1)
         x_t = ab.sqrt() * z + (1 - ab).sqrt() * noise
         with self.autocast():
