@@ -5,9 +5,11 @@ import ipaddress
 import os
 import signal
 import sys
+from dataclasses import replace
 
+from . import shapes
 from .cmd_generate import BACKENDS
-from .model_args import add_model_args, check_model_args
+from .model_args import add_model_args, check_model_args, is_default_model
 from .serve_jobs import ServeConfig
 
 D = ServeConfig()
@@ -62,6 +64,8 @@ def config_from(args) -> ServeConfig:
                     frames=args.max_frames, height=args.max_height, width=args.max_width, steps=args.max_steps,
                     clips=args.max_clips, overlap=args.max_overlap, max_prompt_chars=args.max_prompt_chars,
                     max_body_bytes=args.max_body_bytes, read_timeout_s=args.read_timeout, api_key=args.api_key or None)
+    if is_default_model(args):  # requests that leave a setting out get the embedded model's own
+        c = replace(c, defaults=tuple(shapes.SETTINGS.items()), negative_prompt=shapes.NEGATIVE)
     c.validate()
     return c
 

@@ -17,7 +17,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
-from vidrd.ref.sampler import ASSEMBLIES, SamplerSettings, check_text
+from vidrd.ref.sampler import ASSEMBLIES, CONTINUATIONS, SOLVERS, SamplerSettings, check_text
 
 from .cmd_generate import OFFICIAL_NEGATIVE
 from .serve_jobs import ID_PATTERN, STATES, ServeConfig, clip_path, video_path
@@ -29,19 +29,22 @@ JobId = Annotated[str, Path(pattern=ID_PATTERN, description="32 hex digits, as r
 ClipIndex = Annotated[int, Path(ge=0, description="clip number, from 0")]
 Video = Annotated[int, Query(ge=0, description="which prompt's video, for a batch")]
 SETTINGS = ("height", "width", "frames", "steps", "clips", "overlap", "noise_recycle", "denoise_guidance",
-            "guidance_scale", "noise_prior", "temporal_decode", "assembly")
+            "guidance_scale", "noise_prior", "temporal_decode", "assembly", "continuation", "solver")
 
 
 class VideoRequest(BaseModel):
     """A video request: the settings of `vidrd generate`, with its defaults; strict JSON types, no unknown keys."""
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     prompts: list[str] = Field(min_length=1, description="one video per prompt (a batch)")
-    negative_prompts: list[str] | None = Field(None, description=f"one per prompt (default {OFFICIAL_NEGATIVE!r})")
-    height: int = D.height
-    width: int = D.width
-    frames: int = Field(D.frames, description="frames per clip")
-    steps: int = Field(D.steps, description="DDIM steps per clip")
-    clips: int = Field(D.clips, description="clips in total (1 = no extension)")
+    negative_prompts: list[str] | None = Field(None, description=f"one per prompt (default {OFFICIAL_NEGATIVE!r}; "
+                                               "'' for the embedded model)")
+    height: int | None = Field(None, description=f"default {D.height} (64 for the embedded model)")
+    width: int | None = Field(None, description=f"default {D.width} (64 for the embedded model)")
+    frames: int | None = Field(None, description=f"frames per clip (default {D.frames})")
+    steps: int | None = Field(None, description=f"denoising steps per clip (default {D.steps}; 25 for the embedded "
+                              "model)")
+    clips: int | None = Field(None, description=f"clips in total, 1 = no extension (default {D.clips}; 3 for the "
+                              "embedded model)")
     overlap: int = Field(D.overlap, description="frames shared with the previous clip")
     noise_recycle: float = D.noise_recycle
     denoise_guidance: float = D.denoise_guidance
@@ -49,6 +52,8 @@ class VideoRequest(BaseModel):
     noise_prior: float = D.noise_prior
     temporal_decode: bool = D.temporal_decode
     assembly: Literal[ASSEMBLIES] = D.assembly
+    continuation: Literal[CONTINUATIONS] = D.continuation
+    solver: Literal[SOLVERS] = D.solver
     seed: int = Field(42, ge=0, le=2**63 - 1)
     format: Literal["mp4", "gif"] = "mp4"
     fps: float = Field(8.0, ge=min(lo for lo, _ in FPS_RANGE.values()), le=max(hi for _, hi in FPS_RANGE.values()),
@@ -88,7 +93,7 @@ def _field_error(field: str, msg: str, value=None) -> RequestValidationError:
 def to_spec(req: VideoRequest, config: ServeConfig) -> dict:
     """The validated job spec: the sampler's own rules (SamplerSettings.validate) plus this service's limits,
     which are the runtime's buffer sizes (Runtime.check). Raises a 422 that names the field."""
-    negatives = req.negative_prompts if req.negative_prompts is not None else [OFFICIAL_NEGATIVE] * len(req.prompts)
+    negatives = req.negative_prompts if req.negative_prompts is not None else [config.negative_prompt] * len(req.prompts)
     if len(req.prompts) > config.batch:
         raise _field_error("prompts", f"{len(req.prompts)} prompts exceed this service's batch limit ({config.batch})")
     if len(negatives) != len(req.prompts):
@@ -102,7 +107,9 @@ def to_spec(req: VideoRequest, config: ServeConfig) -> dict:
                 check_text(f"{name}[{i}]", text)
             except ValueError as e:  # a lone surrogate: it would fail the job, and its status could not be JSON
                 raise _field_error((name, i), str(e)) from None
-    s = SamplerSettings(**{k: getattr(req, k) for k in SETTINGS})
+    given = {k: getattr(req, k) for k in SETTINGS}
+    fill = {**{k: getattr(D, k) for k in SETTINGS}, **dict(config.defaults)}
+    s = SamplerSettings(**{k: fill[k] if v is None else v for k, v in given.items()})
     try:
         s.validate()
     except ValueError as e:  # messages start with "name=value"

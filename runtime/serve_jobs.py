@@ -42,6 +42,10 @@ class ServeConfig:
     max_body_bytes: int = 65536
     read_timeout_s: float = 30.0  # a client must send a request's headers, and then its body, within this time
     api_key: str | None = None
+    # what a request that leaves a setting out gets: (name, value) pairs over the official defaults (the embedded
+    # model's own settings, runtime/shapes), and the negative prompt
+    defaults: tuple = ()
+    negative_prompt: str = "watermark"
 
     def validate(self) -> None:
         for name in ("queue_size", "batch", "frames", "height", "width", "steps", "clips", "max_prompt_chars",
