@@ -1,0 +1,77 @@
+"""The shipped vidrd-shapes model: loads through the normal path and keeps a quality floor (a broken model fails)."""
+import json
+
+import pytest
+import torch
+
+from vidrd.runtime.shapes import MODEL_DIR, data
+from vidrd.runtime.shapes.cmd_eval import evaluate
+from vidrd.runtime.shapes.harness import score_videos
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# One caption per colour, both backgrounds, every direction; 64x64, one clip, few steps: about 10 s a backend.
+PROMPTS = ["a red circle moving right on a black background", "a green square moving left on a gray background",
+           "a blue triangle moving down on a black background", "a yellow circle moving up on a gray background",
+           "a white square moving right on a gray background", "a magenta circle moving left on a black background"]
+FLOOR_SETTINGS = dict(height=64, width=64, frames=8, steps=12, clips=1)
+
+
+@pytest.fixture(scope="module")
+def shapes_model():
+    from vidrd.ref.weights import load_dir
+    return load_dir(MODEL_DIR)
+
+
+def test_shipped_files_fit_and_load_through_the_official_layout(shapes_model):
+    files = [p for p in MODEL_DIR.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 24 * 2 ** 20
+    assert (MODEL_DIR / "MODEL_CARD.md").is_file()
+    info = json.loads((MODEL_DIR / "train.json").read_text())
+    assert info["phase"] == "done"
+    cfg = shapes_model.config
+    assert cfg.unet.block_out_channels == (64, 96, 96, 96) and cfg.scheduler.prediction_type == "epsilon"
+    assert cfg.vae.scaling_factor == pytest.approx(info["latent_scale"], rel=1e-5)
+    assert all(torch.isfinite(p).all() for p in shapes_model.unet.parameters())
+    ids = shapes_model.tokenizer(PROMPTS[0]).input_ids
+    assert len(ids) == 11  # start, nine grammar words, end
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_colour_floor_on_runtime_and_reference(shapes_model, backend):
+    from vidrd.ref.sampler import SamplerSettings
+    report = evaluate(shapes_model, SamplerSettings(**FLOOR_SETTINGS), PROMPTS, [0], backend=backend, batch=6,
+                      negative_prompt="", progress=False)
+    s = report["summary"]["all"]
+    assert s["color_acc"] >= 5 / 6, s
+    assert s["background_acc"] >= 5 / 6, s
+
+
+def test_harness_scores_the_floor_prompts_perfectly_on_ground_truth():
+    videos = [data.video(p, seed=0) for p in PROMPTS]
+    s = score_videos(videos, PROMPTS, 8)["summary"]["all"]
+    assert s["color_acc"] == 1.0 and s["direction_acc"] == 1.0
+
+
+def test_generate_with_no_model_flag_uses_the_embedded_model_at_its_settings(tmp_path, capsys):
+    from vidrd.runtime.cli import main
+    from vidrd.runtime.video_io import read_video
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "a red boat moving left on a lake", "-o", str(out), "--steps", "2", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "vidrd-shapes" in err and "boat, lake" in err  # the unknown words, listed
+    assert read_video(out).shape == (24, 64, 64, 3)  # 3 clips of 8 frames at 64x64
+
+
+def test_service_requests_get_the_embedded_models_settings():
+    pytest.importorskip("fastapi")
+    from vidrd.runtime import shapes
+    from vidrd.runtime.serve_api import VideoRequest, to_spec
+    from vidrd.runtime.serve_jobs import ServeConfig
+    config = ServeConfig(defaults=tuple(shapes.SETTINGS.items()), negative_prompt=shapes.NEGATIVE)
+    spec = to_spec(VideoRequest(prompts=[PROMPTS[0]]), config)
+    assert {k: spec["settings"][k] for k in shapes.SETTINGS} == shapes.SETTINGS
+    assert spec["negative_prompts"] == [""]
+    spec = to_spec(VideoRequest(prompts=["a"], height=32, solver="dpmpp-2m", continuation="forward"), ServeConfig())
+    assert spec["settings"]["height"] == 32 and spec["settings"]["width"] == 256 and spec["negative_prompts"] == ["watermark"]
+    assert spec["settings"]["solver"] == "dpmpp-2m" and spec["settings"]["continuation"] == "forward"
