@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vidrd.ref.attention import CrossKV, set_attention
+
 log = logging.getLogger("vidrd.runtime")
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
@@ -34,7 +36,6 @@ class TorchUNet:
 
     def __init__(self, model, dtype: torch.dtype, device: torch.device, compile: str | None = None,
                  attention: str = "sdpa"):
-        from vidrd.ref.attention import set_attention
         self.dtype, self.device = dtype, device
         self.net = set_attention(model.unet, attention)
         self.fn = self.net if compile is None else _compiled(self.net, compile, device)
@@ -45,7 +46,6 @@ class TorchUNet:
         if self.fn is not self.net:  # compiled: the graph takes the context tensor
             out.copy_(self.fn(sample, timestep, context))
             return
-        from vidrd.ref.attention import CrossKV
         key = (context.data_ptr(), context.shape, context._version)  # the runtime writes the context once a request
         if key != self._kv_of:
             self.cross_kv, self._kv_of = CrossKV(self.net, context), key

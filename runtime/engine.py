@@ -73,6 +73,7 @@ class Job:
         self.x_in = rt.x_in[: nb * c * f * h * w].view(nb, c, f, h, w)
         self.eps = rt.eps[: nb * c * f * h * w].view(nb, c, f, h, w)
         self.guided, self.scratch = rt.guided[:n].view(self.shape), rt.scratch[:n].view(self.shape)
+        self.prev_x0 = rt.prev_x0[:n].view(self.shape)  # DPM-Solver++(2M): the previous step's data prediction
         self.ts, self.ids, self.ctx = rt.timestep[:nb], rt.ids[:nb], rt.ctx[: nb * 77 * d].view(nb, 77, d)
         self.ctx_unet = rt.ctx_unet[: nb * 77 * d].view(nb, 77, d)
         self.noise_cpu, self.noise = rt.noise_cpu[:n].view(self.shape), rt.noise[:n].view(self.shape)
@@ -132,8 +133,7 @@ class Job:
 
     def multistep_update(self, i: int) -> None:
         """DPM-Solver++(2M) from the guided noise prediction, in place (vidrd.ref.dpmpp)."""
-        lat, g, x0, prev, m = self.lat, self.guided, self.scratch, self.rt.prev_x0[: self.lat.numel()], self.rt.mcoef[i]
-        prev = prev.view(self.shape)
+        lat, g, x0, prev, m = self.lat, self.guided, self.scratch, self.prev_x0, self.rt.mcoef[i]
         torch.mul(g, m[0], out=x0)  # sigma_i eps
         torch.sub(lat, x0, out=x0)
         x0.div_(m[1])  # x0 = (x - sigma_i eps) / alpha_i

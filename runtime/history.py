@@ -1,9 +1,9 @@
 """Reuse-and-diffuse bookkeeping (SPEC §3.5) on preallocated buffers: the only module that knows about it.
 
-What a clip reads of the previous one: its frame-reversed latents (or, with continuation="forward", its frames
-in the order `SamplerSettings.source_frames` gives) after step 0 (`init_rev`: the overlap frames'
-restart values and the recycled noise) and, for each step, its reversed overlap frames (`overlap[i]`, for staged
-guidance). Each clip reads an entry before overwriting it with its own, so one copy of each suffices.
+What a clip reads of the previous one, with its frames in the order `SamplerSettings.source_frames` gives (the
+official loop: reversed; continuation="forward": the last O frames in order, then the same indices): its latents
+after step 0 (`init_src`: the overlap frames' restart values and the recycled noise) and, for each step, its
+overlap frames (`overlap[i]`, for staged guidance). Each clip reads an entry before overwriting it with its own, so one copy of each suffices.
 """
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import torch
 
 
 class History:
-    """Buffers sized for the largest request: init_rev (B,C,F,h,w) and overlap (T,B,C,O,h,w), float32."""
+    """Buffers sized for the largest request: init_src (B,C,F,h,w) and overlap (T,B,C,O,h,w), float32."""
 
     def __init__(self, numel_clip: int, numel_overlap: int, steps: int, frames: int, device):
-        self.init_rev_flat = torch.empty(numel_clip, dtype=torch.float32, device=device)  # (B*C*F*h*w,)
+        self.init_src_flat = torch.empty(numel_clip, dtype=torch.float32, device=device)  # (B*C*F*h*w,)
         self.overlap_flat = torch.empty(steps * numel_overlap, dtype=torch.float32, device=device)  # (T*B*C*O*h*w,)
-        self.index = torch.empty(frames, dtype=torch.int64, device=device)  # (F,) reversed frame order
+        self.index = torch.empty(frames, dtype=torch.int64, device=device)  # (F,) source frame of each frame (source_frames)
         self.consts = torch.empty(2, dtype=torch.float32, device=device)  # recycle weight, fresh-noise divisor
         self.pinned: list[int] = []
 
@@ -27,12 +27,12 @@ class History:
         b, c, f, h, w = shape
         o, t = (settings.overlap if settings.clips > 1 else 0), settings.steps  # one clip reads no history
         self.shape, self.o = shape, o
-        self.init_rev = self.init_rev_flat[: b * c * f * h * w].view(b, c, f, h, w)
+        self.init_src = self.init_src_flat[: b * c * f * h * w].view(b, c, f, h, w)
         n = b * c * o * h * w
         self.overlap = [self.overlap_flat[i * n:(i + 1) * n].view(b, c, o, h, w) for i in range(t)]
         # previous-clip frame reused by each frame: official F-1..0 (reversed), forward F-O..F-1 then O..F-1
         self.index[:f].copy_(torch.tensor(settings.source_frames()))
-        self.rev_all, self.rev_overlap = self.index[:f], self.index[:o]
+        self.src_all, self.src_overlap = self.index[:f], self.index[:o]
         # staged guidance pins frames 0..K_i-1 at step i (the condition is monotone in the frame index)
         self.pinned = [sum(settings.guided(i, k) for k in range(o)) for i in range(t)]
         r = settings.noise_recycle
@@ -40,21 +40,21 @@ class History:
         self.recycle, self.fresh_div = self.consts[0], self.consts[1]
 
     def restart(self, latents: torch.Tensor, fresh: torch.Tensor) -> None:
-        """A later clip's initial latents: overlap frames from init_rev, the rest recycled noise + fresh (B,C,F,h,w).
+        """A later clip's initial latents: overlap frames from init_src, the rest recycled noise + fresh (B,C,F,h,w).
 
         `fresh` holds a N(0,1) draw of the whole clip shape (the official code draws all frames, uses frames O..).
         """
         o = self.o
         fresh.div_(self.fresh_div)  # the official draw is randn / sqrt(1 + r^2)
-        latents[:, :, :o].copy_(self.init_rev[:, :, :o])
-        torch.mul(self.init_rev[:, :, o:], self.recycle, out=latents[:, :, o:])
+        latents[:, :, :o].copy_(self.init_src[:, :, :o])
+        torch.mul(self.init_src[:, :, o:], self.recycle, out=latents[:, :, o:])
         latents[:, :, o:].add_(fresh[:, :, o:])
 
     def guide_and_record(self, i: int, latents: torch.Tensor, later_clip: bool) -> None:
-        """Step i: pin the overlap frames still in their window, then record this clip's reversed frames."""
+        """Step i: pin the overlap frames still in their window, then record this clip's frames in source order."""
         k = self.pinned[i] if later_clip else 0
         if k:
             latents[:, :, :k].copy_(self.overlap[i][:, :, :k])
-        torch.index_select(latents, 2, self.rev_overlap, out=self.overlap[i])
+        torch.index_select(latents, 2, self.src_overlap, out=self.overlap[i])
         if i == 0:
-            torch.index_select(latents, 2, self.rev_all, out=self.init_rev)
+            torch.index_select(latents, 2, self.src_all, out=self.init_src)

@@ -71,7 +71,6 @@ class CrossKV:
     over a request, so they are computed once instead of at every step. Pass it where the context goes."""
 
     def __init__(self, model: nn.Module, context: torch.Tensor):
-        self.context = context
         self.kv = {m: m.kv(context.to(m.to_k.weight.dtype)) for m in model.modules()
                    if isinstance(m, Attention) and m.cross}
 

@@ -70,6 +70,9 @@ def _save(obj, path: Path, safetensors: bool) -> None:
     if safetensors:
         from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in obj.items()}, str(path))
+        umask = os.umask(0)
+        os.umask(umask)
+        path.chmod(0o666 & ~umask)  # safetensors creates its files 0600; the folder's other files follow the umask
     else:
         torch.save(obj, str(path))
 
@@ -88,11 +91,13 @@ def _publish(tmp: Path, out: Path, force: bool) -> None:
 
 
 def write_official(model: VidRDModel, out: Path, *, safetensors: bool = False, force: bool = False,
-                   sd_vae: dict | None = None, tokenizer_dir: Path | None = None) -> Path:
+                   sd_vae: dict | None = None, tokenizer_dir: Path | None = None, sd_vae_weights: bool = True) -> Path:
     """Write `model` in the official layout: sd/ (configs, tokenizer, SD VAE), ModelT2V, vae_finetuned/.
 
     sd/vae gets `sd_vae` when given (a released SD VAE), else the 2-D part of the model's VAE; sd/tokenizer is a
-    copy of `tokenizer_dir` when given, else the built-in tokenizer of random models.
+    copy of `tokenizer_dir` when given, else the built-in tokenizer of random models. sd_vae_weights=False writes
+    sd/vae's config only (the loader reads vae_finetuned/ when present; the weights would repeat its 2-D half).
+    Tensors are saved in the model's dtype.
     """
     out = Path(out)
     if out.exists() and not force:
@@ -117,7 +122,8 @@ def write_official(model: VidRDModel, out: Path, *, safetensors: bool = False, f
         vae_state = {k: v.cpu() for k, v in model.vae.state_dict().items()}
         plain = sd_vae if sd_vae is not None else {k: v for k, v in vae_state.items() if "temp_" not in k}
         ext = "safetensors" if safetensors else "bin"
-        _save(plain, sd / "vae" / f"diffusion_pytorch_model.{ext}", safetensors)
+        if sd_vae_weights:
+            _save(plain, sd / "vae" / f"diffusion_pytorch_model.{ext}", safetensors)
         _write_json(tmp / "vae_finetuned" / "config.json", _vae_json(cfg, temporal=cfg.vae.add_temp_conv))
         _save(vae_state, tmp / "vae_finetuned" / f"diffusion_pytorch_model.{ext}", safetensors)
         state = {f"unet.{k}": v.cpu() for k, v in model.unet.state_dict().items()}

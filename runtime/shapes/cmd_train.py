@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import sys
 from dataclasses import asdict, fields
@@ -67,26 +66,16 @@ def export(trainer, out: Path) -> Path:
     import tempfile
 
     import torch
-    from safetensors.torch import load_file, save_file
 
+    from vidrd.ref.loading import to
     from vidrd.ref.weights import write_official
 
     from .train import tokenizer_folder
 
-    model = trainer.trained_model()
+    model = to(trainer.trained_model(), dtype=torch.float16)  # fp16 at rest; the loader casts back to float32
     with tempfile.TemporaryDirectory() as tmp:
-        write_official(model, out, safetensors=True, force=True, tokenizer_dir=tokenizer_folder(Path(tmp) / "tok"))
-    umask = os.umask(0)
-    os.umask(umask)
-    # sd/vae would repeat the 2-D half of vae_finetuned/, which the loader reads instead: keep only its config.
-    (out / "sd" / "vae" / "diffusion_pytorch_model.safetensors").unlink()
-    for path in out.rglob("*.safetensors"):
-        state = load_file(str(path))
-        half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-        tmp_path = path.with_name(f".{path.name}.tmp")
-        save_file(half, str(tmp_path))
-        os.replace(tmp_path, path)
-        path.chmod(0o666 & ~umask)  # like the other files of the folder, not the temporary file's 0600
+        write_official(model, out, safetensors=True, force=True, tokenizer_dir=tokenizer_folder(Path(tmp) / "tok"),
+                       sd_vae_weights=False)
     s = trainer.state
     info = {"config": asdict(trainer.cfg), "phase": s["phase"], "step": s["step"], "latent_scale": s["scale"],
             "train_minutes": round(s["wall"] / 60, 1), "device": str(trainer.device),

@@ -249,9 +249,8 @@ class Trainer:
         """Train until both phases are done (True) or `stop_after` seconds have passed (False); checkpoints often."""
         start = last_ckpt = time.monotonic()
         wall0 = self.state["wall"]
-        phases = (("vae", self.cfg.vae_steps, self.model.vae, self.vae_step),
-                  ("unet", self.cfg.unet_steps, None, self.unet_step))
-        for name, total, _, fn in phases:
+        phases = (("vae", self.cfg.vae_steps, self.vae_step), ("unet", self.cfg.unet_steps, self.unet_step))
+        for name, total, fn in phases:
             if self.state["phase"] != name:
                 continue
             self.model.vae.train(name == "vae")
