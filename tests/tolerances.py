@@ -43,6 +43,14 @@ BF16_VAE_VIDEO = 0.05  # max abs of the [0,1] video with a bf16 VAE beside the f
 BF16_LATENT_REL_NORM = 0.05  # bf16 networks vs fp32, no guidance, 2 steps: relative L2 error of the latents
 ORT_UINT8_LEVELS = 1  # uint8 frames of videos that agree to ORT_VIDEO (0.26 levels): truncation moves one level
 COMPILE_UINT8_LEVELS = 1  # uint8 frames, torch.compile (inductor with freezing: fused, reordered ops) vs eager
+# Feature reuse (tests/test_reuse.py), tiny random UNet: a "reuse" call on the next step's latents and timestep (x +
+# 0.05 noise, t 500 -> 480) against the full UNet there, max abs relative to max |full|. Not rounding: the deep
+# features are one step stale by design (DeepCache); a random UNet is a harsher case than a trained one, whose deep
+# features change more slowly. Measured 0.134 (depth 1; the whole stale output is off by 0.153).
+REUSE_NEXT_STEP_REL = 0.2
+# eps_c + (g-1)(eps_c - eps_u) vs eps_u + g(eps_c - eps_u) with the same fresh d: the same value in exact arithmetic,
+# fp32 rounding of three operations on values ~10x the inputs (g = 7.5), max abs relative to max |eps|. Measured 1.1e-7.
+GUIDANCE_REUSE_FRESH_REL = 1e-6
 
 # --- encoded outputs --------------------------------------------------------------------------------------------
 # H.264 (crf 17, 4:2:0 chroma) of the same video, decoded, vs the reference's frames: compared as 4x4 block means,

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from .attention import CrossKV
 from .config import UNetConfig
+from .reuse import FeatureCache
 from .unet_blocks import Block3D, MidBlock3D, conv2d_5d
 
 
@@ -66,7 +67,10 @@ class UNet3D(nn.Module):
         self.conv_norm_out = nn.GroupNorm(g, ch[0], eps=eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
-    def forward(self, sample: torch.Tensor, timestep, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, timestep, context: torch.Tensor,
+                cache: FeatureCache | None = None) -> torch.Tensor:
+        """cache None: the full UNet. "store": the full UNet, keeping the deep feature in the cache; "reuse": only
+        the shallow path (conv_in, the first skips, the last cache.depth up blocks) on the stored deep feature."""
         b = sample.shape[0]
         dtype = self.conv_in.weight.dtype
         t = torch.as_tensor(timestep, device=sample.device)
@@ -79,20 +83,24 @@ class UNet3D(nn.Module):
         n_up = len(self.up_blocks) - 1
         # Up-sampling to an explicit size is needed when h or w is not a multiple of 2**(number of up-samplers).
         explicit = any(s % (2 ** n_up) for s in x.shape[-2:])
+        first = self._first_cached(cache)  # the up block whose input a cache holds: n-depth
+        reuse = cache is not None and cache.mode == "reuse"
+        start = first if reuse else 0  # the first up block that runs
+        # up block i pops layers_per_block+1 skips, so the up blocks from `first` on read only the first ones
+        skips = self._down(x, emb, context,
+                           keep=(len(self.up_blocks) - first) * (self.cfg.layers_per_block + 1) if reuse else None)
+        if reuse:
+            x = cache.feature
+            if x is None or x.shape[0] != b or x.shape[2:] != skips[-1].shape[2:]:
+                raise ValueError(f"cache.feature {None if x is None else tuple(x.shape)} does not fit this call "
+                                 f"(batch {b}, (F,h,w) {tuple(skips[-1].shape[2:])}): run a 'store' forward with "
+                                 "the same batch and size first")
+        else:
+            x = self.mid_block(skips[-1], emb, context)
 
-        x = conv2d_5d(self.conv_in, x)  # (B,C0,F,h,w)
-        skips = [x]
-        for blk in self.down_blocks:
-            for j in range(len(blk.resnets)):
-                x = blk.layer(j, x, emb, context)
-                skips.append(x)
-            if hasattr(blk, "downsamplers"):
-                x = blk.downsamplers[0](x)
-                skips.append(x)
-
-        x = self.mid_block(x, emb, context)
-
-        for blk in self.up_blocks:
+        for i, blk in enumerate(self.up_blocks[start:], start):
+            if i == first and cache is not None and cache.mode == "store":
+                cache.feature = x  # (B,C,F,h,w) a reference, not a copy: nothing below writes into x in place
             for j in range(len(blk.resnets)):
                 x = torch.cat([x, skips.pop()], dim=1)  # (B,C+Cskip,F,h,w)
                 x = blk.layer(j, x, emb, context)
@@ -101,3 +109,32 @@ class UNet3D(nn.Module):
                 x = blk.upsamplers[0](x, size)
         x = F.silu(self.conv_norm_out(x))  # 5-D GroupNorm: statistics over all frames
         return conv2d_5d(self.conv_out, x)
+
+    def _down(self, x, emb, context, keep: int | None) -> list:
+        """conv_in and the down blocks -> the skips [conv_in, down0 layers..., down0 downsampler, down1 ...]
+        (the last one is the mid block's input); with `keep`, stop once that many skips exist."""
+        x = conv2d_5d(self.conv_in, x)  # (B,C0,F,h,w)
+        skips = [x]
+        for blk in self.down_blocks:
+            for j in range(len(blk.resnets)):
+                if len(skips) == keep:
+                    return skips
+                x = blk.layer(j, x, emb, context)
+                skips.append(x)
+            if hasattr(blk, "downsamplers"):
+                if len(skips) == keep:
+                    return skips
+                x = blk.downsamplers[0](x)
+                skips.append(x)
+        return skips
+
+    def _first_cached(self, cache: FeatureCache | None) -> int:
+        """The up block whose input the cache holds (n-depth), after checking the cache's mode and depth."""
+        if cache is None:
+            return 0
+        if cache.mode not in ("store", "reuse"):
+            raise ValueError(f"cache.mode={cache.mode!r} must be 'store' or 'reuse'")
+        n = len(self.up_blocks)
+        if not isinstance(cache.depth, int) or not 1 <= cache.depth <= n:
+            raise ValueError(f"cache.depth={cache.depth!r} must be an integer between 1 and {n} (the up blocks)")
+        return n - cache.depth
