@@ -131,6 +131,12 @@ def guided_eps_reuse(eps_c: torch.Tensor, d_last: torch.Tensor, g: float) -> tor
 
 # Named reuse settings. Only the reuse part of a speed preset lives here; the presets that also pick the solver
 # (dpmpp-2m) and fewer steps are built from these elsewhere.
+# A depth-1 reuse call costs about half a full one (one CPU core: shapes 8x8x8 latents 0.52, small 32x32x8 0.48,
+# small 64x64x8 ~0.6; FLOPs with attention 0.54, 0.38, 0.53); a cond_reuse step halves the batch. Measured on the
+# trained vidrd-shapes (8 captions, one 8-frame clip, 25 DDIM steps, g = 10), against "exact":
+#   balanced: UNet time ~0.73, final latents 10% off (relative L2), video mean abs 0.006 (another seed: 0.057)
+#   fast:     UNet time ~0.57, latents 18% off, video 0.010; the shape harness scored both as exact (0.63-0.66)
+# Feature reuse alone (balanced's window) moves the latents 1%; most of the change is the guidance reuse.
 PRESETS = {
     "exact": ReuseSettings(),
     # every other step reuses features in the middle of the schedule; the last 30% skip the unconditional branch
