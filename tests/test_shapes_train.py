@@ -4,13 +4,14 @@ import json
 import pytest
 import torch
 
+from tolerances import LATENT_SCALE_REL, RESUME_PARAMS
 from vidrd.runtime.shapes import data
 from vidrd.runtime.shapes.train import Trainer, TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY_RUN = TrainConfig(vae_steps=3, vae_batch=2, unet_steps=3, unet_batch=2, warmup=2, scale_batches=1,
-                       offset_noise_from=1)
+                       offset_noise_from=1, dir_steps=2)
 
 
 def test_grammar_captions_and_held_out_set():
@@ -57,11 +58,37 @@ def test_training_resumes_where_it_stopped(tmp_path):
     resumed = Trainer(tmp_path / "part", TINY_RUN, log=lambda m: None, bf16=False)
     assert resumed.state["step"] == 1 and resumed.run()
     a, b = _params(whole), _params(resumed)
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert whole.state["scale"] == pytest.approx(resumed.state["scale"], rel=1e-5)
+    assert all(torch.allclose(a[k], b[k], atol=RESUME_PARAMS) for k in a)
+    assert whole.state["scale"] == pytest.approx(resumed.state["scale"], rel=LATENT_SCALE_REL)
     assert len(whole.state["losses"]["unet"]) == 1
     with pytest.raises(ValueError, match="other settings"):
         Trainer(tmp_path / "part", TrainConfig(), log=lambda m: None)
+
+
+def test_direction_phase_continues_a_run_from_before_it_existed(tmp_path):
+    from dataclasses import replace
+
+    from vidrd.runtime.shapes.train import STATE, with_direction
+    assert with_direction("a red circle moving left on a black background", 1) == \
+        "a red circle moving right on a black background"
+    assert with_direction("a red circle moving down on a gray background", 1) == \
+        "a red circle moving left on a gray background"
+    assert with_direction("", 2) == ""
+    old = Trainer(tmp_path, replace(TINY_RUN, dir_steps=0), log=lambda m: None, bf16=False)
+    assert old.run() and old.state.get("dir_done", 0) == 0
+    saved = torch.load(tmp_path / STATE, weights_only=True)
+    for k in [k for k in saved["config"] if k.startswith("dir_")]:  # as written before phase 3 existed
+        del saved["config"][k]
+    torch.save(saved, tmp_path / STATE)
+    logs = []
+    new = Trainer(tmp_path, TINY_RUN, log=logs.append, bf16=False)
+    assert any("predates the settings" in m for m in logs)
+    before = _params(new)
+    assert new.run() and new.state["dir_done"] == 2 and len(new.state["losses"]["direction"]) == 1
+    after = _params(new)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    again = Trainer(tmp_path, TINY_RUN, log=lambda m: None, bf16=False)
+    assert again.run() and all(torch.equal(after[k], again.ema[k]) for k in after)  # nothing left to do
 
 
 def test_export_is_fp16_official_layout_and_loads(tmp_path):
@@ -76,11 +103,11 @@ def test_export_is_fp16_official_layout_and_loads(tmp_path):
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}
     assert sum(p.stat().st_size for p in out.rglob("*")) <= 24 * 2 ** 20
     model = load_dir(out)
-    assert model.config.vae.scaling_factor == pytest.approx(trainer.state["scale"], rel=1e-5)
+    assert model.config.vae.scaling_factor == pytest.approx(trainer.state["scale"], rel=LATENT_SCALE_REL)
     ids = model.tokenizer("a red circle moving left on a black background").input_ids
     assert len(ids) == 2 + 9  # every grammar word is one token
     info = json.loads((out / "train.json").read_text())
-    assert info["phase"] == "done" and info["step"] == 3
+    assert info["phase"] == "done" and info["step"] == 2 and info["direction_steps_done"] == 2
     assert torch.allclose(model.unet.conv_in.weight, trainer.ema["unet.conv_in.weight"].half().float())
 
 

@@ -77,7 +77,8 @@ def export(trainer, out: Path) -> Path:
         write_official(model, out, safetensors=True, force=True, tokenizer_dir=tokenizer_folder(Path(tmp) / "tok"),
                        sd_vae_weights=False)
     s = trainer.state
-    info = {"config": asdict(trainer.cfg), "phase": s["phase"], "step": s["step"], "latent_scale": s["scale"],
+    info = {"config": asdict(trainer.cfg), "phase": s["phase"], "step": s["step"],
+            "direction_steps_done": s.get("dir_done", 0), "latent_scale": s["scale"],
             "train_minutes": round(s["wall"] / 60, 1), "device": str(trainer.device),
             "threads": torch.get_num_threads(), "bf16": trainer.bf16, "cpu": platform.processor() or platform.machine(),
             "final_losses": {k: (v[-1] if v else None) for k, v in s["losses"].items()},

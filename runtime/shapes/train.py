@@ -53,9 +53,17 @@ class TrainConfig:
     scale_batches: int = 16  # batches used to measure the latent scale
     offset_noise: float = 0.1
     offset_noise_from: int = 2425  # the shipped run added it at this step (backgrounds came out too dark before)
+    # Phase 3, direction: the plain loss leaves the direction word unused (its share of the loss is ~1% and lost in
+    # the batch noise), so each caption is paired with the same noisy video under another direction word and a
+    # margin loss on log(error) asks the right caption to predict the noise better (a diffusion-classifier loss).
+    dir_steps: int = 3000
+    dir_lr: float = 1e-4
+    dir_weight: float = 1.0
+    dir_margin: float = 0.05
+    dir_t_min: int = 300  # the margin loss applies to timesteps >= this (below, the video itself shows its motion)
 
     def validate(self) -> None:
-        for name in ("vae_steps", "unet_steps"):
+        for name in ("vae_steps", "unet_steps", "dir_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         for name in ("vae_batch", "unet_batch", "scale_batches"):
@@ -149,6 +157,10 @@ class Trainer:
         if not path.exists():
             return
         s = torch.load(path, map_location=self.device, weights_only=True)
+        added = {k: v for k, v in asdict(self.cfg).items() if k not in s["config"]}
+        if added:  # a checkpoint from before these settings existed: it continues with them (later phases)
+            self.log(f"{path} predates the settings {sorted(added)}; continuing with their values")
+            s["config"].update(added)
         if s["config"] != asdict(self.cfg):
             diff = {k: (s["config"].get(k), v) for k, v in asdict(self.cfg).items() if s["config"].get(k) != v}
             raise ValueError(f"{path} was made with other settings {diff}; use another --out or the same settings")
@@ -207,11 +219,12 @@ class Trainer:
             zs.append(vae.encode(vids.to(self.device).flatten(0, 1) * 2 - 1).chunk(2, dim=1)[0])
         return float(1.0 / torch.cat(zs).std())
 
-    def unet_step(self, step: int) -> float:
+    def _noised(self, step: int, phase: int, seed: int):
+        """Training batch `step` of a diffusion phase, noised: (x_t (B,C,F,h,w), t (B,), noise, captions, generator)."""
         cfg, m = self.cfg, self.model
-        vids, caps = data.batch(step, cfg.unet_batch, seed=cfg.seed + 1)  # (B,F,3,H,W)
+        vids, caps = data.batch(step, cfg.unet_batch, seed=seed)  # (B,F,3,H,W)
         b, f = vids.shape[:2]
-        g = _gen(cfg.seed, 2, step, self.device)
+        g = _gen(cfg.seed, phase, step, self.device)
         with torch.no_grad():
             moments = m.vae.encode(vids.to(self.device).flatten(0, 1) * 2 - 1)
             mean, logvar = moments.chunk(2, dim=1)
@@ -219,43 +232,76 @@ class Trainer:
             z = (z * self.state["scale"]).view(b, f, *z.shape[1:]).transpose(1, 2)  # (B,C,F,h,w)
         drop = torch.rand(b, generator=g, device=self.device) < cfg.caption_dropout
         caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
-        ids = tokenize(m.tokenizer, caps).to(self.device)  # (B,77)
         t = torch.randint(0, len(self.ab), (b,), generator=g, device=self.device)
         noise = torch.randn(z.shape, generator=g, device=self.device)
-        if cfg.offset_noise and step >= cfg.offset_noise_from:
+        if cfg.offset_noise and (phase == 3 or step >= cfg.offset_noise_from):
             # a per-video, per-channel constant in the noise lets the model move a whole frame's mean (the plain
             # backgrounds), which zero-mean noise at SD's terminal SNR (alpha_bar 0.005) almost never asks for
             noise = noise + cfg.offset_noise * torch.randn((b, z.shape[1], 1, 1, 1), generator=g, device=self.device)
         ab = self.ab[t].view(b, 1, 1, 1, 1)
-        x_t = ab.sqrt() * z + (1 - ab).sqrt() * noise
-        with self.autocast():
-            pred = m.unet(x_t, t, m.text_encoder(ids)).float()
-        snr = self.ab[t] / (1 - self.ab[t])
-        weight = snr.clamp(max=cfg.min_snr) / snr  # min-SNR-gamma for epsilon prediction
-        loss = ((pred - noise).square().mean(dim=(1, 2, 3, 4)) * weight).mean()
+        return ab.sqrt() * z + (1 - ab).sqrt() * noise, t, noise, caps, g
+
+    def _update(self, loss: torch.Tensor, step: int, lr: float) -> None:
+        """One optimiser step at `lr`, then the EMA (decay warms up over the run's diffusion steps `step`)."""
         for grp in self.opt.param_groups:
-            grp["lr"] = _lr(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup)
+            grp["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for grp in self.opt.param_groups for p in grp["params"]], 1.0)
         self.opt.step()
-        decay = min(cfg.ema, (1 + step) / (10 + step))
+        decay = min(self.cfg.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             for k, p in self._diffusion_params().items():
                 self.ema[k].lerp_(p.detach(), 1 - decay)
+
+    def _snr_weight(self, t: torch.Tensor) -> torch.Tensor:
+        snr = self.ab[t] / (1 - self.ab[t])
+        return snr.clamp(max=self.cfg.min_snr) / snr  # min-SNR-gamma for epsilon prediction
+
+    def unet_step(self, step: int) -> float:
+        cfg, m = self.cfg, self.model
+        x_t, t, noise, caps, _ = self._noised(step, 2, cfg.seed + 1)
+        ids = tokenize(m.tokenizer, caps).to(self.device)  # (B,77)
+        with self.autocast():
+            pred = m.unet(x_t, t, m.text_encoder(ids)).float()
+        loss = ((pred - noise).square().mean(dim=(1, 2, 3, 4)) * self._snr_weight(t)).mean()
+        self._update(loss, step, _lr(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup))
+        return float(loss.detach())
+
+    def direction_step(self, step: int) -> float:
+        """The plain loss plus a margin between each caption and the same caption with another direction word."""
+        cfg, m = self.cfg, self.model
+        x_t, t, noise, caps, g = self._noised(step, 3, cfg.seed + 2)
+        b = len(caps)
+        other = torch.randint(1, len(data.DIRECTIONS), (b,), generator=g, device=self.device).tolist()
+        wrong = [with_direction(c, o) for c, o in zip(caps, other)]
+        ids = tokenize(m.tokenizer, caps + wrong).to(self.device)  # (2B,77)
+        with self.autocast():
+            pred = m.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), m.text_encoder(ids)).float()
+        err = (pred - torch.cat([noise, noise])).square().mean(dim=(1, 2, 3, 4))  # (2B,)
+        right, wrong_err = err[:b], err[b:]
+        use = torch.tensor([bool(c) for c in caps], device=self.device) & (t >= cfg.dir_t_min)
+        margin = torch.relu(right.log() - wrong_err.log() + cfg.dir_margin) * use
+        loss = (right * self._snr_weight(t)).mean() + cfg.dir_weight * margin.sum() / use.sum().clamp(min=1)
+        self._update(loss, cfg.unet_steps + step, cfg.dir_lr * min(1.0, (step + 1) / 50))
         return float(loss.detach())
 
     def run(self, checkpoint_every: float = 300.0, stop_after: float | None = None) -> bool:
         """Train until both phases are done (True) or `stop_after` seconds have passed (False); checkpoints often."""
         start = last_ckpt = time.monotonic()
         wall0 = self.state["wall"]
-        phases = (("vae", self.cfg.vae_steps, self.vae_step), ("unet", self.cfg.unet_steps, self.unet_step))
+        phases = (("vae", self.cfg.vae_steps, self.vae_step), ("unet", self.cfg.unet_steps, self.unet_step),
+                  ("direction", self.cfg.dir_steps, self.direction_step))
+        if self.state["phase"] == "done" and self.cfg.dir_steps > self._dir_done():
+            # a finished run whose settings now ask for direction steps: go on with that phase
+            self.state["phase"], self.state["step"] = "direction", self._dir_done()
         for name, total, fn in phases:
             if self.state["phase"] != name:
                 continue
+            self.state["losses"].setdefault(name, [])
             self.model.vae.train(name == "vae")
-            self.model.unet.train(name == "unet")
-            self.model.text_encoder.train(name == "unet")
+            self.model.unet.train(name != "vae")
+            self.model.text_encoder.train(name != "vae")
             window, t_win = [], time.monotonic()
             while self.state["step"] < total:
                 step = self.state["step"]
@@ -284,9 +330,16 @@ class Trainer:
                 self.log(f"[vae] latent scale from the data: {self.state['scale']:.5f} (SD uses 0.18215)")
                 self.state["phase"], self.state["step"] = "unet", 0
                 self.checkpoint()
+            elif name == "unet":
+                self.state["phase"], self.state["step"] = "direction", 0
+            if name == "direction":
+                self.state["dir_done"] = self.state["step"]
         self.state["phase"] = "done"
         self.checkpoint()
         return True
+
+    def _dir_done(self) -> int:
+        return self.state.get("dir_done", 0)
 
     def trained_model(self) -> VidRDModel:
         """The model to ship: trained VAE with the measured scale, EMA weights for the UNet and text encoder."""
@@ -301,6 +354,15 @@ class Trainer:
         for net in (m.unet, m.vae, m.text_encoder):
             net.eval().requires_grad_(False).to("cpu")
         return VidRDModel(cfg, m.unet, m.vae, m.text_encoder, m.tokenizer, m.scheduler)
+
+
+def with_direction(caption: str, shift: int) -> str:
+    """`caption` with its direction word moved `shift` places along data.DIRECTIONS ("" stays "")."""
+    cap = data.parse(caption)
+    if cap is None:
+        return caption
+    d = data.DIRECTIONS
+    return str(replace(cap, direction=d[(d.index(cap.direction) + shift) % len(d)]))
 
 
 def bf16_available(device: torch.device) -> bool:
