@@ -2,9 +2,8 @@
 
 `attention(q, k, v, scale=None)` matches F.scaled_dot_product_attention (no mask, non-causal) and is
 also registered as the custom op `torch.ops.vidrd.attention`. Importing this package does not import
-triton; the kernels load on first use. `cfg_ddim_step` fuses the guidance combine with the DDIM update.
+triton; the kernels load on first use.
 """
-from .guidance import cfg_ddim_step
 from .ops import attention
 
-__all__ = ["attention", "cfg_ddim_step"]
+__all__ = ["attention"]

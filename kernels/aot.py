@@ -45,9 +45,6 @@ def cases(full=False):
                         if lq is None:
                             lq = lk = entry["temporal"][b]["BLOCK_N"]
                         out.append(dict(key=key, arch=arch, dtype=dtype, path=path, d=d, lq=lq, lk=lk))
-    for arch in ARCHES:  # the fused guidance + DDIM kernel (no config)
-        for dtype in DTYPES:
-            out.append(dict(key="default", arch=arch, dtype=dtype, path="cfg_ddim", d=0, lq=0, lk=0))
     return out
 
 
@@ -88,27 +85,23 @@ def compile_case(case, stop="cubin"):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from . import flash, step_kernel
+    from . import flash
     t0 = time.time()
     row = dict(case, stop=stop)
     try:
-        if case["path"] == "cfg_ddim":
-            name, consts, opts = "cfg_ddim_fwd", dict(CFG=True, BLOCK=1024), dict(num_warps=4)
-            fn, values = flash.compilable(step_kernel.cfg_ddim_fwd), dict(numel=2 * 4 * 16 * 64 * 64)
-        else:
-            name, consts, opts = plan(case["key"], DTYPES[case["dtype"]], case["d"], case["lq"], case["lk"])
-            fn = flash.compilable(getattr(flash, name))
-            values = _arg_values(name, 2, 5, case["lq"], case["lk"], case["d"])
+        name, consts, opts = plan(case["key"], DTYPES[case["dtype"]], case["d"], case["lq"], case["lk"])
+        fn = flash.compilable(getattr(flash, name))
+        values = _arg_values(name, 2, 5, case["lq"], case["lk"], case["d"])
         # Mimic the launcher's specialization: ints equal to 1 become constants, multiples of 16
         # and pointers get tt.divisibility 16.
         sig, attrs = {}, {}
         for i, arg in enumerate(fn.arg_names):
             if arg in consts:
                 sig[arg] = "constexpr"
-            elif arg in ("Q", "K", "V", "O", "M", "X"):
+            elif arg in ("Q", "K", "V", "O"):
                 sig[arg] = "*" + case["dtype"]
                 attrs[(i,)] = [["tt.divisibility", 16]]
-            elif arg in ("qk_scale", "guidance", "coef_x", "coef_m"):
+            elif arg == "qk_scale":
                 sig[arg] = "fp32"
             elif values[arg] == 1:
                 sig[arg] = "constexpr"

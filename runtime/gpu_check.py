@@ -159,12 +159,7 @@ def gpu_tests() -> dict:
 
 
 def kernels() -> dict:
-    """Triton attention against SDPA on the sd21-base shapes (python -m vidrd.kernels.bench), and the fused CFG+DDIM
-    step against the same formula in float64."""
-    import torch
-
-    from vidrd.kernels import cfg_ddim_step
-
+    """Triton attention against SDPA on the sd21-base shapes (python -m vidrd.kernels.bench)."""
     rows, timings = [], []
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     for dtype in ("fp16", "bf16", "fp32"):
@@ -179,18 +174,10 @@ def kernels() -> dict:
         res = subprocess.run([sys.executable, "-m", "vidrd.kernels.bench", "--res", "256", "512", "--frames", "16",
                               "--dtype", dtype], env=env, capture_output=True, text=True)
         timings += [json.loads(ln) for ln in res.stdout.splitlines() if '"speedup"' in ln]
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(2, 4, 16, 32, 32, device="cuda", generator=g)
-    m = torch.randn(4, 4, 16, 32, 32, device="cuda", generator=g)
-    got = cfg_ddim_step(m, x, 0.3, 0.5, guidance_scale=7.5)
-    u, c = m.double().chunk(2)
-    a, b = math.sqrt(0.5 / 0.3), math.sqrt(0.5) - math.sqrt(0.5 * 0.7 / 0.3)
-    step_err = (got.double() - (a * x.double() + b * (u + 7.5 * (c - u)))).abs().max().item()
     bad = [r for r in rows if not r.get("ok", True)]
-    return {"status": "fail" if bad or step_err > 1e-4 or not rows else "ok", "checked_shapes": len(rows),
+    return {"status": "fail" if bad or not rows else "ok", "checked_shapes": len(rows),
             "mismatches": bad, "max_abs_err": {d: max((r["max_abs_err"] for r in rows if r["dtype"] == d),
                                                      default=None) for d in ("fp16", "bf16", "fp32")},
-            "cfg_ddim_step_max_abs_err": step_err,
             "timings": [{k: t[k] for k in ("shape", "dtype", "ours_ms", "sdpa_ms", "ours_tflops", "sdpa_tflops",
                                             "speedup")} for t in timings]}
 
