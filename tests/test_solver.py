@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from tolerances import RUNTIME_LATENT_REL
+from tolerances import POINT_MASS_FP64, RUNTIME_LATENT_REL
 
 from vidrd.ref.config import SchedulerConfig
 from vidrd.ref.ddim import DDIM
@@ -33,7 +33,7 @@ def test_point_mass_is_solved_exactly():
     a_t = DPMSolverPP2M(CFG, 7).alpha[0] ** 2
     x = math.sqrt(a_t) * x0 + math.sqrt(1 - a_t) * noise
     _, xp, _, a_f = _solve(7, lambda x, a: (x - math.sqrt(a) * x0) / math.sqrt(1 - a), x)
-    torch.testing.assert_close(xp, math.sqrt(a_f) * x0 + math.sqrt(1 - a_f) * noise, rtol=0, atol=1e-9)
+    torch.testing.assert_close(xp, math.sqrt(a_f) * x0 + math.sqrt(1 - a_f) * noise, rtol=0, atol=POINT_MASS_FP64)
 
 
 @pytest.mark.parametrize("steps", [20, 50, 200])
