@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .spec import ComponentSpec
+from .spec import LATENT, ComponentSpec, request_dims
 
 FORMAT = "vidrd-trt-engine/1"
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # engine precision -> float I/O dtype
-LATENT = 8  # pixels per latent cell (the VAE's down-sampling), as in the runtime
 FP32_ALWAYS = ("timestep",)  # float32 in every precision (spec.py: its sinusoid is computed in fp32)
 OPT_LEVEL = 3  # builder optimisation level, as NVIDIA's diffusion demo
 TIMING_CACHE = "timing.cache"
@@ -72,18 +71,6 @@ def parse_range(flag: str, text: str) -> tuple[int, int, int]:
     return tuple(v)
 
 
-def request_dims(name: str, batch: int, frames: int, height: int, width: int, guidance: bool) -> dict[str, int]:
-    """The spec dims component `name` sees for B prompts of F frames at H x W pixels."""
-    n, h, w = (2 if guidance else 1) * batch, height // LATENT, width // LATENT
-    if name == "text_encoder":
-        return {"B": n}
-    if name == "unet":
-        return {"N": n, "F": frames, "h": h, "w": w}
-    if name == "vae_decoder":
-        return {"N": batch * frames, "h": h, "w": w}  # ((B F),C,h,w) frames
-    return {"B": batch, "F": frames, "h": h, "w": w}  # vae_decoder_temporal: one video per prompt
-
-
 def _explain(name: str, k: str, d, shapes: Shapes) -> tuple[str, str, str]:
     """(the flags that set dim `k` of component `name`, how the dim follows from them, what the export accepts)."""
     if k in ("h", "w"):
@@ -105,7 +92,7 @@ def profile_dims(spec: ComponentSpec, shapes: Shapes) -> dict[str, tuple[int, in
     for v in s.size:
         if v % LATENT:
             raise ValueError(f"--size {':'.join(map(str, shapes.size))}: {v} px is not a multiple of {LATENT}")
-    at = [request_dims(spec.name, s.batch[i], s.frames[i], s.size[i], s.size[i], s.guidance) for i in range(3)]
+    at = [spec.request_dims(s.batch[i], s.frames[i], s.size[i], s.size[i], s.guidance) for i in range(3)]
     dims = {k: tuple(a[k] for a in at) for k in at[0]}
     for k, values in dims.items():
         d = spec.dims[k]

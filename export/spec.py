@@ -14,6 +14,7 @@ from pathlib import Path
 
 from vidrd.ref.config import ModelConfig
 
+LATENT = 8  # pixels per latent cell (the VAE's down-sampling): h = height / 8
 F_MAX = 32  # longest clip the exported UNet and temporal VAE accept: size of the precomputed frame-embedding table
 TEXT_TOKENS = 77
 PRECISIONS = {"fp32": "float32", "fp16": "float16"}  # precision -> dtype of the float tensors of every component
@@ -107,6 +108,10 @@ class ComponentSpec:
             raise ValueError(f"{self.name} has no tensor {tensor!r}; it has {sorted(self.io)}")
         return self.io[tensor].resolve(dims)
 
+    def request_dims(self, batch: int, frames: int, height: int, width: int, guidance: bool) -> dict[str, int]:
+        """The dims this component sees for B prompts of F frames at H x W pixels (see `request_dims`)."""
+        return request_dims(self.name, batch, frames, height, width, guidance)
+
     def profile(self) -> dict[str, tuple[tuple, tuple, tuple]]:
         """Input name -> (min, opt, max) shapes: one TensorRT optimisation profile."""
         pick = {k: {a: getattr(d, a) for a in ("min", "opt", "max")} for k, d in self.dims.items()}
@@ -125,6 +130,21 @@ class ComponentSpec:
             return TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))
         return cls(d["name"], d["file"], tuple(map(tensor, d["inputs"])), tuple(map(tensor, d["outputs"])),
                    {k: Dim(**v) for k, v in d["dims"].items()}, d["example"], tuple(d["checks"]), d.get("notes", ""))
+
+
+def request_dims(component: str, batch: int, frames: int, height: int, width: int,
+                 guidance: bool) -> dict[str, int]:
+    """The dims `component` sees for B prompts of F frames at H x W pixels: what the exporter's ranges, the engine
+    profiles and the runtime's shape checks all compare (N = 2B under classifier-free guidance)."""
+    n, h, w = (2 if guidance else 1) * batch, height // LATENT, width // LATENT
+    if component == "text_encoder":
+        return {"B": n}
+    if component == "unet":
+        return {"N": n, "F": frames, "h": h, "w": w}
+    if component == "vae_decoder":
+        return {"N": batch * frames, "h": h, "w": w}  # ((B F),C,h,w) frames
+    assert component == "vae_decoder_temporal", component
+    return {"B": batch, "F": frames, "h": h, "w": w}  # one video per prompt
 
 
 def _tensor_json(t: TensorSpec) -> dict:

@@ -1,26 +1,59 @@
-"""Backends behind one interface: each component writes into caller-owned buffers, so the loop cannot tell them apart.
+"""Backends behind one interface (`Backend`): each component writes into caller-owned buffers, so the loop cannot
+tell them apart.
 
     text(ids (B,77) int64, out (B,77,D))
     unet(sample (N,C,F,h,w), timestep (N,) float32, context (N,77,D), out (N,C,F,h,w))
     vae(latents (B,C,F,h,w) already / scaling factor, out (B,F,3,H,W) raw decoder output, temporal: bool)
 
-`dtype` is the float dtype the backend wants its float inputs and outputs in; `device` where they must live.
+Exported graphs (ONNX Runtime sessions, TensorRT engines: `Graph`) are bound from their export spec: the text and
+UNet call's buffers are the spec's inputs then outputs, in the spec's order (`GraphBackend`), and one layout adapter
+(`GraphVAE`) reorders the VAE's buffers for both exported decoders.
 """
 from __future__ import annotations
 
-import logging
-from pathlib import Path
+import abc
+import math
 
-import numpy as np
 import torch
 
+from vidrd.export.spec import LATENT, ComponentSpec
 from vidrd.ref.attention import CrossKV, set_attention
 
-log = logging.getLogger("vidrd.runtime")
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
+COMPONENTS = ("text", "unet", "vae")
 
 
-class TorchText:
+class Backend(abc.ABC):
+    """One component on one backend. `dtype`: the float dtype of its float inputs and outputs; `device`: where they
+    live. Calls write into the caller's buffers (shapes in the module docstring)."""
+    dtype: torch.dtype
+    device: torch.device
+
+    def check_shapes(self, batch: int, frames: int, height: int, width: int, *, guidance: bool = True,
+                     temporal: bool = False) -> None:
+        """ValueError (naming the dim and what fixes it) when B prompts of F frames at H x W pixels cannot run;
+        backends without fixed shape ranges take any request."""
+
+    @abc.abstractmethod
+    def __call__(self, *buffers) -> None:
+        """Read the inputs and write the outputs, all caller-owned buffers."""
+
+
+class Graph(abc.ABC):
+    """One exported component (an ONNX Runtime session or a TensorRT engine), bound by its spec's tensor names."""
+    spec: ComponentSpec
+    dtype: torch.dtype
+
+    @abc.abstractmethod
+    def check(self, batch: int, frames: int, height: int, width: int, guidance: bool) -> None:
+        """ValueError unless the request's dims (spec.request_dims) lie in this graph's ranges."""
+
+    @abc.abstractmethod
+    def run(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Execute with every input and output of the spec, by name, as contiguous buffers."""
+
+
+class TorchText(Backend):
     """The reference CLIP text encoder, eager."""
 
     def __init__(self, model, dtype: torch.dtype, device: torch.device):
@@ -31,7 +64,7 @@ class TorchText:
         out.copy_(self.net(ids))
 
 
-class TorchUNet:
+class TorchUNet(Backend):
     """The reference UNet3D, eager or through torch.compile (CUDA graphs with mode='reduce-overhead' on a GPU)."""
 
     def __init__(self, model, dtype: torch.dtype, device: torch.device, compile: str | None = None,
@@ -60,7 +93,7 @@ def _compiled(fn, mode: str, device: torch.device):
     return torch.compile(fn, mode=mode, dynamic=False)
 
 
-class TorchVAE:
+class TorchVAE(Backend):
     """The reference temporal VAE decoder: per frame (official) or with its temporal layers; optionally compiled."""
 
     def __init__(self, model, dtype: torch.dtype, device: torch.device, compile: str | None = None):
@@ -75,146 +108,73 @@ class TorchVAE:
         out.view(b * f, *x.shape[1:]).copy_(x)
 
 
-# ------------------------------------------------------------------------------------------------ ONNX Runtime
-
-_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+# ------------------------------------------------------------------------------------- exported graphs
 
 
-class OrtComponent:
-    """One exported ONNX graph run with I/O binding straight into torch buffers (no copies on the CPU)."""
+class GraphBackend(Backend):
+    """The text encoder or the UNet as an exported graph: the call's buffers are the spec's inputs, then outputs."""
 
-    def __init__(self, export_dir: Path, name: str, device: torch.device, threads: int | None = None):
-        from vidrd.export.ort import make_session, session_provider
-        from vidrd.export.spec import read_specs
-
-        self.spec = read_specs(export_dir)[name]
-        prefer = ("CPUExecutionProvider",) if device.type == "cpu" else \
-            ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-        fp16 = any(t.dtype == "float16" for t in self.spec.inputs + self.spec.outputs)
-        # ORT's TensorRT provider builds an engine per process unless it has a cache and profile shapes: give it
-        # the export's dim ranges (one engine covers every request the export takes) and a persistent cache folder.
-        self.sess = make_session(Path(export_dir) / self.spec.file, prefer, threads=threads, fp16=fp16,
-                                 cache_dir=ort_trt_cache_dir(), trt_options=trt_profile_options(self.spec))
-        self.provider = session_provider(self.sess)
-        if device.type == "cuda" and self.provider == "CPUExecutionProvider":
-            raise RuntimeError(f"{name}: onnxruntime ran on the CPU although device is {device}: install "
-                               "onnxruntime-gpu (instead of onnxruntime) with CUDA libraries matching it")
-        self.device = device
-        self.dtype = torch.float16 if self.spec.inputs[0].dtype == "float16" or \
-            self.spec.outputs[0].dtype == "float16" else torch.float32
-        self.binding = self.sess.io_binding()
-        log.info("%s: onnxruntime on %s", name, self.provider)
-
-    def run(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
-        b, dev = self.binding, ("cuda" if self.device.type == "cuda" else "cpu")
-        idx = self.device.index or 0
-        for name, t in {**inputs, **outputs}.items():
-            assert t.is_contiguous(), f"{self.spec.name}.{name}: buffer must be contiguous, got strides {t.stride()}"
-        for name, t in inputs.items():
-            b.bind_input(name, dev, idx, _NP[t.dtype], tuple(t.shape), t.data_ptr())
-        for name, t in outputs.items():
-            b.bind_output(name, dev, idx, _NP[t.dtype], tuple(t.shape), t.data_ptr())
-        if self.device.type == "cuda":
-            # The inputs were written on torch's current stream (the main stream for the UNet, the decode stream for
-            # the VAE) and ORT runs on a stream of its own: wait for that work before ORT reads them, and for ORT's
-            # stream to finish before torch reads the outputs.
-            torch.cuda.current_stream(self.device).synchronize()
-            b.synchronize_inputs()
-            self.sess.run_with_iobinding(b)
-            b.synchronize_outputs()
-            return
-        self.sess.run_with_iobinding(b)
-
-
-def ort_trt_cache_dir() -> Path:
-    """Engine and timing cache of ORT's TensorRT provider: $VIDRD_ORT_TRT_CACHE, else ~/.cache/vidrd/ort-trt."""
-    import os
-    base = os.environ.get("VIDRD_ORT_TRT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or
-                                                         Path.home() / ".cache") / "vidrd" / "ort-trt"
-    return Path(base)
-
-
-def trt_profile_options(spec) -> dict[str, str]:
-    """trt_profile_{min,opt,max}_shapes for ORT's TensorRT provider: every input over the export's dim ranges."""
-    out = {}
-    for at in ("min", "opt", "max"):
-        dims = {k: getattr(d, at) for k, d in spec.dims.items()}
-        out[f"trt_profile_{at}_shapes"] = ",".join(
-            f"{t.name}:{'x'.join(map(str, t.resolve(dims)))}" for t in spec.inputs)
-    return out
-
-
-def _check(spec, dims: dict) -> None:
-    """The export's dim ranges (spec) must hold the request: else a ValueError naming the dim and the re-export."""
-    try:
-        spec.check_dims(dims)
-    except ValueError as e:
-        raise ValueError(f"the exported {spec.name} cannot run this request: {e}; re-export with `vidrd export` "
-                         "(the ranges are in its manifest.json) or use the torch backend") from None
-
-
-class OrtText:
-    def __init__(self, export_dir, dtype, device):
-        self.c = OrtComponent(export_dir, "text_encoder", device)
-        self.dtype, self.device = self.c.dtype, device
+    def __init__(self, graph: Graph, device: torch.device):
+        self.graph, self.dtype, self.device = graph, graph.dtype, device
+        self.names = graph.spec.input_names + graph.spec.output_names
 
     def check_shapes(self, batch, frames, height, width, *, guidance=True, temporal=False):
-        _check(self.c.spec, {"B": 2 * batch if guidance else batch})
+        self.graph.check(batch, frames, height, width, guidance)
 
-    def __call__(self, ids, out):
-        self.c.run({"input_ids": ids}, {"last_hidden_state": out})
-
-
-class OrtUNet:
-    def __init__(self, export_dir, dtype, device):
-        self.c = OrtComponent(export_dir, "unet", device)
-        self.dtype, self.device = self.c.dtype, device
-
-    def check_shapes(self, batch, frames, height, width, *, guidance=True, temporal=False):
-        _check(self.c.spec, {"N": 2 * batch if guidance else batch, "F": frames, "h": height // 8, "w": width // 8})
-
-    def __call__(self, sample, timestep, context, out):
-        self.c.run({"sample": sample, "timestep": timestep, "encoder_hidden_states": context}, {"noise_pred": out})
+    def __call__(self, *buffers):
+        assert len(buffers) == len(self.names), f"{self.graph.spec.name} takes {self.names}, got {len(buffers)}"
+        self.graph.run(dict(zip(self.names, buffers)))
 
 
-class OrtVAE:
-    """Per-frame decode through `vae_decoder.onnx`, temporal through `vae_decoder_temporal.onnx` (loaded on use).
+class GraphVAE(Backend):
+    """The exported VAE decoders behind the runtime's layout, for ONNX Runtime and TensorRT alike.
 
-    The graphs' layouts differ from the runtime's, so each keeps one scratch tensor per shape (made on first use).
+    `vae_decoder` decodes frames ((B F),C,h,w) -> ((B F),3,H,W); `vae_decoder_temporal` videos (B,C,F,h,w) ->
+    (B,3,F,H,W). The runtime holds (B,C,F,h,w) latents and wants (B,F,3,H,W) frames, so one scratch buffer, sized
+    by check_shapes at setup (else on first use), holds the reordered latents or frames. `load(name)` opens a graph;
+    the temporal decoder is opened on its first use.
     """
 
-    def __init__(self, export_dir, dtype, device):
-        self.export_dir, self.device = export_dir, device
-        self.per_frame = OrtComponent(export_dir, "vae_decoder", device)
-        self.temporal = None
-        self.dtype = self.per_frame.dtype
-        self.scratch: dict[tuple, torch.Tensor] = {}
+    def __init__(self, load, dtype: torch.dtype, device: torch.device, per_frame: bool = True):
+        self.load, self.dtype, self.device = load, dtype, device
+        self.graphs: dict[str, Graph] = {}
+        if per_frame:
+            self.graph("vae_decoder")
+        self.scratch = torch.empty(0, dtype=dtype, device=device)
+
+    def graph(self, name: str) -> Graph:
+        if name not in self.graphs:
+            self.graphs[name] = self.load(name)
+        return self.graphs[name]
+
+    @property
+    def temporal(self) -> Graph | None:
+        """The temporal decoder once it was opened."""
+        return self.graphs.get("vae_decoder_temporal")
+
+    def _buf(self, shape: tuple) -> torch.Tensor:
+        n = math.prod(shape)
+        if self.scratch.numel() < n:
+            self.scratch = torch.empty(n, dtype=self.dtype, device=self.device)
+        return self.scratch[:n].view(shape)
 
     def check_shapes(self, batch, frames, height, width, *, guidance=True, temporal=False):
-        from vidrd.export.spec import read_specs
-        if temporal:
-            _check(read_specs(self.export_dir)["vae_decoder_temporal"],
-                   {"B": batch, "F": frames, "h": height // 8, "w": width // 8})
-        else:
-            _check(self.per_frame.spec, {"N": batch * frames, "h": height // 8, "w": width // 8})
-
-    def _buf(self, shape):
-        if shape not in self.scratch:
-            self.scratch[shape] = torch.empty(shape, dtype=self.dtype, device=self.device)
-        return self.scratch[shape]
+        """Check the decoder a request uses (the temporal one only when temporal) and size the scratch for it."""
+        graph = self.graph("vae_decoder_temporal" if temporal else "vae_decoder")
+        graph.check(batch, frames, height, width, guidance)
+        c, h, w = graph.spec.inputs[0].shape[1], height // LATENT, width // LATENT
+        self._buf((batch, 3, frames, height, width) if temporal else (batch, frames, c, h, w))
 
     def __call__(self, latents, out, temporal: bool):
         b, c, f, h, w = latents.shape
         if temporal:
-            if self.temporal is None:
-                self.temporal = OrtComponent(self.export_dir, "vae_decoder_temporal", self.device)
-            frames = self._buf((b, 3, f, *out.shape[-2:]))  # (B,3,F,H,W) as the graph writes it
-            self.temporal.run({"latents": latents}, {"frames": frames})
+            frames = self._buf((b, out.shape[2], f, *out.shape[-2:]))  # (B,3,F,H,W) as the graph writes it
+            self.graph("vae_decoder_temporal").run({"latents": latents, "frames": frames})
             out.copy_(frames.transpose(1, 2))
             return
         z = self._buf((b, f, c, h, w))  # ((B F),C,h,w) frames b-major, as the per-frame graph takes them
         z.copy_(latents.transpose(1, 2))
-        self.per_frame.run({"latents": z.view(b * f, c, h, w)}, {"frames": out.view(b * f, *out.shape[2:])})
+        self.graph("vae_decoder").run({"latents": z.view(b * f, c, h, w), "frames": out.view(b * f, *out.shape[2:])})
 
 
 def _cast(model, component: str, dtype: torch.dtype):
@@ -227,10 +187,12 @@ def _cast(model, component: str, dtype: torch.dtype):
 
 
 def make(kind: str, component: str, model, dtype: torch.dtype, device: torch.device, *, export_dir=None,
-         engine_dir=None, compile: str | None = None, attention: str = "sdpa"):
+         engine_dir=None, compile: str | None = None, attention: str = "sdpa") -> Backend:
     """The backend `kind` for `component` ('text', 'unet' or 'vae'); errors name what is missing."""
     if kind not in BACKENDS:
         raise ValueError(f"unknown backend {kind!r}; choose one of {BACKENDS}")
+    if component not in COMPONENTS:
+        raise ValueError(f"unknown component {component!r}; choose one of {COMPONENTS}")
     if kind != "torch" and (compile or attention != "sdpa"):
         raise ValueError(f"compile and attention options apply to the torch backend, not {kind}")
     if kind == "torch":
@@ -246,8 +208,7 @@ def make(kind: str, component: str, model, dtype: torch.dtype, device: torch.dev
             return TorchVAE(model, dtype, device, compile)
         return TorchText(model, dtype, device)
     if kind == "onnxruntime":
-        if export_dir is None:
-            raise ValueError("the onnxruntime backend needs --onnx DIR (made by `vidrd export`)")
-        return {"text": OrtText, "unet": OrtUNet, "vae": OrtVAE}[component](export_dir, dtype, device)
+        from . import ort_backend  # imports onnxruntime lazily
+        return ort_backend.make(component, export_dir, device)
     from . import trt_backend  # imports tensorrt lazily and explains how to install it when missing
     return trt_backend.make(component, engine_dir, dtype, device)

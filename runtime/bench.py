@@ -24,6 +24,7 @@ import torch
 
 from vidrd.ref.sampler import SamplerSettings, generate
 
+from .backends import Backend
 from .engine import Limits, Request, create
 
 WORKLOADS = {
@@ -37,18 +38,18 @@ WORKLOADS = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class Timed:
+class Timed(Backend):
     """Wraps a backend: accumulates seconds per call. On CUDA a pair of timing events on the stream the call is made
     on (the decode thread's stream for the VAE): no device-wide synchronisation, which could fall inside another
     thread's CUDA-graph capture and would serialise the decode with the denoising. Read `seconds` after a sync."""
 
-    def __init__(self, backend, device):
+    def __init__(self, backend: Backend, device):
         self.backend, self.dtype, self.device = backend, backend.dtype, torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.reset()
 
-    def __getattr__(self, name):  # check_shapes and friends
-        return getattr(self.backend, name)
+    def check_shapes(self, *args, **kw) -> None:
+        self.backend.check_shapes(*args, **kw)
 
     def reset(self) -> None:
         self.host_seconds, self.calls, self.events = 0.0, 0, []

@@ -19,6 +19,7 @@ from vidrd.ref.dpmpp import DPMSolverPP2M
 from vidrd.ref.sampler import SamplerSettings, check_prompts
 from vidrd.ref.text import tokenize
 
+from .backends import Backend
 from .history import History
 
 
@@ -157,7 +158,7 @@ class Job:
         return self.lat.to("cpu", copy=True), ready
 
 
-def _check_setup(be, lim: Limits) -> None:
+def _check_setup(be: Backend, lim: Limits) -> None:
     """A backend with fixed shape ranges (engine profiles, export ranges) must serve the largest request: with
     guidance (text and UNet see N = 2B) or, for engines built without guidance (N = B), without it. Each request is
     checked again with its own guidance setting (Runtime.check)."""
@@ -214,8 +215,8 @@ class Runtime:
         self.dec_f32 = self.dec_out if vae.dtype == fp32 else buf(b * f * 3 * lim.height * lim.width)
         self.frames_u8 = torch.empty(b * f * lim.height * lim.width * 3, dtype=torch.uint8)  # (B,F,H,W,3) host
         for be in (text, unet, vae):  # engines with fixed profiles say now if the largest request cannot run
-            if hasattr(be, "check_shapes"):
-                _check_setup(be, lim)
+            assert isinstance(be, Backend), f"{type(be).__name__} does not implement runtime.backends.Backend"
+            _check_setup(be, lim)
         self._lock = threading.Lock()
         # On a GPU the VAE decodes a clip on its own thread and CUDA stream while the next clip denoises. On the CPU
         # both would share the same cores (and OpenMP pools spin against each other), so decoding is inline there.
@@ -239,10 +240,8 @@ class Runtime:
                                  f"runtime with larger limits")
         if s.clips > 1 and s.overlap > lim.overlap:
             raise ValueError(f"overlap={s.overlap} exceeds this runtime's buffers (overlap <= {lim.overlap})")
-        for be in (self.text, self.unet, self.vae):  # TensorRT engines: the request must fit their profiles
-            if hasattr(be, "check_shapes"):
-                be.check_shapes(len(prompts), s.frames, s.height, s.width, guidance=s.cfg,
-                                temporal=s.temporal_decode)
+        for be in (self.text, self.unet, self.vae):  # exported graphs and engines: the request must fit their ranges
+            be.check_shapes(len(prompts), s.frames, s.height, s.width, guidance=s.cfg, temporal=s.temporal_decode)
         return prompts, negatives, s
 
     # -------------------------------------------------------------------------------------------- generation

@@ -1,6 +1,7 @@
 """The tensorrt backend: engines from `vidrd build-engines`, run into the runtime's buffers (the interface of
-runtime/backends.py) on a stream of their own, ordered with torch's current stream both ways (enqueueing on the legacy
-default stream makes TensorRT synchronise around every call).
+runtime/backends.py, which binds them by the spec each sidecar records) on a stream of their own, ordered with
+torch's current stream both ways (enqueueing on the legacy default stream makes TensorRT synchronise around every
+call).
 
 Each engine has one optimisation profile and one execution context. Buffers are bound by tensor name and rebound
 only when a shape or an address changes. Engines built with --static capture a CUDA graph of the execute call after
@@ -13,13 +14,14 @@ outside the engine's profile. Every call checks the same when its shapes change.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
 
 from vidrd.export import engines
 from vidrd.export.spec import ComponentSpec
+
+from .backends import Backend, Graph, GraphBackend, GraphVAE
 
 log = logging.getLogger("vidrd.runtime")
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -40,7 +42,7 @@ def _sidecar(engine_dir, name: str, dtype: torch.dtype) -> dict:
     return sidecar
 
 
-class TrtComponent:
+class TrtGraph(Graph):
     """One deserialized engine with its execution context; `run` binds the given buffers by name and executes."""
 
     def __init__(self, engine_dir, sidecar: dict, device: torch.device):
@@ -60,6 +62,7 @@ class TrtComponent:
         if sorted(names) != sorted(self.spec.io):
             raise engines.EngineMismatch(f"{plan} has tensors {sorted(names)}, its sidecar's spec "
                                          f"{sorted(self.spec.io)}: rebuild it with `{sidecar['command']} --force`")
+        self.dtype = _TORCH[sidecar["flags"]["io_dtype"]]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
         to_torch = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
@@ -72,6 +75,9 @@ class TrtComponent:
         self.stream = torch.cuda.Stream(device)  # TensorRT's own stream, never the legacy default stream
         log.info("%s: TensorRT engine %s (%s, %s)", self.name, plan, sidecar["precision"],
                  "static, CUDA graphs" if self.static else "dynamic shapes")
+
+    def check(self, batch, frames, height, width, guidance):
+        engines.check_request(self.sidecar, batch, frames, height, width, guidance)
 
     def dims(self, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
         """The spec's dim values read off the buffers' shapes; EngineMismatch when a fixed size differs."""
@@ -153,87 +159,10 @@ class TrtComponent:
         self.graphs[key] = graph
 
 
-class TrtText:
-    """text_encoder.plan: ids (B,77) int64 -> out (B,77,D)."""
+def make(component: str, engine_dir, dtype: torch.dtype, device) -> Backend:
+    """The tensorrt backend for `component` ('text', 'unet' or 'vae'); every error names what fixes it.
 
-    def __init__(self, engine_dir, sidecars: dict, dtype, device):
-        self.c = TrtComponent(engine_dir, sidecars["text_encoder"], device)
-        self.dtype, self.device = dtype, device
-
-    def check_shapes(self, batch: int, frames: int, height: int, width: int, *, guidance: bool = True,
-                     temporal: bool = False) -> None:
-        engines.check_request(self.c.sidecar, batch, frames, height, width, guidance)
-
-    def __call__(self, ids, out):
-        self.c.run({"input_ids": ids, "last_hidden_state": out})
-
-
-class TrtUNet:
-    """unet.plan: sample (N,C,F,h,w), timestep (N,) float32, context (N,77,D) -> out (N,C,F,h,w)."""
-
-    def __init__(self, engine_dir, sidecars: dict, dtype, device):
-        self.c = TrtComponent(engine_dir, sidecars["unet"], device)
-        self.dtype, self.device = dtype, device
-
-    def check_shapes(self, batch: int, frames: int, height: int, width: int, *, guidance: bool = True,
-                     temporal: bool = False) -> None:
-        engines.check_request(self.c.sidecar, batch, frames, height, width, guidance)
-
-    def __call__(self, sample, timestep, context, out):
-        self.c.run({"sample": sample, "timestep": timestep, "encoder_hidden_states": context, "noise_pred": out})
-
-
-class TrtVAE:
-    """vae_decoder.plan per frame (loaded now), vae_decoder_temporal.plan with temporal layers (loaded on first use).
-
-    Both graphs' layouts differ from the runtime's (B,C,F,h,w) -> (B,F,3,H,W), so one scratch buffer, sized by
-    check_shapes at setup (else on first use), holds the reordered latents or frames.
-    """
-
-    def __init__(self, engine_dir, sidecars: dict, dtype, device):
-        self.engine_dir, self.sidecars, self.dtype, self.device = engine_dir, sidecars, dtype, device
-        self.parts: dict[str, TrtComponent] = {}
-        if "vae_decoder" in sidecars:
-            self._part("vae_decoder")
-        self.scratch = torch.empty(0, dtype=dtype, device=device)
-
-    def _part(self, name: str) -> TrtComponent:
-        if name not in self.parts:
-            if name not in self.sidecars:
-                sidecar = _sidecar(self.engine_dir, name, self.dtype)
-                engines.check_compatible(sidecar, engines.running_env(self.device))
-                self.sidecars[name] = sidecar
-            self.parts[name] = TrtComponent(self.engine_dir, self.sidecars[name], self.device)
-        return self.parts[name]
-
-    def _buf(self, shape: tuple) -> torch.Tensor:
-        n = math.prod(shape)
-        if self.scratch.numel() < n:
-            self.scratch = torch.empty(n, dtype=self.dtype, device=self.device)
-        return self.scratch[:n].view(shape)
-
-    def check_shapes(self, batch: int, frames: int, height: int, width: int, *, guidance: bool = True,
-                     temporal: bool = False) -> None:
-        """Check the decoder a request uses (the temporal one only when temporal) and size the scratch for it."""
-        part = self._part("vae_decoder_temporal" if temporal else "vae_decoder")
-        engines.check_request(part.sidecar, batch, frames, height, width, guidance)
-        c, h, w = part.spec.inputs[0].shape[1], height // engines.LATENT, width // engines.LATENT
-        self._buf((batch, 3, frames, height, width) if temporal else (batch, frames, c, h, w))
-
-    def __call__(self, latents, out, temporal: bool):
-        b, c, f, h, w = latents.shape
-        if temporal:
-            frames = self._buf((b, out.shape[2], f, *out.shape[-2:]))  # (B,3,F,H,W) as the graph writes it
-            self._part("vae_decoder_temporal").run({"latents": latents, "frames": frames})
-            out.copy_(frames.transpose(1, 2))
-            return
-        z = self._buf((b, f, c, h, w))  # ((B F),C,h,w) frames b-major, as the per-frame graph takes them
-        z.copy_(latents.transpose(1, 2))
-        self._part("vae_decoder").run({"latents": z.view(b * f, c, h, w), "frames": out.view(b * f, *out.shape[2:])})
-
-
-def make(component: str, engine_dir, dtype: torch.dtype, device):
-    """The tensorrt backend for `component` ('text', 'unet' or 'vae'); every error names what fixes it."""
+    The VAE's per-frame engine is loaded now when it was built, the temporal one on its first use."""
     if component not in engines.RUNTIME_COMPONENTS:
         raise ValueError(f"unknown component {component!r}; choose one of {sorted(engines.RUNTIME_COMPONENTS)}")
     if engine_dir is None:
@@ -249,4 +178,13 @@ def make(component: str, engine_dir, dtype: torch.dtype, device):
     env = engines.running_env(device)  # TensorRT installed, a CUDA device
     for sidecar in sidecars.values():
         engines.check_compatible(sidecar, env)
-    return {"text": TrtText, "unet": TrtUNet, "vae": TrtVAE}[component](engine_dir, sidecars, dtype, device)
+
+    def load(name: str) -> TrtGraph:
+        if name not in sidecars:
+            sidecars[name] = _sidecar(engine_dir, name, dtype)
+            engines.check_compatible(sidecars[name], env)
+        return TrtGraph(engine_dir, sidecars[name], device)
+
+    if component == "vae":
+        return GraphVAE(load, dtype, device, per_frame="vae_decoder" in sidecars)
+    return GraphBackend(load(names[0]), device)

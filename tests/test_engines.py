@@ -315,7 +315,7 @@ def tiny_export(tmp_path_factory):
 
 @pytest.mark.gpu
 def test_tiny_engines_match_onnxruntime(tiny_export, tmp_path):
-    from vidrd.runtime.backends import OrtText, OrtUNet, OrtVAE
+    from vidrd.runtime import ort_backend
 
     onnx_dir, _ = tiny_export
     shapes = Shapes(batch=(1, 1, 2), frames=(8, 8, 8), size=(256, 256, 256))
@@ -326,13 +326,13 @@ def test_tiny_engines_match_onnxruntime(tiny_export, tmp_path):
     ids = torch.randint(0, 1000, (2, 77), generator=g)
     x, ts, ctx = torch.randn(2, 4, 8, 32, 32, generator=g), torch.tensor([999.0, 999.0]), torch.randn(2, 77, 32)
     lat = torch.randn(1, 4, 8, 32, 32, generator=g)
-    cases = [("text", OrtText, (ids,), (2, 77, 32)), ("unet", OrtUNet, (x, ts, ctx), tuple(x.shape)),
-             ("vae", OrtVAE, (lat,), (1, 8, 3, 256, 256))]
-    for name, ort_cls, args, out_shape in cases:
+    cases = [("text", (ids,), (2, 77, 32)), ("unet", (x, ts, ctx), tuple(x.shape)),
+             ("vae", (lat,), (1, 8, 3, 256, 256))]
+    for name, args, out_shape in cases:
         trt_be = trt_backend.make(name, tmp_path, torch.float32, cuda)
         ref, got = torch.empty(out_shape), torch.empty(out_shape, device=cuda)
         extra = (False,) if name == "vae" else ()
-        ort_cls(onnx_dir, torch.float32, cpu)(*args, ref, *extra)
+        ort_backend.make(name, onnx_dir, cpu)(*args, ref, *extra)
         trt_be(*(a.to(cuda) for a in args), got, *extra)
         torch.cuda.synchronize()
         err = (got.cpu() - ref).abs().max().item()

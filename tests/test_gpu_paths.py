@@ -21,7 +21,7 @@ from tolerances import (BENCH_FP16_PSNR_DB, BENCH_FP32_PSNR_DB, FP16_GPU_VIDEO, 
                         UNET_SDPA_SLICES)
 from vidrd.ref.sampler import SamplerSettings
 from vidrd.ref.weights import random_model
-from vidrd.runtime import backends, bench, trt_backend
+from vidrd.runtime import backends, bench, ort_backend, trt_backend
 from vidrd.runtime.engine import Limits, NonFiniteOutput, Request, Runtime, create
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,11 +65,12 @@ def test_onnxruntime_on_cuda_waits_for_torchs_stream(monkeypatch):
         def synchronize_outputs(self):
             events.append("ort.synchronize_outputs")
 
-    comp = object.__new__(backends.OrtComponent)
-    comp.spec, comp.device, comp.binding = SimpleNamespace(name="unet"), torch.device("cuda"), Binding()
+    comp = object.__new__(ort_backend.OrtGraph)
+    comp.spec = SimpleNamespace(name="unet", input_names=["sample"])
+    comp.device, comp.binding = torch.device("cuda"), Binding()
     comp.sess = SimpleNamespace(run_with_iobinding=lambda b: events.append("ort.run"))
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream("torch", events))
-    comp.run({"sample": torch.zeros(2)}, {"noise_pred": torch.zeros(2)})
+    comp.run({"sample": torch.zeros(2), "noise_pred": torch.zeros(2)})
     assert events == ["bind sample cuda", "bind noise_pred cuda", "torch.synchronize", "ort.synchronize_inputs",
                       "ort.run", "ort.synchronize_outputs"]
 
@@ -82,7 +83,7 @@ def test_onnxruntime_tensorrt_provider_gets_a_cache_and_the_export_ranges(monkey
     from vidrd.ref.config import preset
 
     spec = component_specs(preset("tiny"))["unet"]
-    opts = backends.trt_profile_options(spec)
+    opts = ort_backend.trt_profile_options(spec)
     n, f, h = spec.dims["N"], spec.dims["F"], spec.dims["h"]
     assert opts["trt_profile_min_shapes"] == f"sample:{n.min}x4x{f.min}x{h.min}x{h.min},timestep:{n.min}," \
                                              f"encoder_hidden_states:{n.min}x77x32"
@@ -133,7 +134,7 @@ def test_tensorrt_runs_on_its_own_stream_ordered_with_torchs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "stream", on)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: pytest.fail("device-wide synchronize"))
-    comp = object.__new__(trt_backend.TrtComponent)
+    comp = object.__new__(trt_backend.TrtGraph)
     tensors = {"sample": torch.zeros(2), "noise_pred": torch.zeros(2)}
     comp.name, comp.device, comp.context, comp.static = "unet", torch.device("cuda"), Context(), False
     comp.bound = tuple((t.data_ptr(), tuple(t.shape)) for t in tensors.values())  # bound already
@@ -215,7 +216,7 @@ def test_fp16_networks_keep_a_float32_vae_unless_asked(tiny):
     assert rt.vae.dtype == torch.bfloat16
 
 
-class WritesVAE:
+class WritesVAE(backends.Backend):
     """A VAE backend that writes fixed raw decoder values (or NaN) into the runtime's buffer."""
 
     def __init__(self, dtype, values):
@@ -254,7 +255,7 @@ def test_non_finite_decode_raises_a_clear_error(tiny):
 
 # ---------------------------------------------------------------------- 4: engines built without guidance
 
-class ProfileUNet:
+class ProfileUNet(backends.Backend):
     """The torch UNet behind the TensorRT backend's shape check, with an engine profile of N in [1, n_max]."""
 
     def __init__(self, tiny, n_max):

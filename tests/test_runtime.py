@@ -11,6 +11,7 @@ from tolerances import (BF16_LATENT_REL_NORM, BF16_VAE_VIDEO, GOLDEN, ORT_LATENT
 from vidrd.ref.loading import load_official
 from vidrd.ref.sampler import SamplerSettings, generate
 from vidrd.ref.weights import random_model
+from vidrd.runtime.backends import Backend
 from vidrd.runtime.engine import Cancelled, Limits, Request, create
 
 LIMITS = Limits(batch=2, frames=8, height=64, width=64, steps=10, overlap=4)
@@ -82,7 +83,7 @@ def test_onnxruntime_matches_reference(tiny_model, tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("fixture_onnx")
     export(tiny_model, out, components=("text_encoder", "unet", "vae_decoder"), log=lambda *a: None)
     rt = create(tiny_model, "onnxruntime", export_dir=out, limits=LIMITS)
-    assert rt.unet.c.provider == "CPUExecutionProvider"
+    assert rt.unet.graph.provider == "CPUExecutionProvider"
     for name in ("three_clips", "batch_two"):
         request = case(tiny_dir, name)
         video, latents, _ = run(rt, request)
@@ -109,7 +110,7 @@ def test_temporal_vae_on_onnxruntime_matches_reference(default_onnx):
     assert (video - ref_video).abs().max() <= ORT_VIDEO
 
 
-class Recorded:
+class Recorded(Backend):
     """A real backend whose calls are marked in the profiler, so the loop's own allocations can be told apart."""
 
     def __init__(self, backend):
