@@ -25,7 +25,7 @@ import torch
 from vidrd.ref.sampler import SamplerSettings, generate
 
 from .backends import Backend
-from .engine import Limits, Request, create
+from .loop import Limits, Request, create
 
 WORKLOADS = {
     # the CPU workload: small preset, one prompt, 256x256, 8 frames x 3 clips, 10 steps, guidance 10

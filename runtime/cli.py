@@ -9,11 +9,11 @@ import sys
 COMMANDS = (
     "vidrd.runtime.cmd_info",
     "vidrd.runtime.cmd_model",
-    "vidrd.export.cmd_export",
-    "vidrd.export.cmd_engines",
+    "vidrd.runtime.cmd_export",
+    "vidrd.runtime.cmd_engines",
     "vidrd.runtime.cmd_generate",
     "vidrd.runtime.cmd_bench",
-    "vidrd.runtime.cmd_serve",
+    "vidrd.runtime.serve.cmd",
     "vidrd.runtime.shapes.cmd_train",
     "vidrd.runtime.shapes.cmd_eval",
 )

@@ -178,7 +178,7 @@ def run(args) -> int:
             for w, v in zip(writers, video):
                 w.write(to_uint8(v))
         else:
-            from .engine import Limits, Request, create
+            from .loop import Limits, Request, create
             limits = Limits(len(prompts), s.frames, s.height, s.width, s.steps, max(s.overlap, 1))
             rt = create(model, args.backend, unet=args.unet_backend, vae=args.vae_backend, limits=limits,
                         device=device, dtype=dtype, export_dir=args.onnx, engine_dir=args.engines,

@@ -100,7 +100,7 @@ def parity() -> dict:
     from vidrd.ref.sampler import SamplerSettings
     from vidrd.ref.text import tokenize
 
-    from .engine import Limits, Request, create
+    from .loop import Limits, Request, create
 
     fx = fixtures_dir()
     if fx is None:
@@ -224,7 +224,7 @@ def triton_unet() -> dict:
 
 def precision() -> dict:
     """bf16 and fp16 runtimes against the float32 reference on the `small` workload: PSNR and latent error."""
-    from .engine import NonFiniteOutput
+    from .loop import NonFiniteOutput
 
     rows = []
     for cfg in ({"dtype": "fp32"}, {"dtype": "bf16"}, {"dtype": "fp16"}, {"dtype": "fp16", "vae_dtype": "fp16"}):
@@ -261,7 +261,7 @@ def _runtime_video(model, backend: str, dtype="fp32", **kw):
     from vidrd.ref.sampler import SamplerSettings
 
     from .bench import DTYPES
-    from .engine import Limits, Request, create
+    from .loop import Limits, Request, create
 
     s = SamplerSettings(height=256, width=256, frames=8, steps=3, clips=2, overlap=4)
     rt = create(to(model, device="cuda"), backend, limits=Limits(1, 8, 256, 256, 3, 4), device="cuda",

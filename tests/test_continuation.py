@@ -5,7 +5,7 @@ from tolerances import RECYCLE_1000, RUNTIME_VIDEO
 
 from vidrd.ref.sampler import SamplerSettings, generate
 from vidrd.ref.weights import random_model
-from vidrd.runtime.engine import Limits, Request, create
+from vidrd.runtime.loop import Limits, Request, create
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -343,7 +343,7 @@ def test_tiny_engines_match_onnxruntime(tiny_export, tmp_path):
 def test_runtime_with_the_tensorrt_unet(tiny_export, tmp_path):
     from vidrd.ref.loading import to
     from vidrd.ref.sampler import SamplerSettings
-    from vidrd.runtime.engine import Limits, Request, create
+    from vidrd.runtime.loop import Limits, Request, create
 
     onnx_dir, model = tiny_export
     build_all(onnx_dir, tmp_path, Shapes(batch=(1, 1, 1), frames=(8, 8, 8), size=(256, 256, 256), static=True),

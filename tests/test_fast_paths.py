@@ -5,7 +5,7 @@ import torch
 from vidrd.ref.attention import Attention, CrossKV
 from vidrd.ref.sampler import SamplerSettings
 from vidrd.ref.weights import random_model
-from vidrd.runtime.engine import Limits, Request, create
+from vidrd.runtime.loop import Limits, Request, create
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

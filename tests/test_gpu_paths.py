@@ -22,7 +22,7 @@ from tolerances import (BENCH_FP16_PSNR_DB, BENCH_FP32_PSNR_DB, FP16_GPU_VIDEO, 
 from vidrd.ref.sampler import SamplerSettings
 from vidrd.ref.weights import random_model
 from vidrd.runtime import backends, bench, ort_backend, trt_backend
-from vidrd.runtime.engine import Limits, NonFiniteOutput, Request, Runtime, create
+from vidrd.runtime.loop import Limits, NonFiniteOutput, Request, Runtime, create
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = Limits(batch=1, frames=4, height=32, width=32, steps=2, overlap=2)

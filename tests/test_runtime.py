@@ -12,7 +12,7 @@ from vidrd.ref.loading import load_official
 from vidrd.ref.sampler import SamplerSettings, generate
 from vidrd.ref.weights import random_model
 from vidrd.runtime.backends import Backend
-from vidrd.runtime.engine import Cancelled, Limits, Request, create
+from vidrd.runtime.loop import Cancelled, Limits, Request, create
 
 LIMITS = Limits(batch=2, frames=8, height=64, width=64, steps=10, overlap=4)
 

@@ -20,9 +20,9 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from tolerances import SERVICE_VS_CLI_MP4_MEAN  # noqa: E402
 from vidrd.ref.weights import random_model  # noqa: E402
-from vidrd.runtime import serve_bench  # noqa: E402
 from vidrd.runtime.cli import main  # noqa: E402
-from vidrd.runtime.serve_jobs import Registry, ServeConfig, job_dir  # noqa: E402
+from vidrd.runtime.serve import bench as serve_bench  # noqa: E402
+from vidrd.runtime.serve.jobs import Registry, ServeConfig, job_dir  # noqa: E402
 from vidrd.runtime.video_io import read_video  # noqa: E402
 
 TINY = {"height": 32, "width": 32, "frames": 4, "overlap": 2}  # 32x32 pixels, 4 frames per clip
@@ -246,7 +246,7 @@ def test_bad_input_gets_its_4xx(server, what, method, path, body, status, field)
 def test_frame_size_the_encoder_refuses_is_a_422_before_the_job():
     from fastapi.exceptions import RequestValidationError
 
-    from vidrd.runtime.serve_api import VideoRequest, to_spec
+    from vidrd.runtime.serve.api import VideoRequest, to_spec
     config = ServeConfig(height=64, width=20000, frames=4, steps=2)
     assert to_spec(VideoRequest(prompts=["a"], height=8, width=16384, frames=4, steps=2), config)
     with pytest.raises(RequestValidationError) as e:
@@ -444,7 +444,7 @@ def test_vidrd_serve_command(tmp_path, stop):
 def test_ray_serve_two_replicas_shared_registry_and_a_killed_replica(tmp_path):
     ray = pytest.importorskip("ray")
     serve = pytest.importorskip("ray.serve")
-    from vidrd.runtime.serve_ray import build, start_registry
+    from vidrd.runtime.serve.ray import build, start_registry
 
     # metrics every second so that the autoscaler reacts within the test
     os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "1"

@@ -67,8 +67,8 @@ def test_generate_with_no_model_flag_uses_the_embedded_model_at_its_settings(tmp
 def test_service_requests_get_the_embedded_models_settings():
     pytest.importorskip("fastapi")
     from vidrd.runtime import shapes
-    from vidrd.runtime.serve_api import VideoRequest, to_spec
-    from vidrd.runtime.serve_jobs import ServeConfig
+    from vidrd.runtime.serve.api import VideoRequest, to_spec
+    from vidrd.runtime.serve.jobs import ServeConfig
     config = ServeConfig(defaults=tuple(shapes.SETTINGS.items()), negative_prompt=shapes.NEGATIVE)
     spec = to_spec(VideoRequest(prompts=[PROMPTS[0]]), config)
     assert {k: spec["settings"][k] for k in shapes.SETTINGS} == shapes.SETTINGS

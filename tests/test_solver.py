@@ -68,7 +68,7 @@ def test_sampler_runs_the_solver_on_the_same_schedule():
 
 @pytest.mark.parametrize("guidance", [1.0, 7.5])
 def test_runtime_solver_matches_reference(guidance):
-    from vidrd.runtime.engine import Limits, Request, create
+    from vidrd.runtime.loop import Limits, Request, create
     model = random_model("tiny", 0)
     s = SamplerSettings(height=16, width=16, frames=4, steps=5, clips=2, overlap=2, guidance_scale=guidance,
                         solver="dpmpp-2m")

@@ -47,7 +47,7 @@ def evaluate(model, settings: SamplerSettings, prompts, seeds, backend: str = "t
              negative_prompt: str = NEGATIVE, device="cpu", dtype=None, progress: bool = True, **runtime) -> dict:
     """Generate every prompt x seed (seed-major, `batch` prompts a request) and score the videos -> JSON-ready
     report {"config", "summary", "chance", "videos", "seconds"}. backend "reference" runs the reference sampler;
-    the others the lean runtime (`runtime` goes to vidrd.runtime.engine.create, e.g. export_dir, compile)."""
+    the others the lean runtime (`runtime` goes to vidrd.runtime.loop.create, e.g. export_dir, compile)."""
     import torch
     from tqdm import tqdm
 
@@ -74,7 +74,7 @@ def evaluate(model, settings: SamplerSettings, prompts, seeds, backend: str = "t
     rt = None
     try:
         if backend != "reference":
-            from ..engine import Limits, create
+            from ..loop import Limits, create
             limits = Limits(min(batch, len(prompts)), s.frames, s.height, s.width, s.steps, max(s.overlap, 1))
             rt = create(model, backend, limits=limits, device=device, dtype=dtype, **runtime)
         for seed, group in chunks:
@@ -114,7 +114,7 @@ def _generate(model, rt, s: SamplerSettings, prompts: list[str], negative: str, 
         video, _ = generate(model, prompts, list(negatives), **asdict(s),
                             generator=torch.Generator().manual_seed(seed), callback=on_step)  # (B,3,T,H,W)
         return [to_uint8(v) for v in video]
-    from ..engine import Request
+    from ..loop import Request
     clips = [clip.frames for clip in rt.generate(Request(tuple(prompts), negatives, s, seed), on_step=on_step)]
     return list(np.concatenate(clips, axis=1))  # each clip (B,F',H,W,3) -> (B,T,H,W,3)
 

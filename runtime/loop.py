@@ -61,7 +61,7 @@ class NonFiniteOutput(RuntimeError):
     """The VAE decoder wrote NaN or inf (the SD VAE overflows in float16): the clip would be silently black."""
 
 
-class Job:
+class Generation:
     """One request's views of the runtime's buffers and its denoising state (built before step 0)."""
 
     def __init__(self, rt: "Runtime", b: int, s: SamplerSettings, request: Request):
@@ -257,9 +257,9 @@ class Runtime:
             self._lock.release()
 
     @torch.no_grad()
-    def prepare(self, prompts, negatives, s: SamplerSettings, request: Request) -> "Job":
+    def prepare(self, prompts, negatives, s: SamplerSettings, request: Request) -> "Generation":
         """Before step 0: bind views, encode the prompts, fill the per-step tables, draw the initial noise."""
-        job = Job(self, len(prompts), s, request)
+        job = Generation(self, len(prompts), s, request)
         texts = negatives + prompts if s.cfg else prompts  # [uncond; cond] under guidance
         job.ids.copy_(tokenize(self.tokenizer, texts))
         self.text(job.ids, job.ctx)
@@ -284,7 +284,7 @@ class Runtime:
         job.initial_noise()
         return job
 
-    def _run(self, job: "Job", on_step):
+    def _run(self, job: "Generation", on_step):
         s, pending = job.s, None
         try:
             for c in range(s.clips):
@@ -311,7 +311,7 @@ class Runtime:
             if pending is not None:  # cancelled: let the decode finish so the buffers are free for the next request
                 pending.exception()
 
-    def _decode(self, job: "Job", c: int, latents_cpu, ready) -> Clip:
+    def _decode(self, job: "Generation", c: int, latents_cpu, ready) -> Clip:
         """VAE backend, then [0,1] and uint8 (truncating, as the official save); runs on the decode thread."""
         s, ctx = job.s, contextlib.nullcontext()
         if self._decode_stream is not None:

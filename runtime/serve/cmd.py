@@ -7,10 +7,10 @@ import signal
 import sys
 from dataclasses import replace
 
-from . import shapes
-from .cmd_generate import BACKENDS
-from .model_args import add_model_args, check_model_args, is_default_model
-from .serve_jobs import ServeConfig
+from .. import shapes
+from ..cmd_generate import BACKENDS
+from ..model_args import add_model_args, check_model_args, is_default_model
+from .jobs import ServeConfig
 
 D = ServeConfig()
 MODEL_FLAGS = ("weights", "sd", "ckpt", "vae", "preset", "weights_seed")
@@ -102,10 +102,10 @@ def run_local(args, config: ServeConfig, ra: dict) -> int:
     import torch
     import uvicorn
 
-    from .engine import create
-    from .model_args import load_model
-    from .serve_api import http_protocol, make_app
-    from .serve_worker import LocalService
+    from ..loop import create
+    from ..model_args import load_model
+    from .api import http_protocol, make_app
+    from .worker import LocalService
 
     if ra["threads"]:
         torch.set_num_threads(ra["threads"])
@@ -137,7 +137,7 @@ def run_ray(args, config: ServeConfig, ra: dict) -> int:
     import ray
     from ray import serve
 
-    from .serve_ray import build, start_registry, stop_registry
+    from .ray import build, start_registry, stop_registry
 
     ray.init(address=args.ray_address, include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})

@@ -1,9 +1,9 @@
 """`vidrd serve --ray`: the same HTTP API on Ray Serve, one runtime per replica, replicas added by Serve's autoscaler.
 
 Three parts (README "Serving" explains the design):
-- `Registry` (serve_jobs) as one named, detached Ray actor: every job's state, progress, cancel flag and the bounded
+- `Registry` (jobs.py) as one named, detached Ray actor: every job's state, progress, cancel flag and the bounded
   queue's admission. Every replica asks it, so any replica answers for any job.
-- `Ingress`: the FastAPI app of serve_api (cheap, no model). A POST is admitted by the registry, then dispatched as
+- `Ingress`: the FastAPI app of api.py (cheap, no model). A POST is admitted by the registry, then dispatched as
   one `Generator.run(job_id)` call through a Serve handle; Serve routes it to a replica with a free slot and its
   queue length drives the autoscaler. When that call fails (the replica died), the job is marked failed.
 - `Generator`: one Runtime per replica (one GPU each when the cluster has GPUs), `max_ongoing_requests=1`; it writes
@@ -21,9 +21,9 @@ import time
 import ray
 from ray import serve
 
-from .serve_api import make_app
-from .serve_jobs import Registry, ServeConfig, new_id
-from .serve_worker import execute, worker_name
+from .api import make_app
+from .jobs import Registry, ServeConfig, new_id
+from .worker import execute, worker_name
 
 log = logging.getLogger("vidrd.serve")
 NAMESPACE, REGISTRY = "vidrd", "vidrd-jobs"
@@ -55,7 +55,7 @@ def stop_registry() -> None:
 
 
 class _Blocking:
-    """The registry actor with plain blocking calls, for serve_worker.execute on a replica's worker thread."""
+    """The registry actor with plain blocking calls, for worker.execute on a replica's worker thread."""
 
     def __init__(self, actor):
         self._actor = actor
@@ -72,8 +72,8 @@ class Generator:
     def __init__(self, config: ServeConfig, model_args: dict, runtime_args: dict):
         import torch
 
-        from .engine import create
-        from .model_args import load_model
+        from ..loop import create
+        from ..model_args import load_model
 
         ra = runtime_args
         if ra.get("threads"):
@@ -107,7 +107,7 @@ class Generator:
 
 
 class RayBackend:
-    """serve_api's backend on Ray: registry calls awaited, jobs dispatched to Generator replicas."""
+    """api.make_app's backend on Ray: registry calls awaited, jobs dispatched to Generator replicas."""
 
     def __init__(self, registry, generator):
         self.registry, self.generator = registry, generator

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from .engines import PRECISIONS, Shapes, TensorRTUnavailable, parse_range
+from vidrd.export.engines import PRECISIONS, Shapes, TensorRTUnavailable, parse_range
 
 
 def register(sub) -> None:
@@ -32,7 +32,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from .engines import build_all
+    from vidrd.export.engines import build_all
 
     shapes = Shapes(parse_range("--batch", args.batch), parse_range("--frames", args.frames),
                     parse_range("--size", args.size), args.static, not args.no_guidance)

@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .engine import Limits
+from ..loop import Limits
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED = ("done", "failed", "cancelled")
@@ -92,7 +92,7 @@ def video_path(results, job_id: str, video: int, fmt: str) -> Path:
 
 @dataclass
 class Job:
-    """A job's record; `spec` is the validated request (see serve_api.to_spec)."""
+    """A job's record; `spec` is the validated request (see api.to_spec)."""
     id: str
     spec: dict
     created: float

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vidrd.runtime.model_args import add_model_args, load_model
+from vidrd.export.spec import COMPONENTS, PRECISIONS
 
-from .spec import COMPONENTS, PRECISIONS
+from .model_args import add_model_args, load_model
 
 
 def register(sub) -> None:
@@ -53,8 +53,8 @@ def _from_source(args, source: dict) -> None:
 def run(args) -> int:
     import torch
 
-    from .check import check_export
-    from .onnx_export import export, read_manifest
+    from vidrd.export.check import check_export
+    from vidrd.export.onnx_export import export, read_manifest
 
     comps = tuple(c for c in args.components.split(",") if c)
     unknown = [c for c in comps if c not in COMPONENTS]

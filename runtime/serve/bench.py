@@ -1,6 +1,6 @@
 """Load benchmark of `vidrd serve`: N concurrent HTTP clients over a bounded queue; prints one JSON row.
 
-    python -m vidrd.runtime.serve_bench --clients 24 --queue 3 --threads 1
+    python -m vidrd.runtime.serve.bench --clients 24 --queue 3 --threads 1
 
 Protocol: one in-process service (uvicorn on 127.0.0.1, an ephemeral port) on a random-weight preset; every client
 submits one job at the same moment, on each 429 waits 50-100% of its Retry-After (spread by client) and retries
@@ -29,9 +29,9 @@ def serving(model, config, backend: str = "torch"):
     """A LocalService behind a real uvicorn server on 127.0.0.1:<ephemeral>, in a thread; yields (url, service)."""
     import uvicorn
 
-    from .engine import create
-    from .serve_api import http_protocol, make_app
-    from .serve_worker import LocalService
+    from ..loop import create
+    from .api import http_protocol, make_app
+    from .worker import LocalService
 
     service = LocalService(create(model, backend, limits=config.limits()), config)
     sock = socket.socket()
@@ -121,7 +121,7 @@ def machine() -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vidrd.runtime.serve_bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m vidrd.runtime.serve.bench", description=__doc__.split("\n")[0])
     p.add_argument("--clients", type=int, default=24)
     p.add_argument("--queue", type=int, default=3)
     p.add_argument("--preset", default="tiny")
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
 
     from vidrd.ref.weights import random_model
 
-    from .serve_jobs import ServeConfig
+    from .jobs import ServeConfig
 
     torch.set_num_threads(args.threads)
     body = {"prompts": ["a boat sailing on a lake"], "height": args.size, "width": args.size, "frames": args.frames,

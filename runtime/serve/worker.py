@@ -11,9 +11,9 @@ import threading
 
 from vidrd.ref.sampler import SamplerSettings
 
-from .engine import Cancelled, Request
-from .serve_jobs import Registry, ServeConfig, clip_path, job_dir, new_id, video_path
-from .video_io import VideoWriter
+from ..loop import Cancelled, Request
+from .jobs import Registry, ServeConfig, clip_path, job_dir, new_id, video_path
+from ..video_io import VideoWriter
 
 log = logging.getLogger("vidrd.serve")
 
@@ -81,7 +81,7 @@ def worker_name() -> str:
 class LocalService:
     """The backend of `vidrd serve`: the in-process Registry and one worker thread that owns the Runtime.
 
-    The async methods are what the HTTP routes call (serve_api.make_app); serve_ray.RayBackend has the same ones."""
+    The async methods are what the HTTP routes call (api.make_app); ray.RayBackend has the same ones."""
 
     def __init__(self, rt, config: ServeConfig):
         self.rt, self.config = rt, config

@@ -1,6 +1,6 @@
 """The service's HTTP API (FastAPI): request validation, routes, API key, body size limit.
 
-`make_app(backend, config)` serves one backend: serve_worker.LocalService (`vidrd serve`) or serve_ray.RayBackend
+`make_app(backend, config)` serves one backend: worker.LocalService (`vidrd serve`) or ray.RayBackend
 (`vidrd serve --ray`); both answer the same async calls, so both serve exactly this API.
 """
 from __future__ import annotations
@@ -19,9 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from vidrd.ref.sampler import ASSEMBLIES, CONTINUATIONS, SOLVERS, SamplerSettings, check_text
 
-from .cmd_generate import OFFICIAL_NEGATIVE
-from .serve_jobs import ID_PATTERN, STATES, ServeConfig, clip_path, video_path
-from .video_io import FPS_RANGE, check_fps, check_frame_size
+from ..cmd_generate import OFFICIAL_NEGATIVE
+from .jobs import ID_PATTERN, STATES, ServeConfig, clip_path, video_path
+from ..video_io import FPS_RANGE, check_fps, check_frame_size
 
 D = SamplerSettings()
 MEDIA = {"mp4": "video/mp4", "gif": "image/gif"}
