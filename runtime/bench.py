@@ -18,14 +18,15 @@ import platform
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
 from vidrd.ref.sampler import SamplerSettings, generate
 
 from .backends import Backend
-from .loop import Limits, Request, create
+from .loop import Limits, Request
+from .options import RuntimeOptions, open_runtime
 
 WORKLOADS = {
     # the issue's CPU workload: small preset, one prompt, 256x256, 8 frames x 3 clips, 10 steps, guidance 10
@@ -35,7 +36,6 @@ WORKLOADS = {
     # a seconds-long smoke run (tests, CI)
     "tiny": dict(preset="tiny", settings=SamplerSettings(64, 64, 4, 3, 2, 2, 4.0, 0.4, 10.0), batch=1),
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Timed(Backend):
@@ -77,17 +77,6 @@ class Timed(Backend):
         self.events.append((start, end))
 
 
-@dataclass
-class Config:
-    backend: str = "torch"
-    dtype: str = "fp32"
-    compile: str | None = None
-    attention: str = "sdpa"
-    onnx: str | None = None
-    engines: str | None = None
-    vae_dtype: str | None = None  # None: the runtime dtype
-
-
 def unet_flops(model, settings: SamplerSettings, batch: int, device) -> int:
     """FLOPs of one guidance-doubled UNet call, counted by torch.utils.flop_counter on the meta-free model."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -105,9 +94,10 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run(workload: str = "small", config: Config = Config(), *, repeats: int = 3, device: str | None = None,
+def run(workload: str = "small", options: RuntimeOptions = RuntimeOptions(), *, repeats: int = 3,
         weights_seed: int = 0, with_reference: bool = True, log=print) -> dict:
-    """Benchmark `config` against the float32 reference sampler on `workload`; returns the summary row."""
+    """Benchmark the runtime of `options` against the float32 reference sampler on `workload`; returns the summary
+    row (its "config" is `options`)."""
     from vidrd.ref.weights import random_model
 
     from .video_io import VideoWriter
@@ -117,20 +107,15 @@ def run(workload: str = "small", config: Config = Config(), *, repeats: int = 3,
         log("[bench] PyAV is not installed: writing the .mp4 is not timed (write_s is NaN)")
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; choose one of {sorted(WORKLOADS)}")
-    if config.dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {config.dtype!r}; choose one of {sorted(DTYPES)}")
+    options = options.resolved()
     wl = WORKLOADS[workload]
     s: SamplerSettings = wl["settings"]
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[config.dtype]
+    dev, dtype = torch.device(options.device), options.torch_dtype
     prompts, negatives = ("a boat sailing on a lake",) * wl["batch"], ("watermark",) * wl["batch"]
     request = Request(prompts, negatives, s, seed=42, float_video=True)
     ref_model = random_model(wl["preset"], weights_seed, device=dev)
     model = ref_model if dtype == torch.float32 else random_model(wl["preset"], weights_seed, dtype=dtype, device=dev)
-    limits = Limits(wl["batch"], s.frames, s.height, s.width, s.steps, s.overlap)
-    rt = create(model, config.backend, limits=limits, device=dev, dtype=dtype, export_dir=config.onnx,
-                engine_dir=config.engines, compile=config.compile, attention=config.attention,
-                vae_dtype=DTYPES[config.vae_dtype] if config.vae_dtype else None)
+    rt = open_runtime(model, options, Limits.of(s, wl["batch"]))
     timers = {k: Timed(getattr(rt, k), dev) for k in ("text", "unet", "vae")}
     rt.text, rt.unet, rt.vae = timers["text"], timers["unet"], timers["vae"]
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -157,13 +142,12 @@ def run(workload: str = "small", config: Config = Config(), *, repeats: int = 3,
     def reference_once():
         sync()
         t0 = time.perf_counter()
-        out = generate(ref_model, list(prompts), list(negatives), **_kwargs(s),
-                       generator=torch.Generator().manual_seed(42))
+        out = generate(ref_model, list(prompts), list(negatives), s, torch.Generator().manual_seed(42))
         sync()
         return out, time.perf_counter() - t0
 
-    log(f"[bench] warm-up ({workload}, {config.backend} {config.dtype}"
-        f"{', compile ' + config.compile if config.compile else ''}, {dev})")
+    log(f"[bench] warm-up ({workload}, {options.backend} {options.dtype}"
+        f"{', compile ' + options.compile if options.compile else ''}, {dev})")
     runtime_once()
     ref_out = reference_once()[0] if with_reference else None
     walls, refs, rows = [], [], []
@@ -180,7 +164,7 @@ def run(workload: str = "small", config: Config = Config(), *, repeats: int = 3,
             row["reference_s_per_frame"] = ref_wall / frames_out
         rows.append(row)
         log(json.dumps({"kind": "run", **row}))
-    summary = _summary(workload, wl, config, dev, model, s, rows, walls, refs, frames_out)
+    summary = _summary(workload, wl, options, dev, model, s, rows, walls, refs, frames_out)
     if with_reference:
         summary.update(_accuracy(clips, ref_out))
     summary["peak_rss_mb"] = round(_peak_rss_mb(), 1)
@@ -191,20 +175,14 @@ def run(workload: str = "small", config: Config = Config(), *, repeats: int = 3,
     return summary
 
 
-def _kwargs(s: SamplerSettings) -> dict:
-    return dict(height=s.height, width=s.width, frames=s.frames, steps=s.steps, clips=s.clips, overlap=s.overlap,
-                noise_recycle=s.noise_recycle, denoise_guidance=s.denoise_guidance, guidance_scale=s.guidance_scale,
-                noise_prior=s.noise_prior, temporal_decode=s.temporal_decode, assembly=s.assembly)
-
-
-def _summary(workload, wl, config, dev, model, s, rows, walls, refs, frames_out) -> dict:
+def _summary(workload, wl, options, dev, model, s, rows, walls, refs, frames_out) -> dict:
     med = {k: statistics.median(r[k] for r in rows) for k in ("wall_s", "text_s", "unet_s", "vae_s", "loop_other_s",
                                                                "write_s")}
     calls = rows[0]["unet_calls"]
     flops = unet_flops(model, s, wl["batch"], dev)
     per_call = med["unet_s"] / calls
     out = {"workload": workload, "preset": wl["preset"], "settings": asdict(s), "batch": wl["batch"],
-           "config": asdict(config), "device": _device_name(dev), "threads": torch.get_num_threads(),
+           "config": asdict(options), "device": _device_name(dev), "threads": torch.get_num_threads(),
            "versions": {"torch": torch.__version__, "python": platform.python_version()},
            "repeats": len(rows), "frames_out": frames_out, "median": med,
            "unet_per_call_s": per_call, "vae_per_clip_s": med["vae_s"] / s.clips,

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .bench import DTYPES, WORKLOADS, Config
+from .bench import WORKLOADS
+from .options import add_runtime_args, runtime_options
 
 
 def register(sub) -> None:
@@ -12,17 +13,10 @@ def register(sub) -> None:
                        description="Warm-up excluded, repeated runs, medians; the reference sampler (float32) runs "
                        "in the same process on the same workload and gives the speed-up and the accuracy.")
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="small")
-    p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="torch")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--vae-dtype", choices=sorted(DTYPES), help="run the VAE decoder in another dtype")
-    p.add_argument("--compile", choices=("default", "reduce-overhead", "max-autotune"))
-    p.add_argument("--attention", choices=("sdpa", "math", "triton"), default="sdpa")
-    p.add_argument("--onnx", metavar="DIR")
-    p.add_argument("--engines", metavar="DIR")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default=None)
     p.add_argument("--no-reference", action="store_true", help="skip the reference sampler (no speed-up)")
     p.add_argument("--out", metavar="FILE", help="append the summary row to this JSON-lines file")
+    add_runtime_args(p.add_argument_group("execution (the runtime measured)"))
     p.set_defaults(func=run)
 
 
@@ -30,9 +24,7 @@ def run(args) -> int:
     from .bench import run as bench
     if args.repeats < 1:
         raise ValueError(f"--repeats {args.repeats} must be >= 1")
-    config = Config(args.backend, args.dtype, args.compile, args.attention, args.onnx, args.engines, args.vae_dtype)
-    row = bench(args.workload, config, repeats=args.repeats, device=args.device,
-                with_reference=not args.no_reference)
+    row = bench(args.workload, runtime_options(args), repeats=args.repeats, with_reference=not args.no_reference)
     if args.out:
         with Path(args.out).open("a") as f:
             f.write(json.dumps(row) + "\n")

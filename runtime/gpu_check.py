@@ -78,15 +78,16 @@ def _bench_row(summary: dict) -> dict:
     keys = ("workload", "s_per_frame", "reference_s_per_frame", "speedup", "psnr_db", "latents_rel_err",
             "unet_per_call_s", "vae_per_clip_s", "unet_gflops", "peak_cuda_mb")
     row = {k: summary.get(k) for k in keys}
-    row["config"] = {k: v for k, v in summary["config"].items() if v not in (None, "sdpa", "torch")} or \
-        {"dtype": "fp32"}
+    row["config"] = {k: v for k, v in summary["config"].items() if v not in (None, "sdpa", "torch") and
+                     k != "device"} or {"dtype": "fp32"}
     return row
 
 
-def _bench(workload: str, repeats: int = 1, with_reference: bool = True, **config) -> dict:
-    from .bench import Config, run
-    return _bench_row(run(workload, Config(**config), repeats=repeats, device="cuda", with_reference=with_reference,
-                          log=lambda *a: print(*a, flush=True)))
+def _bench(workload: str, repeats: int = 1, with_reference: bool = True, **options) -> dict:
+    from .bench import run
+    from .options import RuntimeOptions
+    return _bench_row(run(workload, RuntimeOptions(device="cuda", **options), repeats=repeats,
+                          with_reference=with_reference, log=lambda *a: print(*a, flush=True)))
 
 
 # ------------------------------------------------------------------------------------------------------- sections
@@ -100,7 +101,8 @@ def parity() -> dict:
     from vidrd.ref.sampler import SamplerSettings
     from vidrd.ref.text import tokenize
 
-    from .loop import Limits, Request, create
+    from .loop import Limits, Request
+    from .options import open_runtime
 
     fx = fixtures_dir()
     if fx is None:
@@ -123,8 +125,7 @@ def parity() -> dict:
         zf = z.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)  # ((B F),C,h,w)
         errs["vae.decode_per_frame"] = _rel_max(model.vae.decode(zf, num_frames=1), g["vae.decode_per_frame"])
         errs["vae.decode_temporal"] = _rel_max(model.vae.decode(zf, num_frames=f), g["vae.decode_temporal"])
-    rt = create(model, "torch", limits=Limits(batch=2, frames=8, height=64, width=64, steps=10, overlap=4),
-                device="cuda")
+    rt = open_runtime(model, limits=Limits(batch=2, frames=8, height=64, width=64, steps=10, overlap=4))
     try:
         for name in ("single_clip", "three_clips", "batch_two"):
             cs = cases[f"pipe.{name}"]
@@ -253,19 +254,19 @@ def _tiny_export(tmp: Path):
     return model, tmp / "onnx"
 
 
-def _runtime_video(model, backend: str, dtype="fp32", **kw):
+def _runtime_video(model, backend: str, dtype="fp32", **options):
     """One tiny request (2 clips, 3 steps, 256 px) through the runtime on CUDA: video (B,3,T,H,W) float32."""
     import torch
 
     from vidrd.ref.loading import to
     from vidrd.ref.sampler import SamplerSettings
 
-    from .bench import DTYPES
-    from .loop import Limits, Request, create
+    from .loop import Limits, Request
+    from .options import RuntimeOptions, open_runtime
 
     s = SamplerSettings(height=256, width=256, frames=8, steps=3, clips=2, overlap=4)
-    rt = create(to(model, device="cuda"), backend, limits=Limits(1, 8, 256, 256, 3, 4), device="cuda",
-                dtype=DTYPES[dtype], **kw)
+    rt = open_runtime(to(model, device="cuda"), RuntimeOptions(backend, dtype=dtype, device="cuda", **options),
+                      Limits(1, 8, 256, 256, 3, 4))
     try:
         t0 = time.perf_counter()
         video = torch.cat([c.video for c in rt.generate(Request(("a boat",), ("watermark",), s, 42, True))], 2)
@@ -318,7 +319,7 @@ def tensorrt() -> dict:
                   components=["unet"], log=print)
         out["build_s"] = time.perf_counter() - t0
         got, t32 = _runtime_video(model, "tensorrt", engine_dir=Path(tmp) / "fp32")
-        half, t16 = _runtime_video(model, "torch", "fp16", unet="tensorrt", engine_dir=Path(tmp) / "fp16")
+        half, t16 = _runtime_video(model, "torch", "fp16", unet_backend="tensorrt", engine_dir=Path(tmp) / "fp16")
     out.update(psnr_db_fp32_vs_torch=_psnr(got, ref), psnr_db_fp16_static_unet_vs_torch=_psnr(half, ref),
                seconds={"torch": t_ref, "tensorrt_fp32": t32, "tensorrt_fp16_static_unet": t16})
     return {"status": "ok" if out["psnr_db_fp32_vs_torch"] > tolerances().GPU_BACKEND_PSNR_DB else "fail", **out}

@@ -1,4 +1,5 @@
-"""The lean runtime: set up once (buffers for the largest request), then stream clips of reuse-and-diffuse videos.
+"""The lean runtime's loop: set up once (buffers for the largest request), then stream clips of reuse-and-diffuse
+videos. `vidrd.runtime.options.open_runtime` builds a Runtime from RuntimeOptions.
 
 Same seed, same video as the reference sampler (vidrd.ref.sampler): the same random draws in the same order and,
 in float32 on the same backend, the same arithmetic. Every tensor the denoising loop touches is allocated in
@@ -32,6 +33,12 @@ class Limits:
     width: int = 256
     steps: int = 50
     overlap: int = 4
+
+    @classmethod
+    def of(cls, settings: SamplerSettings, batch: int) -> "Limits":
+        """Buffers for exactly one request shape: `batch` prompts at `settings`."""
+        s = settings
+        return cls(batch, s.frames, s.height, s.width, s.steps, max(s.overlap, 1))
 
 
 @dataclass(frozen=True)
@@ -228,7 +235,7 @@ class Runtime:
     def check(self, request: Request) -> tuple[list[str], list[str], SamplerSettings]:
         """Validate a request against the sampler rules and this runtime's buffers, before any work."""
         s = request.settings
-        s.validate(self.model)
+        s.check_model(self.model)
         prompts, negatives = check_prompts(self.tokenizer, list(request.prompts),
                                            None if request.negative_prompts is None else list(request.negative_prompts))
         lim = self.limits
@@ -257,7 +264,7 @@ class Runtime:
             self._lock.release()
 
     @torch.no_grad()
-    def prepare(self, prompts, negatives, s: SamplerSettings, request: Request) -> "Generation":
+    def prepare(self, prompts, negatives, s: SamplerSettings, request: Request) -> Generation:
         """Before step 0: bind views, encode the prompts, fill the per-step tables, draw the initial noise."""
         job = Generation(self, len(prompts), s, request)
         texts = negatives + prompts if s.cfg else prompts  # [uncond; cond] under guidance
@@ -284,7 +291,7 @@ class Runtime:
         job.initial_noise()
         return job
 
-    def _run(self, job: "Generation", on_step):
+    def _run(self, job: Generation, on_step):
         s, pending = job.s, None
         try:
             for c in range(s.clips):
@@ -311,7 +318,7 @@ class Runtime:
             if pending is not None:  # cancelled: let the decode finish so the buffers are free for the next request
                 pending.exception()
 
-    def _decode(self, job: "Generation", c: int, latents_cpu, ready) -> Clip:
+    def _decode(self, job: Generation, c: int, latents_cpu, ready) -> Clip:
         """VAE backend, then [0,1] and uint8 (truncating, as the official save); runs on the decode thread."""
         s, ctx = job.s, contextlib.nullcontext()
         if self._decode_stream is not None:
@@ -341,40 +348,3 @@ class Runtime:
         if self._decoder is not None:
             self._decoder.shutdown(wait=True)
 
-
-_FLAG = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def default_vae_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The VAE decoder's dtype when none is asked for: the networks' dtype, but float32 instead of float16."""
-    return torch.float32 if dtype == torch.float16 else dtype
-
-
-def create(model, backend: str = "torch", *, text: str | None = None, unet: str | None = None,
-           vae: str | None = None, limits: Limits = Limits(), device="cpu", dtype=torch.float32,
-           vae_dtype: torch.dtype | None = None, export_dir=None, engine_dir=None, compile: str | None = None,
-           attention: str = "sdpa") -> Runtime:
-    """A Runtime with `backend` for every component unless text/unet/vae name another one for that component.
-
-    dtype is the networks' dtype (latents and the DDIM update stay float32); vae_dtype runs the VAE decoder in
-    another dtype (e.g. bfloat16 VAE beside a float32 UNet). By default the VAE runs in `dtype`, except float16:
-    the SD VAE decoder overflows in float16 (NaN frames), so it stays float32 unless vae_dtype=float16 is asked for.
-    Raises ValueError when a backend cannot run in the dtype asked for (an ONNX export or engine of another
-    precision).
-    """
-    from . import backends
-
-    device = torch.device(device)
-    kw = dict(export_dir=export_dir, engine_dir=engine_dir)
-    want = {"text": dtype, "unet": dtype, "vae": vae_dtype or default_vae_dtype(dtype)}
-    made = {}
-    for name, kind in (("text", text), ("unet", unet), ("vae", vae)):
-        extra = {"unet": {"compile": compile, "attention": attention}, "vae": {"compile": compile}}.get(name, {})
-        be = backends.make(kind or backend, name, model, want[name], device, **kw, **extra)
-        if be.dtype != want[name]:
-            flag = "--vae-dtype" if name == "vae" else "--dtype"
-            raise ValueError(f"the {kind or backend} {name} runs in {be.dtype} but {want[name]} was asked for: "
-                             f"export or build that component in {want[name]}, or ask for {be.dtype} ({flag} "
-                             f"{_FLAG.get(be.dtype, be.dtype)})")
-        made[name] = be
-    return Runtime(model, made["text"], made["unet"], made["vae"], limits, device)

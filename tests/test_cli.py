@@ -35,13 +35,13 @@ def test_generate_mp4_on_the_random_tiny_preset(tmp_path, capsys):
 
 
 def reference_frames(prompt, trim, seed=42, batch=None):
-    from vidrd.ref.sampler import generate
+    from vidrd.ref.sampler import SamplerSettings, generate
     from vidrd.ref.weights import random_model
     from vidrd.runtime.video_io import to_uint8
     prompts = batch or [prompt]
-    video, _ = generate(random_model(), prompts, ["watermark"] * len(prompts), height=64, width=48, frames=4, steps=2, clips=3,
-                        overlap=2, generator=torch.Generator().manual_seed(seed),
+    s = SamplerSettings(height=64, width=48, frames=4, steps=2, clips=3, overlap=2,
                         assembly="trim" if trim else "official")
+    video, _ = generate(random_model(), prompts, ["watermark"] * len(prompts), s, torch.Generator().manual_seed(seed))
     return to_uint8(video[prompts.index(prompt)])
 
 

@@ -5,7 +5,8 @@ from tolerances import RECYCLE_1000, RUNTIME_VIDEO
 
 from vidrd.ref.sampler import SamplerSettings, generate
 from vidrd.ref.weights import random_model
-from vidrd.runtime.loop import Limits, Request, create
+from vidrd.runtime.loop import Limits, Request
+from vidrd.runtime.options import open_runtime
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -26,8 +27,8 @@ def _inputs(model, **kw):
     seen = []
     real, model.unet = model.unet, Spy(model.unet, seen)
     try:
-        generate(model, ["a"], height=16, width=16, frames=4, steps=2, clips=2, overlap=2, guidance_scale=1.0,
-                 generator=torch.Generator().manual_seed(0), **kw)
+        generate(model, ["a"], None, SamplerSettings(height=16, width=16, frames=4, steps=2, clips=2, overlap=2,
+                                                     guidance_scale=1.0, **kw), torch.Generator().manual_seed(0))
     finally:
         model.unet = real
     return seen
@@ -63,16 +64,14 @@ def test_runtime_forward_matches_reference(assembly):
     model = random_model("tiny", 3)
     s = SamplerSettings(height=32, width=32, frames=4, steps=3, clips=3, overlap=2, denoise_guidance=0.7,
                         guidance_scale=5.0, assembly=assembly, continuation="forward")
-    rt = create(model, limits=Limits(batch=1, frames=4, height=32, width=32, steps=3, overlap=2))
+    rt = open_runtime(model, limits=Limits(batch=1, frames=4, height=32, width=32, steps=3, overlap=2))
     clips = list(rt.generate(Request(("a",), None, s, seed=4, float_video=True)))
     video = torch.cat([c.video for c in clips], dim=2)
-    ref, _ = generate(model, ["a"], height=32, width=32, frames=4, steps=3, clips=3, overlap=2, denoise_guidance=0.7,
-                      guidance_scale=5.0, assembly=assembly, continuation="forward",
-                      generator=torch.Generator().manual_seed(4))
+    ref, _ = generate(model, ["a"], None, s, torch.Generator().manual_seed(4))
     assert video.shape == ref.shape
     assert (video - ref).abs().max() <= RUNTIME_VIDEO
 
 
 def test_bad_continuation_is_refused():
     with pytest.raises(ValueError, match="continuation='backward'"):
-        SamplerSettings(continuation="backward").validate()
+        SamplerSettings(continuation="backward")

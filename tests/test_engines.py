@@ -343,7 +343,8 @@ def test_tiny_engines_match_onnxruntime(tiny_export, tmp_path):
 def test_runtime_with_the_tensorrt_unet(tiny_export, tmp_path):
     from vidrd.ref.loading import to
     from vidrd.ref.sampler import SamplerSettings
-    from vidrd.runtime.loop import Limits, Request, create
+    from vidrd.runtime.loop import Limits, Request
+    from vidrd.runtime.options import RuntimeOptions, open_runtime
 
     onnx_dir, model = tiny_export
     build_all(onnx_dir, tmp_path, Shapes(batch=(1, 1, 1), frames=(8, 8, 8), size=(256, 256, 256), static=True),
@@ -353,7 +354,7 @@ def test_runtime_with_the_tensorrt_unet(tiny_export, tmp_path):
     request = Request(("a boat",), settings=SamplerSettings(steps=3), float_video=True)
     videos = []
     for unet in ("torch", "tensorrt"):
-        rt = create(model, "torch", unet=unet, limits=limits, device="cuda", engine_dir=tmp_path)
+        rt = open_runtime(model, RuntimeOptions(unet_backend=unet, engine_dir=tmp_path, device="cuda"), limits)
         if unet == "tensorrt":
             rt.unet.check_shapes(1, 8, 256, 256, guidance=True)
             with pytest.raises(EngineMismatch, match="N=4"):

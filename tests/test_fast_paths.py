@@ -5,7 +5,8 @@ import torch
 from vidrd.ref.attention import Attention, CrossKV
 from vidrd.ref.sampler import SamplerSettings
 from vidrd.ref.weights import random_model
-from vidrd.runtime.loop import Limits, Request, create
+from vidrd.runtime.loop import Limits, Request
+from vidrd.runtime.options import open_runtime
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -25,7 +26,7 @@ def test_runtime_computes_cross_attention_keys_once_per_request():
     crosses = [m for m in model.unet.modules() if isinstance(m, Attention) and m.cross]
     hooks = [m.to_k.register_forward_hook(lambda *a: calls.append(1)) for m in crosses]
     try:
-        rt = create(model, limits=Limits(batch=1, frames=4, height=16, width=16, steps=3, overlap=1))
+        rt = open_runtime(model, limits=Limits(batch=1, frames=4, height=16, width=16, steps=3, overlap=1))
         s = SamplerSettings(height=16, width=16, frames=4, steps=3, clips=2, overlap=1)
         list(rt.generate(Request(("a",), None, s, seed=0)))
         assert len(calls) == len(crosses)  # 6 UNet calls, one key projection per layer

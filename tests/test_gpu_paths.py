@@ -22,7 +22,8 @@ from tolerances import (BENCH_FP16_PSNR_DB, BENCH_FP32_PSNR_DB, FP16_GPU_VIDEO, 
 from vidrd.ref.sampler import SamplerSettings
 from vidrd.ref.weights import random_model
 from vidrd.runtime import backends, bench, ort_backend, trt_backend
-from vidrd.runtime.loop import Limits, NonFiniteOutput, Request, Runtime, create
+from vidrd.runtime.loop import Limits, NonFiniteOutput, Request, Runtime
+from vidrd.runtime.options import RuntimeOptions, open_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = Limits(batch=1, frames=4, height=32, width=32, steps=2, overlap=2)
@@ -208,11 +209,11 @@ def test_bench_accuracy_brings_the_reference_to_the_host():
 # ------------------------------------------------------------------------- 2, 9: the VAE's dtype and its output
 
 def test_fp16_networks_keep_a_float32_vae_unless_asked(tiny):
-    rt = create(tiny, limits=SMALL, dtype=torch.float16)
+    rt = open_runtime(tiny, RuntimeOptions(dtype="fp16"), SMALL)
     assert rt.unet.dtype == torch.float16 and rt.vae.dtype == torch.float32 and rt.dec_out.dtype == torch.float32
-    rt = create(tiny, limits=SMALL, dtype=torch.float16, vae_dtype=torch.float16)
+    rt = open_runtime(tiny, RuntimeOptions(dtype="fp16", vae_dtype="fp16"), SMALL)
     assert rt.vae.dtype == torch.float16 and rt.dec_f32.dtype == torch.float32
-    rt = create(tiny, limits=SMALL, dtype=torch.bfloat16)
+    rt = open_runtime(tiny, RuntimeOptions(dtype="bf16"), SMALL)
     assert rt.vae.dtype == torch.bfloat16
 
 
@@ -366,8 +367,8 @@ def test_gpu_fp16_runtime_keeps_a_float32_vae_and_finite_frames(tiny):
     s = SamplerSettings(height=64, width=64, frames=4, steps=3, clips=2, overlap=2)
     request = Request(("a boat",), ("watermark",), s, 42, True)
     videos = []
-    for dtype in (torch.float32, torch.float16):
-        rt = create(model, limits=Limits(1, 4, 64, 64, 3, 2), device=dev, dtype=dtype)
+    for dtype in ("fp32", "fp16"):
+        rt = open_runtime(model, RuntimeOptions(dtype=dtype, device=str(dev)), Limits(1, 4, 64, 64, 3, 2))
         assert rt.vae.dtype == torch.float32
         videos.append(torch.cat([c.video for c in rt.generate(request)], 2))
         rt.close()
@@ -377,7 +378,7 @@ def test_gpu_fp16_runtime_keeps_a_float32_vae_and_finite_frames(tiny):
 @pytest.mark.gpu
 def test_gpu_bench_runs_to_the_end_with_events():
     _cuda()
-    row = bench.run("tiny", bench.Config(), repeats=1, device="cuda", log=lambda *a: None)
+    row = bench.run("tiny", RuntimeOptions(device="cuda"), repeats=1, log=lambda *a: None)
     assert row["psnr_db"] > BENCH_FP32_PSNR_DB and row["median"]["unet_s"] > 0 and row["median"]["vae_s"] > 0
-    half = bench.run("tiny", bench.Config(dtype="fp16"), repeats=1, device="cuda", log=lambda *a: None)
+    half = bench.run("tiny", RuntimeOptions(dtype="fp16", device="cuda"), repeats=1, log=lambda *a: None)
     assert half["psnr_db"] > BENCH_FP16_PSNR_DB and np.isfinite(half["latents_rel_err"])

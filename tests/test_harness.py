@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vidrd.runtime.cli import main
+from vidrd.runtime.options import RuntimeOptions
 from vidrd.runtime.shapes import data
 from vidrd.runtime.shapes.cmd_eval import EVAL_SETTINGS, evaluate, prompt_set
 from vidrd.runtime.shapes.harness import OPPOSITE, clip_lengths, score_videos
@@ -121,7 +122,7 @@ def test_evaluate_runtime_and_reference_agree():
     from vidrd.ref.weights import random_model
     s = SamplerSettings(height=64, width=64, frames=4, steps=2, clips=2, overlap=2)
     model = random_model("tiny")
-    reports = [evaluate(model, s, prompt_set(2), [0, 1], backend, batch=2, progress=False)
+    reports = [evaluate(model, s, prompt_set(2), [0, 1], RuntimeOptions(backend), batch=2, progress=False)
                for backend in ("torch", "reference")]
     # the two agree to one uint8 level (tests/tolerances.py UINT8_LEVELS), so compare the majority votes over
     # thousands of pixels, not the centroids of a random model's blobs, which one level may move

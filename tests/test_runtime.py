@@ -12,7 +12,8 @@ from vidrd.ref.loading import load_official
 from vidrd.ref.sampler import SamplerSettings, generate
 from vidrd.ref.weights import random_model
 from vidrd.runtime.backends import Backend
-from vidrd.runtime.loop import Cancelled, Limits, Request, create
+from vidrd.runtime.loop import Cancelled, Limits, Request
+from vidrd.runtime.options import RuntimeOptions, open_runtime
 
 LIMITS = Limits(batch=2, frames=8, height=64, width=64, steps=10, overlap=4)
 
@@ -39,18 +40,14 @@ def run(rt, request):
 
 
 def reference(model, request):
-    s = request.settings
-    return generate(model, list(request.prompts), None if request.negative_prompts is None else
-                    list(request.negative_prompts), height=s.height, width=s.width, frames=s.frames, steps=s.steps,
-                    clips=s.clips, overlap=s.overlap, noise_recycle=s.noise_recycle,
-                    denoise_guidance=s.denoise_guidance, guidance_scale=s.guidance_scale, noise_prior=s.noise_prior,
-                    temporal_decode=s.temporal_decode, assembly=s.assembly,
-                    generator=torch.Generator().manual_seed(request.seed))
+    negatives = None if request.negative_prompts is None else list(request.negative_prompts)
+    generator = torch.Generator().manual_seed(request.seed)
+    return generate(model, list(request.prompts), negatives, request.settings, generator)
 
 
 @pytest.mark.parametrize("name", ["single_clip", "three_clips", "batch_two"])
 def test_torch_fp32_matches_reference_and_goldens(tiny_model, tiny_dir, golden, name):
-    rt = create(tiny_model, limits=LIMITS)
+    rt = open_runtime(tiny_model, limits=LIMITS)
     request = case(tiny_dir, name)
     video, latents, clips = run(rt, request)
     ref_video, ref_latents = reference(tiny_model, request)
@@ -66,7 +63,7 @@ def test_torch_fp32_matches_reference_and_goldens(tiny_model, tiny_dir, golden, 
 
 def test_trim_temporal_decode_and_noise_prior_match_reference():
     model = random_model("tiny", 1)
-    rt = create(model, limits=LIMITS)
+    rt = open_runtime(model, limits=LIMITS)
     s = SamplerSettings(height=48, width=64, frames=6, steps=3, clips=3, overlap=3, noise_recycle=2.0,
                         denoise_guidance=0.7, guidance_scale=1.0, noise_prior=0.5, temporal_decode=True,
                         assembly="trim")
@@ -82,7 +79,7 @@ def test_onnxruntime_matches_reference(tiny_model, tiny_dir, tmp_path_factory):
     from vidrd.export.onnx_export import export
     out = tmp_path_factory.mktemp("fixture_onnx")
     export(tiny_model, out, components=("text_encoder", "unet", "vae_decoder"), log=lambda *a: None)
-    rt = create(tiny_model, "onnxruntime", export_dir=out, limits=LIMITS)
+    rt = open_runtime(tiny_model, RuntimeOptions("onnxruntime", export_dir=out), LIMITS)
     assert rt.unet.graph.provider == "CPUExecutionProvider"
     for name in ("three_clips", "batch_two"):
         request = case(tiny_dir, name)
@@ -94,13 +91,13 @@ def test_onnxruntime_matches_reference(tiny_model, tiny_dir, tmp_path_factory):
     with pytest.raises(ValueError, match="exported unet cannot run this request: dim h=4"):
         next(rt.generate(small))  # outside the export's ranges: refused before any work
     with pytest.raises(ValueError, match="onnxruntime unet runs in torch.float32 but torch.bfloat16 was asked"):
-        create(tiny_model, "torch", unet="onnxruntime", export_dir=out, limits=LIMITS, dtype=torch.bfloat16)
+        open_runtime(tiny_model, RuntimeOptions(unet_backend="onnxruntime", export_dir=out, dtype="bf16"), LIMITS)
 
 
 def test_temporal_vae_on_onnxruntime_matches_reference(default_onnx):
     """The temporal VAE decoder (vae_decoder_temporal.onnx, loaded on first use) beside the torch UNet."""
     model = random_model("tiny", 0)
-    rt = create(model, "torch", vae="onnxruntime", export_dir=default_onnx, limits=LIMITS)
+    rt = open_runtime(model, RuntimeOptions(vae_backend="onnxruntime", export_dir=default_onnx), LIMITS)
     s = SamplerSettings(height=64, width=64, frames=4, steps=2, clips=2, overlap=2, temporal_decode=True)
     request = Request(("a boat",), None, s, seed=3, float_video=True)
     video, latents, _ = run(rt, request)
@@ -123,7 +120,7 @@ class Recorded(Backend):
 
 def test_step_loop_allocates_nothing_outside_backend_calls():
     model = random_model("tiny", 0)
-    rt = create(model, limits=LIMITS)
+    rt = open_runtime(model, limits=LIMITS)
     rt.unet = Recorded(rt.unet)
     s = SamplerSettings(height=64, width=64, frames=8, steps=6, clips=2, overlap=4, noise_recycle=4.0)
     job = rt.prepare(["a"], [""], s, Request(("a",), None, s))
@@ -150,7 +147,7 @@ def test_step_loop_allocates_nothing_outside_backend_calls():
 
 def test_streaming_first_clip_before_last_is_denoised_and_cancel():
     model = random_model("tiny", 0)
-    rt = create(model, limits=LIMITS)
+    rt = open_runtime(model, limits=LIMITS)
     s = SamplerSettings(height=32, width=32, frames=4, steps=3, clips=3, overlap=2)
     events = []
     gen = rt.generate(Request(("a",), None, s, seed=5), on_step=lambda c, i: events.append(("step", c, i)))
@@ -163,13 +160,13 @@ def test_streaming_first_clip_before_last_is_denoised_and_cancel():
     assert events[-1][0] == "clip" and done < 1 + 3 * 3
     # nothing the next request needs was freed: it runs, and equals a fresh runtime's output
     again = [c.frames for c in rt.generate(Request(("a",), None, s, seed=5))]
-    fresh = [c.frames for c in create(model, limits=LIMITS).generate(Request(("a",), None, s, seed=5))]
+    fresh = [c.frames for c in open_runtime(model, limits=LIMITS).generate(Request(("a",), None, s, seed=5))]
     assert len(again) == 3 and all(np.array_equal(a, b) for a, b in zip(again, fresh))
     assert np.array_equal(again[0], first.frames)
 
 
 def test_on_step_cancel_stops_within_a_step():
-    rt = create(random_model("tiny", 0), limits=LIMITS)
+    rt = open_runtime(random_model("tiny", 0), limits=LIMITS)
     s = SamplerSettings(height=32, width=32, frames=4, steps=5, clips=2, overlap=2)
     seen = []
 
@@ -189,16 +186,16 @@ def test_on_step_cancel_stops_within_a_step():
     (dict(overlap=5, clips=2), "overlap=5 exceeds"), (dict(overlap=8, clips=2), "overlap=8 must"),
 ])
 def test_requests_larger_than_the_buffers_fail_clearly(change, match):
-    rt = create(random_model("tiny", 0), limits=LIMITS)
-    s = SamplerSettings(**{**dict(height=64, width=64, frames=8, steps=2, clips=1, overlap=2), **change})
-    with pytest.raises(ValueError, match=match):
+    rt = open_runtime(random_model("tiny", 0), limits=LIMITS)
+    with pytest.raises(ValueError, match=match):  # the settings' own rules (overlap < frames) or the buffers'
+        s = SamplerSettings(**{**dict(height=64, width=64, frames=8, steps=2, clips=1, overlap=2), **change})
         next(rt.generate(Request(("a",), None, s)))
     with pytest.raises(ValueError, match="batch=3 exceeds"):
         next(rt.generate(Request(("a", "b", "c"), None, SamplerSettings(height=64, width=64, steps=2))))
 
 
 def test_single_clip_ignores_overlap_beyond_the_buffers():
-    rt = create(random_model("tiny", 0), limits=Limits(1, 4, 32, 32, 2, overlap=1))
+    rt = open_runtime(random_model("tiny", 0), limits=Limits(1, 4, 32, 32, 2, overlap=1))
     clips = list(rt.generate(Request(("a",), None, SamplerSettings(height=32, width=32, frames=4, steps=2))))
     assert len(clips) == 1 and clips[0].frames.shape == (1, 4, 32, 32, 3)
 
@@ -206,13 +203,13 @@ def test_single_clip_ignores_overlap_beyond_the_buffers():
 def test_backend_choice_errors_and_mixed_dtypes():
     model = random_model("tiny", 0)
     with pytest.raises(ValueError, match="needs --onnx"):
-        create(model, "onnxruntime", limits=LIMITS)
+        open_runtime(model, RuntimeOptions("onnxruntime"), LIMITS)
     with pytest.raises(ValueError, match="unknown backend"):
-        create(model, "jax", limits=LIMITS)
+        open_runtime(model, RuntimeOptions("jax"), LIMITS)
     with pytest.raises(ValueError, match="needs --engines"):
-        create(model, "torch", unet="tensorrt", limits=LIMITS)
+        open_runtime(model, RuntimeOptions(unet_backend="tensorrt"), LIMITS)
     # a bfloat16 VAE beside the float32 UNet: its own converted copy, the model itself untouched
-    rt = create(model, limits=LIMITS, vae_dtype=torch.bfloat16)
+    rt = open_runtime(model, RuntimeOptions(vae_dtype="bf16"), LIMITS)
     assert rt.vae.dtype == torch.bfloat16 and rt.dec_in.dtype == torch.bfloat16 and model.vae.post_quant_conv.weight.dtype == torch.float32
     s = SamplerSettings(height=32, width=32, frames=4, steps=2, clips=2, overlap=2)
     request = Request(("a",), None, s, seed=2, float_video=True)
@@ -231,7 +228,7 @@ def test_bf16_runtime_runs_with_float32_latents():
     model = random_model("tiny", 0)
     s = SamplerSettings(height=32, width=32, frames=4, steps=2, clips=1, guidance_scale=1.0)
     request = Request(("a",), None, s, seed=2, float_video=True)
-    v32, l32, _ = run(create(model, limits=LIMITS), request)
-    v16, l16, _ = run(create(model, limits=LIMITS, dtype=torch.bfloat16), request)
+    v32, l32, _ = run(open_runtime(model, limits=LIMITS), request)
+    v16, l16, _ = run(open_runtime(model, RuntimeOptions(dtype="bf16"), LIMITS), request)
     assert l16.dtype == torch.float32
     assert 0 < ((l16 - l32).norm() / l32.norm()).item() < BF16_LATENT_REL_NORM

@@ -1,6 +1,7 @@
 """The reference sampler against the official pipeline outputs of fixtures/vidrd-tiny (SPEC §3)."""
 import json
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,19 +16,24 @@ def tiny_model(tiny_dir):
     return load_official(tiny_dir / "sd", tiny_dir / "ModelT2V.pth", tiny_dir / "vae_finetuned")
 
 
-def case_kwargs(tiny_dir, name):
+def case(tiny_dir, name):
+    """(prompts, negatives, settings, seed) of a fixture case."""
     c = json.loads((tiny_dir / "cases.json").read_text())["cases"][f"pipe.{name}"]
-    kw = dict(height=c["height"], width=c["width"], frames=c["num_frames"], steps=c["num_inference_steps"],
-              clips=c.get("num_generated_clips", 1), overlap=c.get("extend_overlap_frames", 4),
-              noise_recycle=c.get("extend_noise_recycle", 4), denoise_guidance=c.get("extend_denoise_guidance", 0.4),
-              guidance_scale=c["guidance_scale"], generator=torch.Generator().manual_seed(c["seed"]))
-    return c["prompt"], c["negative_prompt"], kw
+    s = SamplerSettings(height=c["height"], width=c["width"], frames=c["num_frames"], steps=c["num_inference_steps"],
+                        clips=c.get("num_generated_clips", 1), overlap=c.get("extend_overlap_frames", 4),
+                        noise_recycle=c.get("extend_noise_recycle", 4),
+                        denoise_guidance=c.get("extend_denoise_guidance", 0.4), guidance_scale=c["guidance_scale"])
+    return c["prompt"], c["negative_prompt"], s, c["seed"]
+
+
+def seeded(seed):
+    return torch.Generator().manual_seed(seed)
 
 
 @pytest.mark.parametrize("name", ["single_clip", "three_clips", "batch_two"])
 def test_pipeline_cases_match_official(tiny_model, tiny_dir, golden, name):
-    prompts, negatives, kw = case_kwargs(tiny_dir, name)
-    video, latents = generate(tiny_model, prompts, negatives, **kw)
+    prompts, negatives, s, seed = case(tiny_dir, name)
+    video, latents = generate(tiny_model, prompts, negatives, s, seeded(seed))
     want_v, want_l = golden[f"pipe.{name}.video"], golden[f"pipe.{name}.final_latents"]
     assert video.shape == want_v.shape and video.dtype == torch.float32
     assert (video - want_v).abs().max() <= GOLDEN
@@ -36,14 +42,12 @@ def test_pipeline_cases_match_official(tiny_model, tiny_dir, golden, name):
 
 
 def test_trim_and_temporal_decode(tiny_model, tiny_dir):
-    prompts, negatives, kw = case_kwargs(tiny_dir, "three_clips")
-    kw = {**kw, "steps": 3}
-    official, lat = generate(tiny_model, prompts, negatives, **{**kw, "generator": torch.Generator().manual_seed(1)})
-    trim, lat_t = generate(tiny_model, prompts, negatives, assembly="trim",
-                           **{**kw, "generator": torch.Generator().manual_seed(1)})
-    temporal, lat_d = generate(tiny_model, prompts, negatives, temporal_decode=True,
-                               **{**kw, "generator": torch.Generator().manual_seed(1)})
-    f, o = kw["frames"], kw["overlap"]
+    prompts, negatives, s, _ = case(tiny_dir, "three_clips")
+    s = replace(s, steps=3)
+    official, lat = generate(tiny_model, prompts, negatives, s, seeded(1))
+    trim, lat_t = generate(tiny_model, prompts, negatives, replace(s, assembly="trim"), seeded(1))
+    temporal, lat_d = generate(tiny_model, prompts, negatives, replace(s, temporal_decode=True), seeded(1))
+    f, o = s.frames, s.overlap
     assert official.shape[2] == 3 * f and temporal.shape[2] == 3 * f
     assert trim.shape[2] == f + 2 * (f - o)
     assert torch.equal(lat, lat_t) and torch.equal(lat, lat_d)  # assembly and decoding do not touch denoising
@@ -70,8 +74,8 @@ def test_overlap_frames_start_from_reversed_previous_noise(tiny_model):
     spy = Spy(tiny_model.unet)
     real, tiny_model.unet = tiny_model.unet, spy
     try:
-        generate(tiny_model, ["a"], height=16, width=16, frames=4, steps=2, clips=2, overlap=2,
-                 denoise_guidance=1.0, noise_recycle=0.0, generator=torch.Generator().manual_seed(0))
+        generate(tiny_model, ["a"], None, SamplerSettings(height=16, width=16, frames=4, steps=2, clips=2, overlap=2,
+                                                          denoise_guidance=1.0, noise_recycle=0.0), seeded(0))
     finally:
         tiny_model.unet = real
     first0, second0 = seen[0], seen[2]  # step 0 inputs of clip 1 and clip 2
@@ -110,17 +114,18 @@ def test_noise_prior_keeps_unit_variance():
 def test_bad_settings_fail_before_work(tiny_model, bad, match):
     kw = dict(height=64, width=64, frames=8, steps=2, clips=2, overlap=4)
     with pytest.raises(ValueError, match=match):
-        generate(tiny_model, ["a"], **{**kw, **bad})
+        generate(tiny_model, ["a"], None, SamplerSettings(**{**kw, **bad}))
 
 
 def test_prompt_validation(tiny_model):
+    s = SamplerSettings(height=16, width=16, frames=2, steps=1)
     with pytest.raises(ValueError, match="negative_prompts has 1 entries for 2 prompts"):
-        generate(tiny_model, ["a", "b"], ["x"], height=16, width=16, frames=2, steps=1)
+        generate(tiny_model, ["a", "b"], ["x"], s)
     with pytest.raises(ValueError, match="non-empty list"):
-        generate(tiny_model, [], height=16, width=16, frames=2, steps=1)
+        generate(tiny_model, [], None, s)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        generate(tiny_model, ["fire " * 80 + "ENDWORD"], height=16, width=16, frames=2, steps=1)
+        generate(tiny_model, ["fire " * 80 + "ENDWORD"], None, s)
     assert any("truncated" in str(x.message) and "endword" in str(x.message) for x in w)
 
 
@@ -134,8 +139,10 @@ def test_no_guidance_runs_the_conditional_branch_only(tiny_model):
 
     tiny_model.unet.forward = spy
     try:
-        generate(tiny_model, ["a", "b"], height=16, width=16, frames=2, steps=2, guidance_scale=1.0, overlap=1)
-        generate(tiny_model, ["a", "b"], height=16, width=16, frames=2, steps=1, guidance_scale=3.0, overlap=1)
+        generate(tiny_model, ["a", "b"], None, SamplerSettings(height=16, width=16, frames=2, steps=2,
+                                                               guidance_scale=1.0, overlap=1))
+        generate(tiny_model, ["a", "b"], None, SamplerSettings(height=16, width=16, frames=2, steps=1,
+                                                               guidance_scale=3.0, overlap=1))
     finally:
         del tiny_model.unet.forward
     assert calls == [2, 2, 4]

@@ -444,6 +444,7 @@ def test_vidrd_serve_command(tmp_path, stop):
 def test_ray_serve_two_replicas_shared_registry_and_a_killed_replica(tmp_path):
     ray = pytest.importorskip("ray")
     serve = pytest.importorskip("ray.serve")
+    from vidrd.runtime.options import RuntimeOptions
     from vidrd.runtime.serve.ray import build, start_registry
 
     # metrics every second so that the autoscaler reacts within the test
@@ -458,7 +459,7 @@ def test_ray_serve_two_replicas_shared_registry_and_a_killed_replica(tmp_path):
         config = ServeConfig(results=str(tmp_path), **{**LIMITS, "queue_size": 8})
         start_registry(config)
         model_args = dict(weights=None, sd=None, ckpt=None, vae=None, preset="tiny", weights_seed=0)
-        app = build(config, model_args, {"backend": "torch"}, min_replicas=1, max_replicas=2,
+        app = build(config, model_args, RuntimeOptions(), min_replicas=1, max_replicas=2,
                     autoscaling={"upscale_delay_s": 0, "look_back_period_s": 2, "metrics_interval_s": 1})
         serve.run(app, name="vidrd", route_prefix="/")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:

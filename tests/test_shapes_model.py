@@ -41,8 +41,9 @@ def test_shipped_files_fit_and_load_through_the_official_layout(shapes_model):
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_colour_floor_on_runtime_and_reference(shapes_model, backend):
     from vidrd.ref.sampler import SamplerSettings
-    report = evaluate(shapes_model, SamplerSettings(**FLOOR_SETTINGS), PROMPTS, [0], backend=backend, batch=6,
-                      negative_prompt="", progress=False)
+    from vidrd.runtime.options import RuntimeOptions
+    report = evaluate(shapes_model, SamplerSettings(**FLOOR_SETTINGS), PROMPTS, [0], RuntimeOptions(backend),
+                      batch=6, negative_prompt="", progress=False)
     s = report["summary"]["all"]
     assert s["color_acc"] >= 5 / 6, s
     assert s["background_acc"] >= 5 / 6, s

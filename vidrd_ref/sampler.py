@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -18,52 +18,81 @@ CONTINUATIONS = ("official", "forward")
 SOLVERS = ("ddim", "dpmpp-2m")
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _setting(default, help: str, choices: tuple | None = None):
+    """A SamplerSettings field: its default, the help text the CLI and the service show, its allowed values."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
-    """Every setting of one generation, with the official defaults (configs/example.yaml + evaluator, SPEC §3.1)."""
-    height: int = 256
-    width: int = 256
-    frames: int = 8
-    steps: int = 50
-    clips: int = 1
-    overlap: int = 4
-    noise_recycle: float = 4.0
-    denoise_guidance: float = 0.4
-    guidance_scale: float = 10.0
-    noise_prior: float = 0.0
-    temporal_decode: bool = False
-    assembly: str = "official"
-    continuation: str = "official"
-    solver: str = "ddim"
+    """Every setting of one generation, with the official defaults (configs/example.yaml + evaluator, SPEC §3.1).
 
-    def validate(self, model=None) -> None:
-        """Raise ValueError naming the first bad setting; nothing expensive has run yet."""
+    The one description of a generation: `vidrd generate`'s flags, the service's request fields and the Ray
+    deployment's job specs are made from these fields (name, default, help, choices), so a new setting is a new
+    field here and its use in the samplers. Construction validates (ValueError naming the first bad setting).
+    """
+    height: int = _setting(256, "frame height in pixels, a multiple of 8")
+    width: int = _setting(256, "frame width in pixels, a multiple of 8")
+    frames: int = _setting(8, "frames per clip")
+    steps: int = _setting(50, "denoising steps per clip")
+    clips: int = _setting(1, "clips in total, 1 = no extension")
+    overlap: int = _setting(4, "frames shared with the previous clip")
+    noise_recycle: float = _setting(4.0, "weight of the previous clip's reversed noise in a new clip's noise")
+    denoise_guidance: float = _setting(0.4, "fraction of steps during which overlap frames are pinned (staged "
+                                       "guidance)")
+    guidance_scale: float = _setting(10.0, "classifier-free guidance scale (<= 1: no guidance)")
+    noise_prior: float = _setting(0.0, "progressive noise prior (frame correlation); unit variance per frame")
+    temporal_decode: bool = _setting(False, "decode with the temporal VAE layers (paper) instead of per frame "
+                                     "(official code)")
+    assembly: str = _setting("official", "official: every clip whole; trim: later clips without their overlap "
+                             "frames", ASSEMBLIES)
+    continuation: str = _setting("official", "official: a new clip replays the previous clip's end backwards (the "
+                                 "paper's reversed noise and overlap); forward: it continues in the same frame order "
+                                 "(use with --assembly trim)", CONTINUATIONS)
+    solver: str = _setting("ddim", "ddim (official) or dpmpp-2m (DPM-Solver++(2M): similar quality in fewer steps)",
+                           SOLVERS)
+
+    def __post_init__(self):
+        """Raise ValueError naming the first bad setting; weights become floats. Nothing expensive has run yet."""
         for name in ("height", "width"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0 or v % 8:
+            if not _is_int(v) or v <= 0 or v % 8:
                 raise ValueError(f"{name}={v!r} must be a positive multiple of 8 (the VAE's latent factor)")
         for name in ("frames", "steps", "clips"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if not _is_int(v) or v < 1:
                 raise ValueError(f"{name}={v!r} must be an integer >= 1")
-        if model is not None and self.steps > model.scheduler.cfg.num_train_timesteps:
-            raise ValueError(f"steps={self.steps} exceeds the scheduler's {model.scheduler.cfg.num_train_timesteps}"
-                             " training timesteps")
-        if not isinstance(self.overlap, int) or self.overlap < 0 or (self.clips > 1 and self.overlap >= self.frames):
+        if not _is_int(self.overlap) or self.overlap < 0 or (self.clips > 1 and self.overlap >= self.frames):
             # a single clip never reads the overlap, so only later clips require overlap < frames
             raise ValueError(f"overlap={self.overlap!r} must be an integer with 0 <= overlap < frames={self.frames}")
-        if not 0.0 <= self.denoise_guidance <= 1.0:
+        if not (_is_number(self.denoise_guidance) and 0.0 <= self.denoise_guidance <= 1.0):
             raise ValueError(f"denoise_guidance={self.denoise_guidance!r} must be between 0 and 1")
         for name in ("noise_recycle", "noise_prior", "guidance_scale"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and 0 <= v <= MAX_WEIGHT):  # also refuses NaN and inf
+            if not (_is_number(v) and 0 <= v <= MAX_WEIGHT):  # also refuses NaN and inf
                 raise ValueError(f"{name}={v!r} must be a number between 0 and {MAX_WEIGHT:g}")
-        if self.assembly not in ASSEMBLIES:
-            raise ValueError(f"assembly={self.assembly!r} must be one of {ASSEMBLIES}")
-        if self.continuation not in CONTINUATIONS:
-            raise ValueError(f"continuation={self.continuation!r} must be one of {CONTINUATIONS}")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"solver={self.solver!r} must be one of {SOLVERS}")
+        if not isinstance(self.temporal_decode, bool):
+            raise ValueError(f"temporal_decode={self.temporal_decode!r} must be True or False")
+        for f in fields(self):
+            choices, v = f.metadata["choices"], getattr(self, f.name)
+            if choices is not None and v not in choices:
+                raise ValueError(f"{f.name}={v!r} must be one of {choices}")
+            if isinstance(f.default, float):
+                object.__setattr__(self, f.name, float(v))
+
+    def check_model(self, model) -> None:
+        """ValueError unless `model`'s scheduler has at least `steps` training timesteps."""
+        if self.steps > model.scheduler.cfg.num_train_timesteps:
+            raise ValueError(f"steps={self.steps} exceeds the scheduler's {model.scheduler.cfg.num_train_timesteps}"
+                             " training timesteps")
 
     @property
     def cfg(self) -> bool:
@@ -163,19 +192,15 @@ def decode(model, latents: torch.Tensor, temporal: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(model, prompts, negative_prompts=None, *, height=256, width=256, frames=8, steps=50, clips=1,
-             overlap=4, noise_recycle=4.0, denoise_guidance=0.4, guidance_scale=10.0, generator=None,
-             temporal_decode=False, noise_prior=0.0, assembly="official", continuation="official", solver="ddim",
+def generate(model, prompts, negative_prompts=None, settings: SamplerSettings = SamplerSettings(), generator=None, *,
              callback=None):
     """Long video by reuse and diffuse. -> video (B,3,frames_out,H,W) in [0,1], latents (clips,B,C,F,h,w).
 
     Mirrors the official SDVideoPipeline.__call__ (SPEC §3.5) step for step, including its random draws, so one
     seed gives the official video. `callback(clip, step)` is called after every denoising step.
     """
-    s = SamplerSettings(height, width, frames, steps, clips, overlap, float(noise_recycle), float(denoise_guidance),
-                        float(guidance_scale), float(noise_prior), bool(temporal_decode), assembly, continuation,
-                        solver)
-    s.validate(model)
+    s = settings
+    s.check_model(model)
     prompts, negative_prompts = check_prompts(model.tokenizer, prompts, negative_prompts)
     if generator is not None and generator.device.type != "cpu":
         raise ValueError(f"generator on {generator.device}: the official noise order needs a CPU torch.Generator")
@@ -183,15 +208,15 @@ def generate(model, prompts, negative_prompts=None, *, height=256, width=256, fr
     ctx = encode_prompts(model, prompts, negative_prompts, s.cfg)  # (2B or B,77,D)
     dtype, device = ctx.dtype, ctx.device
     b, f, o, r = len(prompts), s.frames, s.overlap, s.noise_recycle
-    shape = (b, model.unet.cfg.in_channels, f, height // 8, width // 8)  # (B,C,F,h,w)
-    timesteps = model.scheduler.timesteps(steps).tolist()
-    multistep = DPMSolverPP2M(model.config.scheduler, steps) if s.solver == "dpmpp-2m" else None  # same timesteps
+    shape = (b, model.unet.cfg.in_channels, f, s.height // 8, s.width // 8)  # (B,C,F,h,w)
+    timesteps = model.scheduler.timesteps(s.steps).tolist()
+    multistep = DPMSolverPP2M(model.config.scheduler, s.steps) if s.solver == "dpmpp-2m" else None  # same timesteps
 
     latents = initial_noise(shape, generator, s.noise_prior, dtype, device)
     src = torch.tensor(s.source_frames(), device=device)  # (F,) previous-clip frame reused by each frame
     hist: dict[int, torch.Tensor] = {}
     videos, finals = [], []
-    for c in range(clips):
+    for c in range(s.clips):
         if c > 0:
             latents = torch.empty_like(latents)  # the previous clip's final latents stay as returned
             # (a) overlap frames restart from the previous clip's reversed initial latents
@@ -213,7 +238,7 @@ def generate(model, prompts, negative_prompts=None, *, height=256, width=256, fr
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + s.guidance_scale * (eps_c - eps_u)
             if multistep is None:
-                latents = model.scheduler.step(eps, t, latents, steps)
+                latents = model.scheduler.step(eps, t, latents, s.steps)
             else:  # its history restarts at i = 0 of every clip
                 latents = multistep.step(eps, i, latents)
             if callback is not None:

@@ -1,63 +1,68 @@
 """The service's HTTP API (FastAPI): request validation, routes, API key, body size limit.
 
 `make_app(backend, config)` serves one backend: worker.LocalService (`vidrd serve`) or ray.RayBackend
-(`vidrd serve --ray`); both answer the same async calls, so both serve exactly this API.
+(`vidrd serve --ray`); both answer the same async calls, so both serve exactly this API. The request's sampler
+fields are SamplerSettings' own (name, type, default, help, choices).
 """
 from __future__ import annotations
 
 import asyncio
 import re
 import secrets
+from dataclasses import asdict, fields
 from importlib.metadata import PackageNotFoundError, version
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Optional
 
 from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, Response, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from vidrd.ref.sampler import ASSEMBLIES, CONTINUATIONS, SOLVERS, SamplerSettings, check_text
+from vidrd.ref.sampler import SamplerSettings, check_text
 
-from ..cmd_generate import OFFICIAL_NEGATIVE
-from .jobs import ID_PATTERN, STATES, ServeConfig, clip_path, video_path
+from .. import shapes
+from ..options import OFFICIAL_NEGATIVE
 from ..video_io import FPS_RANGE, check_fps, check_frame_size
+from .jobs import ID_PATTERN, STATES, ServeConfig, clip_path, video_path
 
-D = SamplerSettings()
 MEDIA = {"mp4": "video/mp4", "gif": "image/gif"}
 JobId = Annotated[str, Path(pattern=ID_PATTERN, description="32 hex digits, as returned by POST /v1/videos")]
 ClipIndex = Annotated[int, Path(ge=0, description="clip number, from 0")]
 Video = Annotated[int, Query(ge=0, description="which prompt's video, for a batch")]
-SETTINGS = ("height", "width", "frames", "steps", "clips", "overlap", "noise_recycle", "denoise_guidance",
-            "guidance_scale", "noise_prior", "temporal_decode", "assembly", "continuation", "solver")
+SETTINGS = tuple(f.name for f in fields(SamplerSettings))
 
 
-class VideoRequest(BaseModel):
-    """A video request: the settings of `vidrd generate`, with its defaults; strict JSON types, no unknown keys."""
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-    prompts: list[str] = Field(min_length=1, description="one video per prompt (a batch)")
-    negative_prompts: list[str] | None = Field(None, description=f"one per prompt (default {OFFICIAL_NEGATIVE!r}; "
-                                               "'' for the embedded model)")
-    height: int | None = Field(None, description=f"default {D.height} (64 for the embedded model)")
-    width: int | None = Field(None, description=f"default {D.width} (64 for the embedded model)")
-    frames: int | None = Field(None, description=f"frames per clip (default {D.frames})")
-    steps: int | None = Field(None, description=f"denoising steps per clip (default {D.steps}; 25 for the embedded "
-                              "model)")
-    clips: int | None = Field(None, description=f"clips in total, 1 = no extension (default {D.clips}; 3 for the "
-                              "embedded model)")
-    overlap: int = Field(D.overlap, description="frames shared with the previous clip")
-    noise_recycle: float = D.noise_recycle
-    denoise_guidance: float = D.denoise_guidance
-    guidance_scale: float = D.guidance_scale
-    noise_prior: float = D.noise_prior
-    temporal_decode: bool = D.temporal_decode
-    assembly: Literal[ASSEMBLIES] = D.assembly
-    continuation: Literal[CONTINUATIONS] = D.continuation
-    solver: Literal[SOLVERS] = D.solver
-    seed: int = Field(42, ge=0, le=2**63 - 1)
-    format: Literal["mp4", "gif"] = "mp4"
-    fps: float = Field(8.0, ge=min(lo for lo, _ in FPS_RANGE.values()), le=max(hi for _, hi in FPS_RANGE.values()),
-                       description="gif: at most 100 (GIF delays are whole centiseconds)")
+def _setting_fields() -> dict:
+    """Every SamplerSettings field as a request field: its type (its choices as a Literal), default and help. The
+    settings the embedded model has its own values for (runtime/shapes) default to None: to_spec fills them from
+    ServeConfig.defaults, else the official default."""
+    out = {}
+    for f in fields(SamplerSettings):
+        default, meta = f.default, f.metadata
+        kind = Literal[meta["choices"]] if meta["choices"] else type(default)
+        if f.name in shapes.SETTINGS:
+            alt = shapes.SETTINGS[f.name]
+            note = f"default {default}" + (f"; {alt} for the embedded model" if alt != default else "")
+            out[f.name] = (Optional[kind], Field(None, description=f"{meta['help']} ({note})"))
+        else:
+            out[f.name] = (kind, Field(default, description=f"{meta['help']} (default {default})"))
+    return out
+
+
+VideoRequest = create_model(
+    "VideoRequest",
+    __doc__="A video request: the settings of `vidrd generate`, with its defaults; strict JSON types, no unknown keys.",
+    __config__=ConfigDict(extra="forbid", strict=True, allow_inf_nan=False),
+    prompts=(list[str], Field(min_length=1, description="one video per prompt (a batch)")),
+    negative_prompts=(Optional[list[str]], Field(None, description=f"one per prompt (default {OFFICIAL_NEGATIVE!r}; "
+                                                 f"{shapes.NEGATIVE!r} for the embedded model)")),
+    **_setting_fields(),
+    seed=(int, Field(42, ge=0, le=2**63 - 1)),
+    format=(Literal["mp4", "gif"], "mp4"),
+    fps=(float, Field(8.0, ge=min(lo for lo, _ in FPS_RANGE.values()), le=max(hi for _, hi in FPS_RANGE.values()),
+                      description="gif: at most 100 (GIF delays are whole centiseconds)")),
+)
 
 
 class JobStatus(BaseModel):
@@ -91,8 +96,8 @@ def _field_error(field: str, msg: str, value=None) -> RequestValidationError:
 
 
 def to_spec(req: VideoRequest, config: ServeConfig) -> dict:
-    """The validated job spec: the sampler's own rules (SamplerSettings.validate) plus this service's limits,
-    which are the runtime's buffer sizes (Runtime.check). Raises a 422 that names the field."""
+    """The validated job spec: the sampler's own rules (SamplerSettings) plus this service's limits, which are the
+    runtime's buffer sizes (Runtime.check). Raises a 422 that names the field."""
     negatives = req.negative_prompts if req.negative_prompts is not None else [config.negative_prompt] * len(req.prompts)
     if len(req.prompts) > config.batch:
         raise _field_error("prompts", f"{len(req.prompts)} prompts exceed this service's batch limit ({config.batch})")
@@ -108,10 +113,9 @@ def to_spec(req: VideoRequest, config: ServeConfig) -> dict:
             except ValueError as e:  # a lone surrogate: it would fail the job, and its status could not be JSON
                 raise _field_error((name, i), str(e)) from None
     given = {k: getattr(req, k) for k in SETTINGS}
-    fill = {**{k: getattr(D, k) for k in SETTINGS}, **dict(config.defaults)}
-    s = SamplerSettings(**{k: fill[k] if v is None else v for k, v in given.items()})
+    fill = {**asdict(SamplerSettings()), **dict(config.defaults)}
     try:
-        s.validate()
+        s = SamplerSettings(**{k: fill[k] if v is None else v for k, v in given.items()})
     except ValueError as e:  # messages start with "name=value"
         m = re.match(r"(\w+)=", str(e))
         field = m.group(1) if m and m.group(1) in SETTINGS else "settings"
@@ -129,7 +133,7 @@ def to_spec(req: VideoRequest, config: ServeConfig) -> dict:
         except ValueError as e:
             raise _field_error(field, str(e)) from None
     return {"prompts": list(req.prompts), "negative_prompts": list(negatives),
-            "settings": {k: getattr(s, k) for k in SETTINGS}, "seed": req.seed, "format": req.format, "fps": req.fps}
+            "settings": asdict(s), "seed": req.seed, "format": req.format, "fps": req.fps}
 
 
 class Guard:

@@ -25,15 +25,16 @@ import numpy as np
 
 
 @contextlib.contextmanager
-def serving(model, config, backend: str = "torch"):
-    """A LocalService behind a real uvicorn server on 127.0.0.1:<ephemeral>, in a thread; yields (url, service)."""
+def serving(model, config, options=None):
+    """A LocalService (a runtime of RuntimeOptions `options`, default torch) behind a real uvicorn server on
+    127.0.0.1:<ephemeral>, in a thread; yields (url, service)."""
     import uvicorn
 
-    from ..loop import create
+    from ..options import RuntimeOptions, open_runtime
     from .api import http_protocol, make_app
     from .worker import LocalService
 
-    service = LocalService(create(model, backend, limits=config.limits()), config)
+    service = LocalService(open_runtime(model, options or RuntimeOptions(), config.limits()), config)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(make_app(service, config), log_level="warning",

@@ -8,8 +8,8 @@ import sys
 from dataclasses import replace
 
 from .. import shapes
-from ..cmd_generate import BACKENDS
 from ..model_args import add_model_args, check_model_args, is_default_model
+from ..options import RuntimeOptions, add_runtime_args, runtime_options
 from .jobs import ServeConfig
 
 D = ServeConfig()
@@ -39,16 +39,8 @@ def register(sub) -> None:
     j.add_argument("--read-timeout", type=float, default=D.read_timeout_s,
                    help="seconds a client has to send a request's headers, and then its body (slow clients: 408 or "
                    "the connection closed)")
-    x = p.add_argument_group("execution")
-    x.add_argument("--backend", choices=BACKENDS[:3], default="torch")
-    x.add_argument("--onnx", metavar="DIR", help="exported ONNX files (`vidrd export`), for onnxruntime")
-    x.add_argument("--engines", metavar="DIR", help="TensorRT engines (`vidrd build-engines`), for tensorrt")
-    x.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
-    x.add_argument("--vae-dtype", choices=("fp32", "bf16", "fp16"),
-                   help="the VAE decoder's dtype (default: --dtype; fp32 for --dtype fp16, the SD VAE overflows in fp16)")
-    x.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    x.add_argument("--threads", type=int, help="torch CPU threads per runtime (default: torch's choice; under "
-                   "--ray on CPUs, the replica's CPUs)")
+    x = p.add_argument_group("execution (under --ray: of every replica; --threads defaults to the replica's CPUs)")
+    add_runtime_args(x)
     r = p.add_argument_group("Ray Serve")
     r.add_argument("--ray", action="store_true", help="serve on Ray Serve: one runtime per replica (per GPU)")
     r.add_argument("--ray-address", help="an existing cluster (e.g. auto); default: start a local one")
@@ -70,16 +62,12 @@ def config_from(args) -> ServeConfig:
     return c
 
 
-def check(args) -> None:
+def check(args) -> RuntimeOptions:
+    """Every flag checked before anything loads; the runtime's options."""
     check_model_args(args)
-    backends = {"onnxruntime": ("onnx", "--onnx DIR (make it with `vidrd export`)"),
-                "tensorrt": ("engines", "--engines DIR (make it with `vidrd build-engines`)")}
-    if args.backend in backends and not getattr(args, backends[args.backend][0]):
-        raise ValueError(f"the {args.backend} backend needs {backends[args.backend][1]}")
+    options = runtime_options(args)
     if not 0 < args.port < 65536:
         raise ValueError(f"--port {args.port} must be in 1..65535")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads {args.threads} must be >= 1")
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:
@@ -87,39 +75,30 @@ def check(args) -> None:
     if not loopback and not args.api_key:
         print(f"warning: listening on {args.host} without --api-key: anyone who reaches it can submit jobs",
               file=sys.stderr)
+    return options
 
 
 def run(args) -> int:
     config = config_from(args)
-    check(args)
-    runtime_args = {k: getattr(args, k) for k in ("backend", "onnx", "engines", "dtype", "vae_dtype", "device", "threads")}
+    options = check(args)
     if args.ray:
-        return run_ray(args, config, runtime_args)
-    return run_local(args, config, runtime_args)
+        return run_ray(args, config, options)
+    return run_local(args, config, options.resolved())
 
 
-def run_local(args, config: ServeConfig, ra: dict) -> int:
-    import torch
+def run_local(args, config: ServeConfig, options: RuntimeOptions) -> int:
     import uvicorn
 
-    from ..loop import create
     from ..model_args import load_model
+    from ..options import open_runtime
     from .api import http_protocol, make_app
     from .worker import LocalService
 
-    if ra["threads"]:
-        torch.set_num_threads(ra["threads"])
-    device = ra["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    dtype, vae_dtype = dtypes[ra["dtype"]], ra["vae_dtype"] and dtypes[ra["vae_dtype"]]
-    model, what, _ = load_model(args, dtype=dtype, device=device)
-    if config.steps > model.scheduler.cfg.num_train_timesteps:
-        raise ValueError(f"--max-steps {config.steps} exceeds the model's {model.scheduler.cfg.num_train_timesteps}")
-    rt = create(model, ra["backend"], limits=config.limits(), device=device, dtype=dtype, export_dir=ra["onnx"],
-                engine_dir=ra["engines"], vae_dtype=vae_dtype)
-    service = LocalService(rt, config)
-    print(f"serving {what} ({ra['backend']} on {device}) at http://{args.host}:{args.port} (docs at /docs)",
-          file=sys.stderr)
+    model, what, _ = load_model(args, dtype=options.torch_dtype, device=options.device)
+    config.check_model(model)
+    service = LocalService(open_runtime(model, options, config.limits()), config)
+    print(f"serving {what} ({options.backend} on {options.device}) at http://{args.host}:{args.port} (docs at "
+          "/docs)", file=sys.stderr)
     # SIGTERM (docker stop, systemd) as SIGINT: uvicorn shuts down gracefully on either, then re-raises it; without
     # this the re-raised SIGTERM would kill the process before the finally below cancels jobs and drops temp files
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -133,7 +112,7 @@ def run_local(args, config: ServeConfig, ra: dict) -> int:
     return 0
 
 
-def run_ray(args, config: ServeConfig, ra: dict) -> int:
+def run_ray(args, config: ServeConfig, options: RuntimeOptions) -> int:
     import ray
     from ray import serve
 
@@ -142,7 +121,7 @@ def run_ray(args, config: ServeConfig, ra: dict) -> int:
     ray.init(address=args.ray_address, include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
     start_registry(config)
-    app = build(config, {k: getattr(args, k) for k in MODEL_FLAGS}, ra, min_replicas=args.min_replicas,
+    app = build(config, {k: getattr(args, k) for k in MODEL_FLAGS}, options, min_replicas=args.min_replicas,
                 max_replicas=args.max_replicas, replica_cpus=args.replica_cpus)
     print(f"serving on Ray Serve at http://{args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM as Ctrl-C: the finally below runs

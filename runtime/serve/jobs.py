@@ -64,6 +64,12 @@ class ServeConfig:
         if self.api_key is not None and len(self.api_key) < 8:
             raise ValueError("the API key must have at least 8 characters")
 
+    def check_model(self, model) -> None:
+        """ValueError unless the model's scheduler has the timesteps for the steps limit (--max-steps)."""
+        if self.steps > model.scheduler.cfg.num_train_timesteps:
+            raise ValueError(f"--max-steps {self.steps} exceeds the model's {model.scheduler.cfg.num_train_timesteps}"
+                             " training timesteps")
+
     def limits(self) -> Limits:
         """The runtime's buffer sizes: the largest request this service accepts."""
         return Limits(self.batch, self.frames, self.height, self.width, self.steps, max(self.overlap, 1))

@@ -6,7 +6,8 @@ Three parts (README "Serving" explains the design):
 - `Ingress`: the FastAPI app of api.py (cheap, no model). A POST is admitted by the registry, then dispatched as
   one `Generator.run(job_id)` call through a Serve handle; Serve routes it to a replica with a free slot and its
   queue length drives the autoscaler. When that call fails (the replica died), the job is marked failed.
-- `Generator`: one Runtime per replica (one GPU each when the cluster has GPUs), `max_ongoing_requests=1`; it writes
+- `Generator`: one Runtime per replica (one GPU each when the cluster has GPUs), opened from the RuntimeOptions of
+  `vidrd serve`'s execution flags (vidrd.runtime.options), `max_ongoing_requests=1`; it writes
   clip and video files into the shared results folder and reports each step to the registry (which answers with
   the cancel flag).
 """
@@ -17,10 +18,12 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import replace
 
 import ray
 from ray import serve
 
+from ..options import RuntimeOptions
 from .api import make_app
 from .jobs import Registry, ServeConfig, new_id
 from .worker import execute, worker_name
@@ -69,27 +72,17 @@ class _Blocking:
 class Generator:
     """One Runtime; runs one job at a time, from the registry's spec."""
 
-    def __init__(self, config: ServeConfig, model_args: dict, runtime_args: dict):
-        import torch
-
-        from ..loop import create
+    def __init__(self, config: ServeConfig, model_args: dict, options: RuntimeOptions):
         from ..model_args import load_model
+        from ..options import open_runtime
 
-        ra = runtime_args
-        if ra.get("threads"):
-            torch.set_num_threads(ra["threads"])
-        device = ra.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-        dtype, vae_dtype = dtypes[ra.get("dtype", "fp32")], ra.get("vae_dtype") and dtypes[ra["vae_dtype"]]
-        model, what, _ = load_model(argparse.Namespace(**model_args), dtype=dtype, device=device)
-        if config.steps > model.scheduler.cfg.num_train_timesteps:
-            raise ValueError(f"steps limit {config.steps} exceeds the model's "
-                             f"{model.scheduler.cfg.num_train_timesteps} training timesteps")
-        self.rt = create(model, ra.get("backend", "torch"), limits=config.limits(), device=device, dtype=dtype,
-                         export_dir=ra.get("onnx"), engine_dir=ra.get("engines"), vae_dtype=vae_dtype)
+        options = options.resolved()  # the replica's device: cuda when it has a GPU
+        model, what, _ = load_model(argparse.Namespace(**model_args), dtype=options.torch_dtype, device=options.device)
+        config.check_model(model)
+        self.rt = open_runtime(model, options, config.limits())
         self.config, self.name = config, worker_name()
         self.registry = _Blocking(ray.get_actor(REGISTRY, namespace=NAMESPACE))
-        log.info("generator %s: %s on %s", self.name, what, device)
+        log.info("generator %s: %s on %s", self.name, what, options.device)
 
     async def run(self, job_id: str) -> str:
         """Run one job to its end; the event loop stays free for Serve's health checks meanwhile."""
@@ -158,7 +151,7 @@ class Ingress:
         return make_app(self.backend, self.config)
 
 
-def build(config: ServeConfig, model_args: dict, runtime_args: dict, *, min_replicas: int = 1,
+def build(config: ServeConfig, model_args: dict, options: RuntimeOptions, *, min_replicas: int = 1,
           max_replicas: int | None = None, replica_cpus: float = 1.0, autoscaling: dict | None = None):
     """The Serve application: Ingress -> Generator. One GPU per replica when the cluster has GPUs.
 
@@ -166,12 +159,12 @@ def build(config: ServeConfig, model_args: dict, runtime_args: dict, *, min_repl
     overrides its settings (Serve's autoscaling_config keys)."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
     options = {"num_gpus": 1, "num_cpus": replica_cpus} if gpus else {"num_cpus": replica_cpus}
-    if not gpus and not runtime_args.get("threads"):
-        runtime_args = {**runtime_args, "threads": max(1, int(replica_cpus))}  # no oversubscription on shared CPUs
+    if not gpus and options.threads is None:
+        options = replace(options, threads=max(1, int(replica_cpus)))  # no oversubscription on shared CPUs
     most = max_replicas or max(gpus, 1)
     if not 1 <= min_replicas <= most:
         raise ValueError(f"--min-replicas {min_replicas} must be between 1 and --max-replicas {most}")
     generator = Generator.options(ray_actor_options=options, autoscaling_config={
         "min_replicas": min_replicas, "max_replicas": most, "target_ongoing_requests": 1, "upscale_delay_s": 10,
         "downscale_delay_s": 300, **(autoscaling or {})})
-    return Ingress.bind(generator.bind(config, model_args, runtime_args), config)
+    return Ingress.bind(generator.bind(config, model_args, options), config)

@@ -12,8 +12,8 @@ import threading
 from vidrd.ref.sampler import SamplerSettings
 
 from ..loop import Cancelled, Request
-from .jobs import Registry, ServeConfig, clip_path, job_dir, new_id, video_path
 from ..video_io import VideoWriter
+from .jobs import Registry, ServeConfig, clip_path, job_dir, new_id, video_path
 
 log = logging.getLogger("vidrd.serve")
 

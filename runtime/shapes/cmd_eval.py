@@ -10,20 +10,20 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
-from vidrd.ref.sampler import ASSEMBLIES, CONTINUATIONS, SamplerSettings
+from vidrd.ref.sampler import SamplerSettings
 
 from ..model_args import add_model_args, check_model_args
+from ..options import REFERENCE, RuntimeOptions, add_runtime_args, add_sampler_args, runtime_options, sampler_settings
 from . import data
 
 # The issue's evaluation setting: 64x64, 8 frames a clip, 3 clips, every other sampler setting at its default.
 EVAL_SETTINGS = replace(SamplerSettings(), height=data.SIZE, width=data.SIZE, frames=data.FRAMES, clips=3)
 NEGATIVE = ""  # what vidrd-shapes was trained with as its unconditional caption (caption dropout)
-BACKENDS = ("torch", "onnxruntime", "tensorrt", "reference")
 HELD_OUT_EVERY = 4  # every 4th prompt of the set (positions 1, 5, 9, ...) is a held-out caption
 
 
@@ -43,11 +43,12 @@ def prompt_set(n: int, seed: int = 0) -> list[str]:
     return [next(held) if i % HELD_OUT_EVERY == 1 else next(trained) for i in range(n)]
 
 
-def evaluate(model, settings: SamplerSettings, prompts, seeds, backend: str = "torch", *, batch: int = 1,
-             negative_prompt: str = NEGATIVE, device="cpu", dtype=None, progress: bool = True, **runtime) -> dict:
+def evaluate(model, settings: SamplerSettings, prompts, seeds, options: RuntimeOptions = RuntimeOptions(), *,
+             batch: int = 1, negative_prompt: str = NEGATIVE, progress: bool = True) -> dict:
     """Generate every prompt x seed (seed-major, `batch` prompts a request) and score the videos -> JSON-ready
-    report {"config", "summary", "chance", "videos", "seconds"}. backend "reference" runs the reference sampler;
-    the others the lean runtime (`runtime` goes to vidrd.runtime.loop.create, e.g. export_dir, compile)."""
+    report {"config", "summary", "chance", "videos", "seconds"}. options.backend "reference" runs the reference
+    sampler, the others the lean runtime (vidrd.runtime.options.open_runtime). `model` is loaded on options' device
+    in options' dtype."""
     import torch
     from tqdm import tqdm
 
@@ -59,12 +60,10 @@ def evaluate(model, settings: SamplerSettings, prompts, seeds, backend: str = "t
         raise ValueError(f"prompt {bad[0]!r} is not in the shapes grammar {data.TEMPLATE!r}")
     if not prompts or not seeds:
         raise ValueError(f"need prompts and seeds (got {len(prompts)} prompts, {len(seeds)} seeds)")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
     if batch < 1:
         raise ValueError(f"batch={batch} must be >= 1")
-    settings.validate(model)
-    dtype = dtype or torch.float32
+    settings.check_model(model)
+    options = options.resolved()
     s = settings
     chunks = [(seed, prompts[i:i + batch]) for seed in seeds for i in range(0, len(prompts), batch)]
     bar = tqdm(total=len(chunks) * s.clips * s.steps, unit="step", desc="eval", file=sys.stderr, disable=not progress)
@@ -73,10 +72,13 @@ def evaluate(model, settings: SamplerSettings, prompts, seeds, backend: str = "t
     t0 = time.perf_counter()
     rt = None
     try:
-        if backend != "reference":
-            from ..loop import Limits, create
-            limits = Limits(min(batch, len(prompts)), s.frames, s.height, s.width, s.steps, max(s.overlap, 1))
-            rt = create(model, backend, limits=limits, device=device, dtype=dtype, **runtime)
+        if options.backend == REFERENCE:
+            from ..options import prepare_reference
+            prepare_reference(model, options)
+        else:
+            from ..loop import Limits
+            from ..options import open_runtime
+            rt = open_runtime(model, options, Limits.of(s, min(batch, len(prompts))))
         for seed, group in chunks:
             for frames in _generate(model, rt, s, group, negative_prompt, seed, on_step):  # (T,H,W,3) uint8
                 videos.append(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255)
@@ -90,9 +92,9 @@ def evaluate(model, settings: SamplerSettings, prompts, seeds, backend: str = "t
     report = score_videos(videos, captions, clip_frames(s))
     for record, seed in zip(report["videos"], sample_seeds):
         record["seed"] = seed
-    config = {"settings": asdict(s), "backend": backend, "batch": batch, "negative_prompt": negative_prompt,
-              "seeds": seeds, "prompts": len(prompts), "samples": len(videos), "device": str(device),
-              "dtype": str(dtype).removeprefix("torch.")}
+    config = {"settings": asdict(s), "backend": options.backend, "batch": batch, "negative_prompt": negative_prompt,
+              "seeds": seeds, "prompts": len(prompts), "samples": len(videos), "device": options.device,
+              "dtype": str(options.torch_dtype).removeprefix("torch.")}
     return {"config": config, **report, "seconds": seconds, "seconds_per_sample": seconds / len(videos)}
 
 
@@ -111,8 +113,8 @@ def _generate(model, rt, s: SamplerSettings, prompts: list[str], negative: str, 
         from vidrd.ref.sampler import generate
 
         from ..video_io import to_uint8
-        video, _ = generate(model, prompts, list(negatives), **asdict(s),
-                            generator=torch.Generator().manual_seed(seed), callback=on_step)  # (B,3,T,H,W)
+        video, _ = generate(model, prompts, list(negatives), s, torch.Generator().manual_seed(seed),
+                            callback=on_step)  # (B,3,T,H,W)
         return [to_uint8(v) for v in video]
     from ..loop import Request
     clips = [clip.frames for clip in rt.generate(Request(tuple(prompts), negatives, s, seed), on_step=on_step)]
@@ -132,22 +134,9 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, default=1, help="prompts per request (the noise depends on it)")
     p.add_argument("--negative-prompt", default=NEGATIVE)
     s = p.add_argument_group("sampler (the issue's evaluation setting: 64x64, 8 frames, 3 clips, official defaults)")
-    choices = {"assembly": ASSEMBLIES, "continuation": CONTINUATIONS}
-    for f in fields(SamplerSettings):
-        flag, value = f"--{f.name.replace('_', '-')}", getattr(EVAL_SETTINGS, f.name)
-        if isinstance(value, bool):
-            s.add_argument(flag, action="store_true", help="(default off)")
-        else:
-            s.add_argument(flag, type=type(value), default=value, choices=choices.get(f.name),
-                           help=f"(default {value})")
+    add_sampler_args(s, EVAL_SETTINGS)
     o = p.add_argument_group("execution and output")
-    o.add_argument("--backend", choices=BACKENDS, default="torch",
-                   help="torch, onnxruntime (--onnx), tensorrt (--engines): the lean runtime; reference: the "
-                   "reference sampler")
-    o.add_argument("--onnx", metavar="DIR", help="exported ONNX files, for onnxruntime")
-    o.add_argument("--engines", metavar="DIR", help="TensorRT engines, for tensorrt")
-    o.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
-    o.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_runtime_args(o, reference=True)
     o.add_argument("--out", metavar="FILE", help="write the JSON report here (atomically) instead of stdout")
     o.add_argument("--force", action="store_true", help="overwrite --out")
     o.add_argument("--no-progress", action="store_true")
@@ -166,8 +155,6 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def run(args) -> int:
-    import torch
-
     from ..model_args import load_model
 
     seeds = parse_seeds(args.seeds)
@@ -175,29 +162,20 @@ def run(args) -> int:
         raise ValueError(f"--samples {args.samples} must be a positive multiple of the {len(seeds)} seed(s)")
     if args.batch < 1:
         raise ValueError(f"--batch {args.batch} must be >= 1")
-    s = SamplerSettings(**{f.name: getattr(args, f.name) for f in fields(SamplerSettings)})
-    s.validate()
+    s = sampler_settings(args, EVAL_SETTINGS)
     check_model_args(args)
-    if args.backend == "onnxruntime" and not args.onnx:
-        raise ValueError("the onnxruntime backend needs --onnx DIR (make it with `vidrd export --out DIR`)")
-    if args.backend == "tensorrt" and not args.engines:
-        raise ValueError("the tensorrt backend needs --engines DIR (make it with `vidrd build-engines`)")
+    options = runtime_options(args)
     out = Path(args.out) if args.out else None
     if out is not None:
         if out.exists() and not args.force:
             raise FileExistsError(f"{out} exists; --force overwrites it")
         if not out.parent.is_dir():
             raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    if dtype == torch.float16 and device == "cpu":
-        raise ValueError("--dtype fp16 needs a GPU; use fp32 or bf16 on the CPU")
-    model, what, _ = load_model(args, dtype=dtype, device=device)
-    print(f"model: {what} on {device} ({args.dtype})", file=sys.stderr)
-    runtime = {} if args.backend == "reference" else {"export_dir": args.onnx, "engine_dir": args.engines}
-    report = evaluate(model, s, prompt_set(args.samples // len(seeds), args.prompt_seed), seeds, args.backend,
-                      batch=args.batch, negative_prompt=args.negative_prompt, device=device, dtype=dtype,
-                      progress=not args.no_progress, **runtime)
+    options = options.resolved()
+    model, what, _ = load_model(args, dtype=options.torch_dtype, device=options.device)
+    print(f"model: {what} on {options.device} ({options.dtype})", file=sys.stderr)
+    report = evaluate(model, s, prompt_set(args.samples // len(seeds), args.prompt_seed), seeds, options,
+                      batch=args.batch, negative_prompt=args.negative_prompt, progress=not args.no_progress)
     report["config"].update(model=what, prompt_seed=args.prompt_seed)
     text = json.dumps(report, indent=1, allow_nan=False)
     if out is None:
