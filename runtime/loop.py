@@ -81,7 +81,8 @@ class Generation:
         self.x_in = rt.x_in[: nb * c * f * h * w].view(nb, c, f, h, w)
         self.eps = rt.eps[: nb * c * f * h * w].view(nb, c, f, h, w)
         self.guided, self.scratch = rt.guided[:n].view(self.shape), rt.scratch[:n].view(self.shape)
-        self.prev_x0 = rt.prev_x0[:n].view(self.shape)  # DPM-Solver++(2M): the previous step's data prediction
+        # DPM-Solver++(2M): the previous step's data prediction; DDIM with v prediction: a second temporary
+        self.prev_x0 = rt.prev_x0[:n].view(self.shape)
         self.ts, self.ids, self.ctx = rt.timestep[:nb], rt.ids[:nb], rt.ctx[: nb * 77 * d].view(nb, 77, d)
         self.ctx_unet = rt.ctx_unet[: nb * 77 * d].view(nb, 77, d)
         self.noise_cpu, self.noise = rt.noise_cpu[:n].view(self.shape), rt.noise[:n].view(self.shape)
@@ -131,20 +132,40 @@ class Generation:
             g.copy_(eps)
         if self.s.solver == "dpmpp-2m":
             self.multistep_update(i)
-            return
-        torch.mul(g, coef[0], out=tmp)  # x0 = (x - sqrt(1-a_t) eps) / sqrt(a_t)
-        lat.sub_(tmp)
-        lat.div_(coef[1])
-        lat.mul_(coef[2])  # x_prev = sqrt(a_prev) x0 + sqrt(1-a_prev) eps
-        torch.mul(g, coef[3], out=tmp)
+        elif rt.v_prediction:
+            self.ddim_v_update(i)
+        else:
+            torch.mul(g, coef[0], out=tmp)  # x0 = (x - sqrt(1-a_t) eps) / sqrt(a_t)
+            lat.sub_(tmp)
+            lat.div_(coef[1])
+            lat.mul_(coef[2])  # x_prev = sqrt(a_prev) x0 + sqrt(1-a_prev) eps
+            torch.mul(g, coef[3], out=tmp)
+            lat.add_(tmp)
+
+    def ddim_v_update(self, i: int) -> None:
+        """DDIM (eta = 0) from a guided v prediction, in place, term by term as vidrd.ref.ddim.DDIM.step."""
+        lat, v, x0, tmp, coef = self.lat, self.guided, self.scratch, self.prev_x0, self.rt.coef[i]
+        torch.mul(lat, coef[1], out=x0)  # x0 = sqrt(a_t) x - sqrt(1-a_t) v
+        torch.mul(v, coef[0], out=tmp)
+        x0.sub_(tmp)
+        torch.mul(lat, coef[0], out=tmp)  # eps = sqrt(a_t) v + sqrt(1-a_t) x, into v's buffer
+        v.mul_(coef[1])
+        v.add_(tmp)
+        torch.mul(x0, coef[2], out=lat)  # x_prev = sqrt(a_prev) x0 + sqrt(1-a_prev) eps
+        torch.mul(v, coef[3], out=tmp)
         lat.add_(tmp)
 
     def multistep_update(self, i: int) -> None:
         """DPM-Solver++(2M) from the guided noise prediction, in place (vidrd.ref.dpmpp)."""
         lat, g, x0, prev, m = self.lat, self.guided, self.scratch, self.prev_x0, self.rt.mcoef[i]
-        torch.mul(g, m[0], out=x0)  # sigma_i eps
-        torch.sub(lat, x0, out=x0)
-        x0.div_(m[1])  # x0 = (x - sigma_i eps) / alpha_i
+        if self.rt.v_prediction:
+            torch.mul(lat, m[1], out=x0)  # x0 = alpha_i x - sigma_i v
+            g.mul_(m[0])
+            x0.sub_(g)
+        else:
+            torch.mul(g, m[0], out=x0)  # sigma_i eps
+            torch.sub(lat, x0, out=x0)
+            x0.div_(m[1])  # x0 = (x - sigma_i eps) / alpha_i
         if i == 0:  # a new trajectory (every clip restarts at step 0): c_prev is 0, keep the product finite
             prev.copy_(x0)
         lat.mul_(m[2])  # the reference's c_x x + c_x0 x0 + c_prev x0_prev, term by term (no fused multiply-add)
@@ -185,6 +206,9 @@ class Runtime:
         self.model, self.text, self.unet, self.vae = model, text, unet, vae
         self.limits, self.device = limits, torch.device(device)
         self.scheduler, self.tokenizer = model.scheduler, model.tokenizer
+        prediction = model.config.scheduler.prediction_type
+        assert prediction in ("epsilon", "v_prediction"), prediction  # SchedulerConfig admits only these
+        self.v_prediction = prediction == "v_prediction"  # the UNet predicts v = sqrt(a) eps - sqrt(1-a) x0
         lim, cfg = limits, model.config
         if lim.height % 8 or lim.width % 8:
             raise ValueError(f"limits height={lim.height}, width={lim.width} must be multiples of 8")
@@ -209,7 +233,7 @@ class Runtime:
         self.ts_table = torch.empty(lim.steps, 2 * b, device=dev)  # (T,2B) timestep of every step
         self.coef = torch.empty(lim.steps, 4, device=dev)  # (T,4) DDIM factors of every step
         self.mcoef = torch.empty(lim.steps, 5, device=dev)  # (T,5) DPM-Solver++(2M) factors of every step
-        self.prev_x0 = buf(n)  # (B,C,F,h,w) DPM-Solver++(2M): the previous step's data prediction
+        self.prev_x0 = buf(n)  # (B,C,F,h,w) DPM-Solver++(2M): previous data prediction; DDIM-v: a temporary
         self.gscale = torch.empty((), device=dev)  # guidance scale
         self.history = History(n, b * c * lim.overlap * h * w, lim.steps, f, dev)
         self.noise_cpu = buf(n, device="cpu")  # (B,C,F,h,w) random draws come from a CPU generator (parity)

@@ -7,7 +7,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from tolerances import (BF16_LATENT_REL_NORM, BF16_VAE_VIDEO, GOLDEN, ORT_LATENT_REL, ORT_VIDEO, RUNTIME_LATENT_REL,
-                        RUNTIME_VIDEO, assert_uint8_close)
+                        RUNTIME_VIDEO, V_VS_EPSILON_MIN_REL, assert_uint8_close)
 from vidrd.ref.loading import load_official
 from vidrd.ref.sampler import SamplerSettings, generate
 from vidrd.ref.weights import random_model
@@ -105,6 +105,32 @@ def test_temporal_vae_on_onnxruntime_matches_reference(default_onnx):
     assert rt.vae.temporal is not None  # the temporal graph ran, not the per-frame one
     assert (latents - ref_latents).abs().max() <= RUNTIME_LATENT_REL * ref_latents.abs().max()  # torch UNet
     assert (video - ref_video).abs().max() <= ORT_VIDEO
+
+
+def v_model(seed: int):
+    """The random tiny model read as a v-prediction model (its UNet's output taken as v, not epsilon)."""
+    from dataclasses import replace
+
+    from vidrd.ref.ddim import DDIM
+    model = random_model("tiny", seed)
+    sched = replace(model.config.scheduler, prediction_type="v_prediction")
+    model.config, model.scheduler = replace(model.config, scheduler=sched), DDIM(sched)
+    return model
+
+
+@pytest.mark.parametrize("solver, guidance", [("ddim", 7.5), ("ddim", 1.0), ("dpmpp-2m", 7.5)])
+def test_v_prediction_matches_reference(solver, guidance):
+    """DDIM and DPM-Solver++(2M) updates from a v prediction: the runtime against the reference sampler."""
+    model = v_model(4)
+    s = SamplerSettings(height=32, width=32, frames=4, steps=4, clips=2, overlap=2, guidance_scale=guidance,
+                        solver=solver)
+    request = Request(("a", "b"), None, s, seed=6, float_video=True)
+    video, latents, _ = run(open_runtime(model, limits=LIMITS), request)
+    ref_video, ref_latents = reference(model, request)
+    eps_latents = reference(random_model("tiny", 4), request)[1]
+    assert (ref_latents - eps_latents).abs().max() > V_VS_EPSILON_MIN_REL * eps_latents.abs().max()
+    assert (latents - ref_latents).abs().max() <= RUNTIME_LATENT_REL * ref_latents.abs().max()
+    assert (video - ref_video).abs().max() <= RUNTIME_VIDEO
 
 
 class Recorded(Backend):

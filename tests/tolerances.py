@@ -50,6 +50,9 @@ REUSE_NEXT_STEP_REL = 0.2
 GUIDANCE_REUSE_FRESH_REL = 1e-6
 
 EXPORT_FP16 = 5e-2  # max abs, one fp16-exported component on ONNX Runtime vs the fp32 model: 10-bit mantissa
+# v prediction and epsilon prediction read the same UNet output differently: their final latents must differ by far
+# more than rounding (relative to max |latent|), or a runtime that ignored prediction_type would pass the v test.
+V_VS_EPSILON_MIN_REL = 0.1
 SDPA_SLICES = 1e-6  # max abs, SDPA in batch slices vs one call: the same kernel per row, blocking may differ
 UNET_SDPA_SLICES = 1e-5  # max abs, the tiny UNet with its SDPA calls in batch slices vs whole: the above, propagated
 PSNR_ROUNDING_DB = 1e-3  # a PSNR computed from a known MSE: float32 rounding of the mean and the log
