@@ -39,7 +39,8 @@ def register(sub) -> None:
     j.add_argument("--read-timeout", type=float, default=D.read_timeout_s,
                    help="seconds a client has to send a request's headers, and then its body (slow clients: 408 or "
                    "the connection closed)")
-    x = p.add_argument_group("execution (under --ray: of every replica; --threads defaults to the replica's CPUs)")
+    x = p.add_argument_group("execution (under --ray: of every replica; on a cluster without GPUs, --threads "
+                             "defaults to --replica-cpus)")
     add_runtime_args(x)
     r = p.add_argument_group("Ray Serve")
     r.add_argument("--ray", action="store_true", help="serve on Ray Serve: one runtime per replica (per GPU)")

@@ -158,13 +158,13 @@ def build(config: ServeConfig, model_args: dict, options: RuntimeOptions, *, min
     Serve's autoscaler keeps about one job (running or waiting at the ingress's handle) per replica; `autoscaling`
     overrides its settings (Serve's autoscaling_config keys)."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    options = {"num_gpus": 1, "num_cpus": replica_cpus} if gpus else {"num_cpus": replica_cpus}
+    actor = {"num_gpus": 1, "num_cpus": replica_cpus} if gpus else {"num_cpus": replica_cpus}
     if not gpus and options.threads is None:
         options = replace(options, threads=max(1, int(replica_cpus)))  # no oversubscription on shared CPUs
     most = max_replicas or max(gpus, 1)
     if not 1 <= min_replicas <= most:
         raise ValueError(f"--min-replicas {min_replicas} must be between 1 and --max-replicas {most}")
-    generator = Generator.options(ray_actor_options=options, autoscaling_config={
+    generator = Generator.options(ray_actor_options=actor, autoscaling_config={
         "min_replicas": min_replicas, "max_replicas": most, "target_ongoing_requests": 1, "upscale_delay_s": 10,
         "downscale_delay_s": 300, **(autoscaling or {})})
     return Ingress.bind(generator.bind(config, model_args, options), config)
