@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
 from .dpmpp import DPMSolverPP2M
+from .reuse import FeatureCache, ReuseSettings, StepPlan, guided_eps_reuse
 from .text import dropped_words, tokenize
 
 ASSEMBLIES = ("official", "trim")
@@ -59,6 +60,17 @@ class SamplerSettings:
                                  "(use with --assembly trim)", CONTINUATIONS)
     solver: str = _setting("ddim", "ddim (official) or dpmpp-2m (DPM-Solver++(2M): similar quality in fewer steps)",
                            SOLVERS)
+    # Opt-in step skipping (issue 14, vidrd.ref.reuse.ReuseSettings): the defaults reuse nothing (the official loop)
+    cache_interval: int = _setting(1, "UNet feature reuse (DeepCache): inside the cache window one full UNet step, "
+                                   "then interval-1 steps that reuse its deep features; 1 = off")
+    cache_from: float = _setting(0.0, "start of the feature-reuse window, as a fraction of the steps")
+    cache_until: float = _setting(1.0, "end of the feature-reuse window (exclusive), as a fraction of the steps")
+    cache_depth: int = _setting(1, "up blocks a feature-reuse step runs (1 = the outermost: cheapest, furthest from "
+                                "the full UNet)")
+    guidance_reuse_after: float = _setting(1.0, "fraction of the steps after which only the conditional branch runs, "
+                                           "with the last measured guidance difference; 1 = never")
+    guidance_refresh: int = _setting(0, "among the guidance-reuse steps, every n-th runs both branches again to "
+                                     "refresh the difference; 0 = never")
 
     def __post_init__(self):
         """Raise ValueError naming the first bad setting; weights become floats. Nothing expensive has run yet."""
@@ -81,6 +93,7 @@ class SamplerSettings:
                 raise ValueError(f"{name}={v!r} must be a number between 0 and {MAX_WEIGHT:g}")
         if not isinstance(self.temporal_decode, bool):
             raise ValueError(f"temporal_decode={self.temporal_decode!r} must be True or False")
+        self.reuse().validate()  # messages name the value: cache_interval=0 must be ...
         for f in fields(self):
             choices, v = f.metadata["choices"], getattr(self, f.name)
             if choices is not None and v not in choices:
@@ -89,10 +102,26 @@ class SamplerSettings:
                 object.__setattr__(self, f.name, float(v))
 
     def check_model(self, model) -> None:
-        """ValueError unless `model`'s scheduler has at least `steps` training timesteps."""
+        """ValueError unless `model`'s scheduler has at least `steps` training timesteps and, with feature reuse,
+        its UNet has `cache_depth` up blocks."""
         if self.steps > model.scheduler.cfg.num_train_timesteps:
             raise ValueError(f"steps={self.steps} exceeds the scheduler's {model.scheduler.cfg.num_train_timesteps}"
                              " training timesteps")
+        n = len(model.config.unet.up_block_types)
+        if self.cache_interval > 1 and self.cache_depth > n:
+            raise ValueError(f"cache_depth={self.cache_depth} exceeds the UNet's {n} up blocks")
+
+    def reuse(self) -> ReuseSettings:
+        """The feature- and guidance-reuse part of these settings."""
+        return ReuseSettings(**{f.name: getattr(self, f.name) for f in fields(ReuseSettings)})
+
+    def plan(self) -> list[StepPlan]:
+        """What each step of every clip runs (the same plan per clip): all "full" + "both" at the defaults. Without
+        guidance there is one branch only, so guidance reuse is moot and plans nothing."""
+        r = self.reuse()
+        if not self.cfg:
+            r = replace(r, guidance_reuse_after=1.0, guidance_refresh=0)
+        return r.plan(self.steps)
 
     @property
     def cfg(self) -> bool:
@@ -197,7 +226,9 @@ def generate(model, prompts, negative_prompts=None, settings: SamplerSettings = 
     """Long video by reuse and diffuse. -> video (B,3,frames_out,H,W) in [0,1], latents (clips,B,C,F,h,w).
 
     Mirrors the official SDVideoPipeline.__call__ (SPEC §3.5) step for step, including its random draws, so one
-    seed gives the official video. `callback(clip, step)` is called after every denoising step.
+    seed gives the official video. `callback(clip, step)` is called after every denoising step. With reuse settings
+    (issue 14) each step follows `settings.plan()`: "store"/"reuse" steps run the UNet with a FeatureCache, and
+    "cond_reuse" steps run it on the conditional half only, guided by the last measured eps_c - eps_u.
     """
     s = settings
     s.check_model(model)
@@ -214,9 +245,12 @@ def generate(model, prompts, negative_prompts=None, settings: SamplerSettings = 
 
     latents = initial_noise(shape, generator, s.noise_prior, dtype, device)
     src = torch.tensor(s.source_frames(), device=device)  # (F,) previous-clip frame reused by each frame
+    plan = s.plan()  # per step of every clip: unet full/store/reuse, guidance both/cond_reuse
+    cache = FeatureCache(depth=s.cache_depth)
     hist: dict[int, torch.Tensor] = {}
     videos, finals = [], []
     for c in range(s.clips):
+        cache.feature, d_last = None, None  # each clip measures its own features and guidance difference
         if c > 0:
             latents = torch.empty_like(latents)  # the previous clip's final latents stay as returned
             # (a) overlap frames restart from the previous clip's reversed initial latents
@@ -232,11 +266,17 @@ def generate(model, prompts, negative_prompts=None, settings: SamplerSettings = 
                     if s.guided(i, k):
                         latents[:, :, k] = hist[i][:, :, k]
             hist[i] = latents.index_select(2, src)  # official: frame-reversed; after the overrides, before the UNet
-            x_in = torch.cat([latents, latents]) if s.cfg else latents  # (2B or B,C,F,h,w)
-            eps = model.unet(x_in, t, ctx)
-            if s.cfg:
-                eps_u, eps_c = eps.chunk(2)
-                eps = eps_u + s.guidance_scale * (eps_c - eps_u)
+            step_cache = cache.for_step(plan[i].unet)  # None on "full" steps: the plain call, as without reuse
+            kw = {} if step_cache is None else {"cache": step_cache}
+            if s.cfg and plan[i].guidance == "cond_reuse":  # the conditional branch only: batch B, context ctx[B:]
+                eps = guided_eps_reuse(model.unet(latents, t, ctx[b:], **kw), d_last, s.guidance_scale)
+            else:
+                x_in = torch.cat([latents, latents]) if s.cfg else latents  # (2B or B,C,F,h,w)
+                eps = model.unet(x_in, t, ctx, **kw)
+                if s.cfg:
+                    eps_u, eps_c = eps.chunk(2)
+                    d_last = eps_c - eps_u  # (B,C,F,h,w) kept for later cond_reuse steps
+                    eps = eps_u + s.guidance_scale * d_last
             if multistep is None:
                 latents = model.scheduler.step(eps, t, latents, s.steps)
             else:  # its history restarts at i = 0 of every clip
