@@ -2,7 +2,7 @@
 tell them apart.
 
     text(ids (B,77) int64, out (B,77,D))
-    unet(sample (N,C,F,h,w), timestep (N,) float32, context (N,77,D), out (N,C,F,h,w))
+    unet(sample (N,C,F,h,w), timestep (N,) float32, context (N,77,D), out (N,C,F,h,w)[, cache: FeatureCache])
     vae(latents (B,C,F,h,w) already / scaling factor, out (B,F,3,H,W) raw decoder output, temporal: bool)
 
 Exported graphs (ONNX Runtime sessions, TensorRT engines: `Graph`) are bound from their export spec: the text and
@@ -25,9 +25,11 @@ COMPONENTS = ("text", "unet", "vae")
 
 class Backend(abc.ABC):
     """One component on one backend. `dtype`: the float dtype of its float inputs and outputs; `device`: where they
-    live. Calls write into the caller's buffers (shapes in the module docstring)."""
+    live. Calls write into the caller's buffers (shapes in the module docstring). `feature_cache`: a UNet that takes
+    a vidrd.ref.reuse.FeatureCache after its buffers (UNet feature reuse, issue 14); exported graphs cannot."""
     dtype: torch.dtype
     device: torch.device
+    feature_cache: bool = False
 
     def check_shapes(self, batch: int, frames: int, height: int, width: int, *, guidance: bool = True,
                      temporal: bool = False) -> None:
@@ -72,17 +74,25 @@ class TorchUNet(Backend):
         self.dtype, self.device = dtype, device
         self.net = set_attention(model.unet, attention)
         self.fn = self.net if compile is None else _compiled(self.net, compile, device)
-        self.cross_kv, self._kv_of = None, None  # eager: cross-attention keys/values of the current context
+        # A compiled graph takes tensors only; a FeatureCache holds a tensor between calls (see README, presets).
+        self.feature_cache = compile is None
+        # eager: cross-attention keys/values of the request's context and, under guidance reuse, of its conditional
+        # half (a view of it), keyed on where and when the context was written: the runtime writes it once a request
+        self.cross_kv: dict[tuple, CrossKV] = {}
 
     @torch.no_grad()
-    def __call__(self, sample, timestep, context, out):
+    def __call__(self, sample, timestep, context, out, cache=None):
         if self.fn is not self.net:  # compiled: the graph takes the context tensor
+            assert cache is None, "the compiled UNet takes no FeatureCache"
             out.copy_(self.fn(sample, timestep, context))
             return
-        key = (context.data_ptr(), context.shape, context._version)  # the runtime writes the context once a request
-        if key != self._kv_of:
-            self.cross_kv, self._kv_of = CrossKV(self.net, context), key
-        out.copy_(self.net(sample, timestep, self.cross_kv))
+        written = (context.untyped_storage().data_ptr(), context._version)  # views share their base's version
+        key = (*written, context.data_ptr(), tuple(context.shape))
+        kv = self.cross_kv.get(key)
+        if kv is None:
+            self.cross_kv = {k: v for k, v in self.cross_kv.items() if k[:2] == written}  # drop stale requests'
+            kv = self.cross_kv[key] = CrossKV(self.net, context)
+        out.copy_(self.net(sample, timestep, kv) if cache is None else self.net(sample, timestep, kv, cache=cache))
 
 
 def _compiled(fn, mode: str, device: torch.device):

@@ -2,8 +2,10 @@
 videos. `vidrd.runtime.options.open_runtime` builds a Runtime from RuntimeOptions.
 
 Same seed, same video as the reference sampler (vidrd.ref.sampler): the same random draws in the same order and,
-in float32 on the same backend, the same arithmetic. Every tensor the denoising loop touches is allocated in
-`Runtime.__init__`; a step only copies, computes in place and calls the backends.
+in float32 on the same backend, the same arithmetic, also with the opt-in reuse settings (issue 14: each step
+follows SamplerSettings.plan()). Every tensor the denoising loop touches is allocated in `Runtime.__init__` (the
+guidance-reuse buffer in `Runtime.prepare`, the first time a request needs it); a step only copies, computes in place
+and calls the backends.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from vidrd.ref.dpmpp import DPMSolverPP2M
+from vidrd.ref.reuse import FeatureCache
 from vidrd.ref.sampler import SamplerSettings, check_prompts
 from vidrd.ref.text import tokenize
 
@@ -87,6 +90,11 @@ class Generation:
         self.ctx_unet = rt.ctx_unet[: nb * 77 * d].view(nb, 77, d)
         self.noise_cpu, self.noise = rt.noise_cpu[:n].view(self.shape), rt.noise[:n].view(self.shape)
         self.noise_frame = rt.noise_frame[: n // f].view(b, c, 1, h, w)
+        self.plan = s.plan()  # per step of every clip: unet full/store/reuse, guidance both/cond_reuse
+        # feature reuse: the cache holds a reference to the UNet's own deep feature, no buffer of ours
+        self.cache = FeatureCache(depth=s.cache_depth) if any(p.unet != "full" for p in self.plan) else None
+        # guidance reuse: eps_c - eps_u of the last step that ran both branches (B,C,F,h,w) float32
+        self.d_last = rt.d_last[:n].view(self.shape) if any(p.guidance == "cond_reuse" for p in self.plan) else None
         self.dec_in = rt.dec_in[:n].view(self.shape)
         self.dec_out = rt.dec_out[: b * f * 3 * s.height * s.width].view(b, f, 3, s.height, s.width)
         self.dec_f32 = rt.dec_f32[: b * f * 3 * s.height * s.width].view(b, f, 3, s.height, s.width)
@@ -117,19 +125,29 @@ class Generation:
         """Step i of clip c, in place: staged guidance and history, UNet call, guidance combine, DDIM (eta = 0)."""
         rt, lat, x_in, eps, g, tmp = self.rt, self.lat, self.x_in, self.eps, self.guided, self.scratch
         rt.history.guide_and_record(i, lat, c > 0)
-        b, coef = self.b, rt.coef[i]
-        x_in[:b].copy_(lat)
-        if self.s.cfg:
-            x_in[b:].copy_(lat)
+        b, coef, plan = self.b, rt.coef[i], self.plan[i]
         self.ts.copy_(rt.ts_table[i, : self.ts.shape[0]])
-        rt.unet(x_in, self.ts, self.ctx_unet, eps)
-        if self.s.cfg:  # eps_u + scale * (eps_c - eps_u), as the reference computes it
-            g.copy_(eps[b:])
-            g.sub_(eps[:b])
-            g.mul_(rt.gscale)
-            g.add_(eps[:b])
+        if self.cache is not None and i == 0:
+            self.cache.feature = None  # each clip stores its own features first
+        if self.s.cfg and plan.guidance == "cond_reuse":  # the conditional half only: eps_c + (scale - 1) d_last
+            x_in[b:].copy_(lat)
+            self.unet(plan, x_in[b:], self.ts[b:], self.ctx_unet[b:], eps[b:])  # (B,C,F,h,w)
+            torch.mul(self.d_last, rt.gscale_m1, out=g)  # as vidrd.ref.reuse.guided_eps_reuse computes it
+            g.add_(eps[b:])
         else:
-            g.copy_(eps)
+            x_in[:b].copy_(lat)
+            if self.s.cfg:
+                x_in[b:].copy_(lat)
+            self.unet(plan, x_in, self.ts, self.ctx_unet, eps)
+            if self.s.cfg:  # eps_u + scale * (eps_c - eps_u), as the reference computes it
+                g.copy_(eps[b:])
+                g.sub_(eps[:b])
+                if self.d_last is not None:  # the guidance difference later cond_reuse steps take
+                    self.d_last.copy_(g)
+                g.mul_(rt.gscale)
+                g.add_(eps[:b])
+            else:
+                g.copy_(eps)
         if self.s.solver == "dpmpp-2m":
             self.multistep_update(i)
         elif rt.v_prediction:
@@ -141,6 +159,13 @@ class Generation:
             lat.mul_(coef[2])  # x_prev = sqrt(a_prev) x0 + sqrt(1-a_prev) eps
             torch.mul(g, coef[3], out=tmp)
             lat.add_(tmp)
+
+    def unet(self, plan, sample, timestep, context, out) -> None:
+        """The UNet backend call of a step: the plain call on "full" steps, with the feature cache otherwise."""
+        if plan.unet == "full":
+            self.rt.unet(sample, timestep, context, out)
+        else:
+            self.rt.unet(sample, timestep, context, out, self.cache.for_step(plan.unet))
 
     def ddim_v_update(self, i: int) -> None:
         """DDIM (eta = 0) from a guided v prediction, in place, term by term as vidrd.ref.ddim.DDIM.step."""
@@ -235,6 +260,8 @@ class Runtime:
         self.mcoef = torch.empty(lim.steps, 5, device=dev)  # (T,5) DPM-Solver++(2M) factors of every step
         self.prev_x0 = buf(n)  # (B,C,F,h,w) DPM-Solver++(2M): previous data prediction; DDIM-v: a temporary
         self.gscale = torch.empty((), device=dev)  # guidance scale
+        self.gscale_m1 = torch.empty((), device=dev)  # guidance scale - 1 (guidance reuse)
+        self.d_last: torch.Tensor | None = None  # (B,C,F,h,w) guidance reuse's eps_c - eps_u: made by prepare
         self.history = History(n, b * c * lim.overlap * h * w, lim.steps, f, dev)
         self.noise_cpu = buf(n, device="cpu")  # (B,C,F,h,w) random draws come from a CPU generator (parity)
         self.noise_frame = buf(b * c * h * w, device="cpu")  # (B,C,1,h,w) one frame of the initial noise
@@ -273,7 +300,24 @@ class Runtime:
             raise ValueError(f"overlap={s.overlap} exceeds this runtime's buffers (overlap <= {lim.overlap})")
         for be in (self.text, self.unet, self.vae):  # exported graphs and engines: the request must fit their ranges
             be.check_shapes(len(prompts), s.frames, s.height, s.width, guidance=s.cfg, temporal=s.temporal_decode)
+        self.check_reuse(len(prompts), s)
         return prompts, negatives, s
+
+    def check_reuse(self, batch: int, s: SamplerSettings) -> None:
+        """The UNet backend must run what the request's reuse plan asks: a FeatureCache for feature reuse, and the
+        conditional half alone (batch B, not 2B) for guidance reuse. ValueError naming the setting otherwise."""
+        plan = s.plan()
+        if any(p.unet != "full" for p in plan) and not self.unet.feature_cache:
+            raise ValueError(f"cache_interval={s.cache_interval} (UNet feature reuse, --cache-interval) needs the "
+                             "eager torch UNet: exported graphs (onnxruntime, tensorrt) and --compile take no feature "
+                             "cache; use cache_interval 1 or the torch UNet without --compile")
+        if s.cfg and any(p.guidance == "cond_reuse" for p in plan):
+            try:  # the conditional branch alone is a call without guidance's doubled batch
+                self.unet.check_shapes(batch, s.frames, s.height, s.width, guidance=False)
+            except ValueError as e:
+                raise ValueError(f"guidance_reuse_after={s.guidance_reuse_after} (--guidance-reuse-after) runs the "
+                                 f"UNet on the conditional half alone (batch {batch}), which this UNet cannot: {e}; "
+                                 "use guidance_reuse_after 1") from None
 
     # -------------------------------------------------------------------------------------------- generation
 
@@ -290,6 +334,8 @@ class Runtime:
     @torch.no_grad()
     def prepare(self, prompts, negatives, s: SamplerSettings, request: Request) -> Generation:
         """Before step 0: bind views, encode the prompts, fill the per-step tables, draw the initial noise."""
+        if self.d_last is None and any(p.guidance == "cond_reuse" for p in s.plan()):
+            self.d_last = torch.empty_like(self.latents)  # (B,C,F,h,w) of the limits: once, for guidance reuse
         job = Generation(self, len(prompts), s, request)
         texts = negatives + prompts if s.cfg else prompts  # [uncond; cond] under guidance
         job.ids.copy_(tokenize(self.tokenizer, texts))
@@ -312,6 +358,7 @@ class Runtime:
             self.mcoef[: s.steps].copy_(torch.tensor(mrows, dtype=torch.float32))
         self.ts_table[: s.steps].copy_(torch.tensor(timesteps, dtype=torch.float32)[:, None].expand(-1, 2 * self.limits.batch))
         self.gscale.fill_(s.guidance_scale)
+        self.gscale_m1.fill_(s.guidance_scale - 1.0)  # rounded to float32 once, as the reference's python scalar
         job.initial_noise()
         return job
 

@@ -35,3 +35,24 @@ def test_runtime_computes_cross_attention_keys_once_per_request():
     finally:
         for h in hooks:
             h.remove()
+
+
+def test_guidance_reuse_computes_the_conditional_keys_once_per_request():
+    """Steps that run the conditional half alone take a CrossKV of that half: made once, not at every switch."""
+    model = random_model("tiny", 0)
+    calls = []
+    crosses = [m for m in model.unet.modules() if isinstance(m, Attention) and m.cross]
+    hooks = [m.to_k.register_forward_hook(lambda *a: calls.append(1)) for m in crosses]
+    try:
+        rt = open_runtime(model, limits=Limits(batch=2, frames=4, height=16, width=16, steps=8, overlap=1))
+        # late steps alternate both branches and the conditional half: B C B C
+        s = SamplerSettings(height=16, width=16, frames=4, steps=8, clips=2, overlap=1, guidance_reuse_after=0.5,
+                            guidance_refresh=2)
+        assert [p.guidance for p in s.plan()][4:] == ["cond_reuse", "both", "cond_reuse", "both"]
+        list(rt.generate(Request(("a", "b"), None, s, seed=0)))
+        assert len(calls) == 2 * len(crosses)  # the whole context and its conditional half, once each
+        list(rt.generate(Request(("c", "d"), None, s, seed=0)))
+        assert len(calls) == 4 * len(crosses) and len(rt.unet.cross_kv) == 2  # the first request's were dropped
+    finally:
+        for h in hooks:
+            h.remove()

@@ -48,6 +48,15 @@ REUSE_NEXT_STEP_REL = 0.2
 # eps_c + (g-1)(eps_c - eps_u) vs eps_u + g(eps_c - eps_u) with the same fresh d: the same value in exact arithmetic,
 # fp32 rounding of three operations on values ~10x the inputs (g = 7.5), max abs relative to max |eps|. Measured 1.1e-7.
 GUIDANCE_REUSE_FRESH_REL = 1e-6
+# The runtime with reuse settings (feature reuse, guidance reuse, both; DDIM and DPM-Solver++) vs the reference sampler
+# with the same settings, fp32 torch: the same plan and the same arithmetic term by term (the conditional-only call is
+# the same batch-B UNet call on the context's second half; eps_c + (g-1) d_last with g-1 rounded to float32 once on
+# both sides), so only what makes RUNTIME_LATENT_REL / RUNTIME_VIDEO nonzero can differ. Measured 0 on one thread.
+REUSE_RUNTIME_LATENT_REL = 1e-5  # max abs relative to max |latent|
+REUSE_RUNTIME_VIDEO = 1e-5  # max abs of the [0,1] video
+# An enabled reuse option must move the final latents by more than this (relative L2) on the tiny random model, far
+# above rounding: measured 0.007 (guidance reuse after 0.5, 8 steps) to 0.09 (feature reuse every 2 steps).
+REUSE_EFFECT_MIN_REL = 1e-3
 
 EXPORT_FP16 = 5e-2  # max abs, one fp16-exported component on ONNX Runtime vs the fp32 model: 10-bit mantissa
 # v prediction and epsilon prediction read the same UNet output differently: their final latents must differ by far
