@@ -70,6 +70,7 @@ class RuntimeOptions:
     engine_dir: str | None = None  # `vidrd build-engines` folder, for tensorrt
     device: str | None = None  # None: cuda when available, else cpu (resolved); open_runtime: the model's device
     threads: int | None = None  # torch CPU threads (None: torch's choice)
+    allow_slow_dtype: bool = False  # run bf16/fp16 where runtime.precision says it is slower than float32
 
     def __post_init__(self):
         for name in ("export_dir", "engine_dir"):  # plain strings: the options are JSON rows in bench summaries
@@ -103,6 +104,8 @@ class RuntimeOptions:
                                  f"{c})")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"--threads {self.threads} must be >= 1")
+        if not isinstance(self.allow_slow_dtype, bool):
+            raise ValueError(f"--allow-slow-dtype {self.allow_slow_dtype!r} must be True or False")
 
     def kind(self, component: str) -> str:
         """The backend of `component` ('text', 'unet' or 'vae')."""
@@ -121,10 +124,19 @@ class RuntimeOptions:
 
     def resolved(self) -> "RuntimeOptions":
         """These options with the device decided (cuda when available), for a command about to load its model;
-        ValueError for fp16 on the CPU (slow or unsupported there)."""
+        ValueError for fp16 on the CPU (slow or unsupported there), and for a dtype the device runs slower than
+        float32 (runtime.precision: bf16 on a CPU without bf16 units) unless allow_slow_dtype."""
+        from .precision import check_dtype
+
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if torch.device(device).type == "cpu" and torch.float16 in (self.torch_dtype, self.torch_vae_dtype):
             raise ValueError("--dtype fp16 needs a GPU; use fp32 or bf16 on the CPU")
+        for flag, dtype in (("--dtype", self.torch_dtype), ("--vae-dtype", self.torch_vae_dtype)):
+            try:
+                check_dtype(dtype, device, self.allow_slow_dtype)
+            except ValueError as e:
+                raise ValueError(f"{flag} {_FLAG[dtype]}: {str(e).replace('(allow_slow)', '(--allow-slow-dtype)')}") \
+                    from None
         return replace(self, device=device)
 
 
@@ -144,20 +156,24 @@ def add_runtime_args(o, reference: bool = False) -> None:
     o.add_argument("--attention", choices=ATTENTION, default="sdpa",
                    help="attention kernels of the torch UNet" + (" and the reference sampler" if reference else "")
                    + " (triton needs a GPU)")
-    o.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
-                   help="the networks' dtype; latents and the DDIM update stay float32")
+    o.add_argument("--dtype", choices=tuple(DTYPES),
+                   help="the networks' dtype (default fp32; bf16 under --quality balanced/fast where it is fast); "
+                   "latents and the DDIM update stay float32")
     o.add_argument("--vae-dtype", choices=tuple(DTYPES),
                    help="the VAE decoder's dtype (default: --dtype; fp32 for --dtype fp16, the SD VAE overflows in "
                    "fp16)")
+    o.add_argument("--allow-slow-dtype", action="store_true",
+                   help="run a --dtype/--vae-dtype this device runs slower than fp32 (bf16 on a CPU without bf16 "
+                   "units) instead of refusing it")
     o.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     o.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
 
 def runtime_options(args) -> RuntimeOptions:
     """The RuntimeOptions of the flags of add_runtime_args (validated)."""
-    return RuntimeOptions(args.backend, args.text_backend, args.unet_backend, args.vae_backend, args.dtype,
+    return RuntimeOptions(args.backend, args.text_backend, args.unet_backend, args.vae_backend, args.dtype or "fp32",
                           args.vae_dtype, args.compile, args.attention, args.onnx, args.engines, args.device,
-                          args.threads)
+                          args.threads, args.allow_slow_dtype)
 
 
 # ------------------------------------------------------------------------------------------------ opening

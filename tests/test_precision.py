@@ -91,3 +91,26 @@ def test_real_probe(device):
     p = precision.probe_cpu()
     assert isinstance(p.onednn_bf16, bool) and isinstance(p.capability, str)
     assert p.flags is None or isinstance(p.flags, frozenset)
+
+
+def test_runtime_options_refuse_a_slow_dtype_unless_allowed(monkeypatch, tmp_path, capsys):
+    """RuntimeOptions.resolved (every command, before its model loads) asks check_dtype for the networks and VAE."""
+    from vidrd.runtime.cli import main
+    from vidrd.runtime.options import RuntimeOptions
+    monkeypatch.setattr(precision, "probe_cpu", lambda: cpu(HASWELL, onednn_bf16=False, capability="AVX2"))
+    with pytest.raises(ValueError, match=r"^--dtype bf16: bfloat16 on cpu: CPU lacks bf16 units \(AVX2 only\).*"
+                       r"\(--allow-slow-dtype\)"):
+        RuntimeOptions(dtype="bf16", device="cpu").resolved()
+    with pytest.raises(ValueError, match="^--vae-dtype bf16: bfloat16 on cpu"):
+        RuntimeOptions(vae_dtype="bf16", device="cpu").resolved()
+    assert RuntimeOptions(dtype="bf16", device="cpu", allow_slow_dtype=True).resolved().dtype == "bf16"
+    assert RuntimeOptions(device="cpu").resolved().dtype == "fp32"
+    args = ["generate", "a boat", "-o", str(tmp_path / "v.gif"), "--preset", "tiny", "--height", "16", "--width", "16",
+            "--frames", "2", "--steps", "1", "--no-progress", "--device", "cpu", "--dtype", "bf16"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vidrd generate: error: --dtype bf16") and "--allow-slow-dtype" in err[0]
+    assert not (tmp_path / "v.gif").exists()
+    assert main(args + ["--allow-slow-dtype"]) == 0  # slow, not wrong
+    monkeypatch.setattr(precision, "probe_cpu", lambda: cpu(ZEN4))
+    assert RuntimeOptions(dtype="bf16", device="cpu").resolved().dtype == "bf16"
