@@ -7,6 +7,12 @@ synchronisation and the decode keeps overlapping the next clip's denoising), the
 (on CUDA, wall time minus the stage times, which can overlap: the VAE runs beside the UNet); writing is timed by
 encoding the clips to an .mp4 in a temporary folder (not without PyAV). One JSON object per run is printed
 (machine-readable), plus a summary row.
+
+With a quality preset (`--quality balanced|fast`, runtime/quality.py) the runtime runs the preset's solver, steps,
+reuse and dtype while the baseline stays the float32 reference sampler at the workload's own settings (exact), so
+the accuracy fields (PSNR, SSIM, latents) measure the preset's video against the exact video of the same seed. The
+summary then also has the resolved preset, the UNet calls per kind (full/store/reuse, conditional-only) and the
+UNet FLOPs of a whole run counted per kind.
 """
 from __future__ import annotations
 
@@ -16,12 +22,16 @@ import math
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict
 
 import torch
+import torch.nn.functional as F
 
+from vidrd.ref.reuse import FeatureCache
 from vidrd.ref.sampler import SamplerSettings, generate
 
 from .backends import Backend
@@ -45,6 +55,7 @@ class Timed(Backend):
 
     def __init__(self, backend: Backend, device):
         self.backend, self.dtype, self.device = backend, backend.dtype, torch.device(device)
+        self.feature_cache = backend.feature_cache
         self.cuda = self.device.type == "cuda"
         self.reset()
 
@@ -77,16 +88,50 @@ class Timed(Backend):
         self.events.append((start, end))
 
 
-def unet_flops(model, settings: SamplerSettings, batch: int, device) -> int:
-    """FLOPs of one guidance-doubled UNet call, counted by torch.utils.flop_counter on the meta-free model."""
+def unet_flops(model, settings: SamplerSettings, batch: int, device, *, cond_only: bool = False,
+               mode: str = "full") -> int:
+    """FLOPs of one UNet call, counted by torch.utils.flop_counter: guidance-doubled (or the conditional half alone
+    with cond_only), the full UNet, or a feature-reuse call (mode "reuse", after an uncounted "store")."""
     from torch.utils.flop_counter import FlopCounterMode
-    n = batch * (2 if settings.cfg else 1)
+    n = batch * (2 if settings.cfg and not cond_only else 1)
     shape = (n, model.config.unet.in_channels, settings.frames, settings.height // 8, settings.width // 8)
-    x = torch.zeros(shape, dtype=model.dtype, device=device)
-    ctx = torch.zeros(n, 77, model.config.text.hidden_size, dtype=model.dtype, device=device)
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model.unet(x, torch.full((n,), 981.0, device=device), ctx)
+    x = torch.zeros(shape, dtype=model.dtype, device=device)  # (N,C,F,h,w)
+    ctx = torch.zeros(n, 77, model.config.text.hidden_size, dtype=model.dtype, device=device)  # (N,77,D)
+    t = torch.full((n,), 981.0, device=device)
+    cache = None
+    with torch.no_grad():
+        if mode == "reuse":
+            cache = FeatureCache("store", settings.cache_depth)
+            model.unet(x, t, ctx, cache=cache)
+            cache.mode = "reuse"
+        with FlopCounterMode(display=False) as fc:
+            model.unet(x, t, ctx) if cache is None else model.unet(x, t, ctx, cache=cache)
     return fc.get_total_flops()
+
+
+def unet_calls(settings: SamplerSettings) -> Counter:
+    """UNet calls of one generation by (unet mode, conditional-only) from the settings' reuse plan."""
+    per_clip = Counter((p.unet, settings.cfg and p.guidance == "cond_reuse") for p in settings.plan())
+    return Counter({k: v * settings.clips for k, v in per_clip.items()})
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean SSIM (Wang et al. 2004) of two videos (B,3,T,H,W) in [0,1]: per frame and channel, 11x11 gaussian
+    windows (sigma 1.5) without padding, C1 = 0.01^2, C2 = 0.03^2. Frames need H, W >= 11."""
+    bsz, c, t, h, w = a.shape
+    assert a.shape == b.shape and min(h, w) >= 11, f"videos {tuple(a.shape)}, {tuple(b.shape)}: same shape, >= 11 px"
+    x = a.detach().to("cpu", torch.float64).transpose(1, 2).reshape(bsz * t * c, 1, h, w)  # ((B T 3),1,H,W)
+    y = b.detach().to("cpu", torch.float64).transpose(1, 2).reshape(bsz * t * c, 1, h, w)
+    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5 ** 2))
+    g = g / g.sum()
+    win = (g[:, None] * g[None, :])[None, None]  # (1,1,11,11)
+    mu_x, mu_y = F.conv2d(x, win), F.conv2d(y, win)
+    var_x = F.conv2d(x * x, win) - mu_x ** 2
+    var_y = F.conv2d(y * y, win) - mu_y ** 2
+    cov = F.conv2d(x * y, win) - mu_x * mu_y
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    m = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return m.mean().item()
 
 
 def _peak_rss_mb() -> float:
@@ -95,11 +140,14 @@ def _peak_rss_mb() -> float:
 
 
 def run(workload: str = "small", options: RuntimeOptions = RuntimeOptions(), *, repeats: int = 3,
-        weights_seed: int = 0, with_reference: bool = True, log=print) -> dict:
+        weights_seed: int = 0, with_reference: bool = True, log=print, quality: str | None = None,
+        explicit=()) -> dict:
     """Benchmark the runtime of `options` against the float32 reference sampler on `workload`; returns the summary
-    row (its "config" is `options`)."""
+    row (its "config" is `options`). quality: a preset (runtime/quality.py) for the runtime, applied to the workload's
+    settings and `options` with the names in `explicit` ("dtype") kept; its line goes to stderr."""
     from vidrd.ref.weights import random_model
 
+    from .quality import resolve
     from .video_io import VideoWriter
 
     can_write = importlib.util.find_spec("av") is not None
@@ -107,9 +155,15 @@ def run(workload: str = "small", options: RuntimeOptions = RuntimeOptions(), *, 
         log("[bench] PyAV is not installed: writing the .mp4 is not timed (write_s is NaN)")
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; choose one of {sorted(WORKLOADS)}")
-    options = options.resolved()
     wl = WORKLOADS[workload]
-    s: SamplerSettings = wl["settings"]
+    base: SamplerSettings = wl["settings"]  # the reference sampler's: exact, float32
+    s, q = base, None
+    if quality is None:
+        options = options.resolved()
+    else:
+        q = resolve(quality, base, options, explicit)
+        s, options = q.settings, q.options
+        print(f"[bench] {q.line()}", file=sys.stderr)
     dev, dtype = torch.device(options.device), options.torch_dtype
     prompts, negatives = ("a boat sailing on a lake",) * wl["batch"], ("watermark",) * wl["batch"]
     request = Request(prompts, negatives, s, seed=42, float_video=True)
@@ -142,7 +196,7 @@ def run(workload: str = "small", options: RuntimeOptions = RuntimeOptions(), *, 
     def reference_once():
         sync()
         t0 = time.perf_counter()
-        out = generate(ref_model, list(prompts), list(negatives), s, torch.Generator().manual_seed(42))
+        out = generate(ref_model, list(prompts), list(negatives), base, torch.Generator().manual_seed(42))
         sync()
         return out, time.perf_counter() - t0
 
@@ -165,6 +219,9 @@ def run(workload: str = "small", options: RuntimeOptions = RuntimeOptions(), *, 
         rows.append(row)
         log(json.dumps({"kind": "run", **row}))
     summary = _summary(workload, wl, options, dev, model, s, rows, walls, refs, frames_out)
+    summary["quality"] = None if q is None else q.summary()
+    if q is not None:
+        summary["baseline_settings"] = asdict(base)
     if with_reference:
         summary.update(_accuracy(clips, ref_out))
     summary["peak_rss_mb"] = round(_peak_rss_mb(), 1)
@@ -180,6 +237,15 @@ def _summary(workload, wl, options, dev, model, s, rows, walls, refs, frames_out
                                                                "write_s")}
     calls = rows[0]["unet_calls"]
     flops = unet_flops(model, s, wl["batch"], dev)
+    planned = unet_calls(s)
+    assert sum(planned.values()) == calls, f"the runtime made {calls} UNet calls, its plan {dict(planned)}"
+
+    def kind_flops(mode: str, cond: bool) -> int:  # a store call is a full call
+        if mode != "reuse" and not cond:
+            return flops
+        return unet_flops(model, s, wl["batch"], dev, cond_only=cond, mode=mode)
+
+    run_flops = sum(n * kind_flops(mode, cond) for (mode, cond), n in planned.items())
     per_call = med["unet_s"] / calls
     out = {"workload": workload, "preset": wl["preset"], "settings": asdict(s), "batch": wl["batch"],
            "config": asdict(options), "device": _device_name(dev), "threads": torch.get_num_threads(),
@@ -187,7 +253,11 @@ def _summary(workload, wl, options, dev, model, s, rows, walls, refs, frames_out
            "repeats": len(rows), "frames_out": frames_out, "median": med,
            "unet_per_call_s": per_call, "vae_per_clip_s": med["vae_s"] / s.clips,
            "s_per_frame": med["wall_s"] / frames_out, "loop_other_fraction": med["loop_other_s"] / med["wall_s"],
-           "unet_gflop_per_call": flops / 1e9, "unet_gflops": flops / per_call / 1e9}
+           "unet_gflop_per_call": flops / 1e9, "unet_gflop_per_run": run_flops / 1e9,
+           "unet_gflops": run_flops / med["unet_s"] / 1e9,
+           "unet_calls_by_mode": {m: sum(n for (mode, _), n in planned.items() if mode == m)
+                                  for m in ("full", "store", "reuse")},
+           "unet_cond_only_calls": sum(n for (_, cond), n in planned.items() if cond)}
     if refs:
         ref = statistics.median(refs)
         out.update(reference_s_per_frame=ref / frames_out, speedup=ref / med["wall_s"])
@@ -195,7 +265,7 @@ def _summary(workload, wl, options, dev, model, s, rows, walls, refs, frames_out
 
 
 def _accuracy(clips, ref) -> dict:
-    """PSNR of the video and relative error of the final latents against the float32 reference.
+    """PSNR and SSIM of the video and relative error of the final latents against the float32 reference.
 
     The runtime's clips are on the host; the reference's tensors are where it ran (CUDA on a GPU): both sides are
     compared on the host in float32."""
@@ -203,7 +273,7 @@ def _accuracy(clips, ref) -> dict:
     latents = torch.stack([c.latents for c in clips]).to("cpu", torch.float32)
     ref_video, ref_latents = (t.to("cpu", torch.float32) for t in ref)
     mse = ((video - ref_video) ** 2).mean().item()
-    return {"psnr_db": math.inf if mse == 0 else 10 * math.log10(1.0 / mse),
+    return {"psnr_db": math.inf if mse == 0 else 10 * math.log10(1.0 / mse), "ssim": ssim(video, ref_video),
             "latents_rel_err": ((latents - ref_latents).norm() / ref_latents.norm()).item(),
             "latents_max_abs_rel": ((latents - ref_latents).abs().max() / ref_latents.abs().max()).item()}
 

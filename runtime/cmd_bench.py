@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .bench import WORKLOADS
 from .options import add_runtime_args, runtime_options
+from .quality import add_quality_arg, explicit_args
 
 
 def register(sub) -> None:
@@ -16,6 +17,7 @@ def register(sub) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-reference", action="store_true", help="skip the reference sampler (no speed-up)")
     p.add_argument("--out", metavar="FILE", help="append the summary row to this JSON-lines file")
+    add_quality_arg(p)  # for the runtime measured; the reference baseline stays exact (float32, the workload's steps)
     add_runtime_args(p.add_argument_group("execution (the runtime measured)"))
     p.set_defaults(func=run)
 
@@ -24,7 +26,8 @@ def run(args) -> int:
     from .bench import run as bench
     if args.repeats < 1:
         raise ValueError(f"--repeats {args.repeats} must be >= 1")
-    row = bench(args.workload, runtime_options(args), repeats=args.repeats, with_reference=not args.no_reference)
+    row = bench(args.workload, runtime_options(args), repeats=args.repeats, with_reference=not args.no_reference,
+                quality=args.quality, explicit=explicit_args(args))
     if args.out:
         with Path(args.out).open("a") as f:
             f.write(json.dumps(row) + "\n")

@@ -11,6 +11,7 @@ from . import shapes
 from .model_args import add_model_args, check_model_args, is_default_model
 from .options import (OFFICIAL_NEGATIVE, REFERENCE, add_runtime_args, add_sampler_args, runtime_options,
                       sampler_settings)
+from .quality import add_quality_arg, apply_args
 
 
 def register(sub) -> None:
@@ -28,6 +29,7 @@ def register(sub) -> None:
                    f"{shapes.NEGATIVE!r} for the embedded model)")
     s = p.add_argument_group("sampler (official defaults)")
     add_sampler_args(s, alternative=shapes.SETTINGS)
+    add_quality_arg(s)
     s.add_argument("--seed", type=int, default=42, help="seed of the noise (default 42)")
     o = p.add_argument_group("output and execution")
     o.add_argument("--fps", type=float, default=8.0, help="frames per second (0.1 to 120; gif: at most 100)")
@@ -78,7 +80,7 @@ def run(args) -> int:
     paths = outputs(args.out, len(prompts))
     for path in paths:  # everything the writers will need, before the model loads
         check_output(path, args.force, height=s.height, width=s.width, fps=args.fps)
-    options = options.resolved()
+    s, options, _ = apply_args(args, s, options)  # --quality; options resolved (device, dtype checked)
 
     from .model_args import load_model
     t0 = time.perf_counter()

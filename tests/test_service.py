@@ -115,6 +115,19 @@ def test_streams_clips_while_running_and_file_equals_vidrd_generate(server, tmp_
         assert diff.mean() <= SERVICE_VS_CLI_MP4_MEAN, diff.mean()
 
 
+def test_quality_preset_job(server):
+    """A request's `quality` fills the settings it leaves out (solver, reuse); the job runs them."""
+    client, _ = server
+    st = wait(client, submit(client, quality="fast", steps=6))
+    assert st["state"] == "done" and st["steps_total"] == 2 * 6
+    s, q = st["request"]["settings"], st["request"]["quality"]
+    assert (s["solver"], s["steps"], s["cache_interval"], s["guidance_reuse_after"]) == ("dpmpp-2m", 6, 3, 0.5)
+    assert q["quality"] == "fast" and q["why"]["steps"] == "steps given"
+    r = client.post("/v1/videos", json={"prompts": ["a"], "quality": "exact", "cache_interval": 2})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "quality"]
+    assert "drop cache_interval" in r.json()["detail"][0]["msg"]
+
+
 def test_cancel_mid_clip_stops_within_one_step(server):
     client, _ = server
     job_id = submit(client, steps=12, clips=3)

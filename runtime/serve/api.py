@@ -23,6 +23,7 @@ from vidrd.ref.sampler import SamplerSettings, check_text
 
 from .. import shapes
 from ..options import OFFICIAL_NEGATIVE
+from ..quality import QUALITIES, resolve
 from ..video_io import FPS_RANGE, check_fps, check_frame_size
 from .jobs import ID_PATTERN, STATES, ServeConfig, clip_path, video_path
 
@@ -58,6 +59,10 @@ VideoRequest = create_model(
     negative_prompts=(Optional[list[str]], Field(None, description=f"one per prompt (default {OFFICIAL_NEGATIVE!r}; "
                                                  f"{shapes.NEGATIVE!r} for the embedded model)")),
     **_setting_fields(),
+    quality=(Optional[Literal[QUALITIES]], Field(None, description="a preset over the settings left out: exact (the "
+                                                 "official sampler), balanced (DPM-Solver++ at 0.6x the steps, feature "
+                                                 "and guidance reuse), fast (0.4x the steps, more reuse); the "
+                                                 "service's dtype stands (README, Quality presets)")),
     seed=(int, Field(42, ge=0, le=2**63 - 1)),
     format=(Literal["mp4", "gif"], "mp4"),
     fps=(float, Field(8.0, ge=min(lo for lo, _ in FPS_RANGE.values()), le=max(hi for _, hi in FPS_RANGE.values()),
@@ -117,9 +122,16 @@ def to_spec(req: VideoRequest, config: ServeConfig) -> dict:
     try:
         s = SamplerSettings(**{k: fill[k] if v is None else v for k, v in given.items()})
     except ValueError as e:  # messages start with "name=value"
-        m = re.match(r"(\w+)=", str(e))
-        field = m.group(1) if m and m.group(1) in SETTINGS else "settings"
-        raise _field_error(field, str(e), getattr(req, field, None)) from None
+        raise _settings_error(e, req) from None
+    quality = None
+    if req.quality is not None:  # the preset fills what the request left out
+        explicit = {k for k, v in given.items() if v is not None and k in req.model_fields_set}
+        try:
+            quality = resolve(req.quality, s, None, explicit, spell=lambda name: name)
+        except ValueError as e:  # a contradiction names "quality", a preset value contradicting a given one its name
+            raise (_field_error("quality", str(e), req.quality) if str(e).startswith("quality ") else
+                   _settings_error(e, req)) from None
+        s = quality.settings
     limits = [("frames", config.frames), ("height", config.height), ("width", config.width),
               ("steps", config.steps), ("clips", config.clips)] + ([("overlap", config.overlap)] if s.clips > 1 else [])
     for name, most in limits:
@@ -132,8 +144,16 @@ def to_spec(req: VideoRequest, config: ServeConfig) -> dict:
             check()
         except ValueError as e:
             raise _field_error(field, str(e)) from None
-    return {"prompts": list(req.prompts), "negative_prompts": list(negatives),
-            "settings": asdict(s), "seed": req.seed, "format": req.format, "fps": req.fps}
+    return {"prompts": list(req.prompts), "negative_prompts": list(negatives), "settings": asdict(s),
+            "quality": None if quality is None else quality.summary(), "seed": req.seed, "format": req.format,
+            "fps": req.fps}
+
+
+def _settings_error(e: ValueError, req) -> RequestValidationError:
+    """A SamplerSettings ValueError as a 422 on the field its message starts with ("name=value ...")."""
+    m = re.match(r"(\w+)=", str(e))
+    field = m.group(1) if m and m.group(1) in SETTINGS else "settings"
+    return _field_error(field, str(e), getattr(req, field, None))
 
 
 class Guard:

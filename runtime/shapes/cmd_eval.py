@@ -19,6 +19,7 @@ from vidrd.ref.sampler import SamplerSettings
 
 from ..model_args import add_model_args, check_model_args
 from ..options import REFERENCE, RuntimeOptions, add_runtime_args, add_sampler_args, runtime_options, sampler_settings
+from ..quality import add_quality_arg, apply_args
 from . import data
 
 # The evaluation setting: 64x64, 8 frames a clip, 3 clips, every other sampler setting at its default.
@@ -135,6 +136,7 @@ def register(sub) -> None:
     p.add_argument("--negative-prompt", default=NEGATIVE)
     s = p.add_argument_group("sampler (the issue's evaluation setting: 64x64, 8 frames, 3 clips, official defaults)")
     add_sampler_args(s, EVAL_SETTINGS)
+    add_quality_arg(s)
     o = p.add_argument_group("execution and output")
     add_runtime_args(o, reference=True)
     o.add_argument("--out", metavar="FILE", help="write the JSON report here (atomically) instead of stdout")
@@ -171,12 +173,13 @@ def run(args) -> int:
             raise FileExistsError(f"{out} exists; --force overwrites it")
         if not out.parent.is_dir():
             raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
-    options = options.resolved()
+    s, options, quality = apply_args(args, s, options)  # --quality; options resolved (device, dtype checked)
     model, what, _ = load_model(args, dtype=options.torch_dtype, device=options.device)
     print(f"model: {what} on {options.device} ({options.dtype})", file=sys.stderr)
     report = evaluate(model, s, prompt_set(args.samples // len(seeds), args.prompt_seed), seeds, options,
                       batch=args.batch, negative_prompt=args.negative_prompt, progress=not args.no_progress)
-    report["config"].update(model=what, prompt_seed=args.prompt_seed)
+    report["config"].update(model=what, prompt_seed=args.prompt_seed,
+                            quality=None if quality is None else quality.summary())
     text = json.dumps(report, indent=1, allow_nan=False)
     if out is None:
         print(text)

@@ -1,0 +1,203 @@
+"""`--quality exact|balanced|fast`: one name for a speed/quality trade-off (issue 14), resolved here for `vidrd
+generate`, `bench`, `eval`, the service's `quality` field and the Python API (`resolve`).
+
+exact     nothing changes: the official sampler (DDIM, no reuse) at the requested steps, the dtype asked for.
+balanced  DPM-Solver++(2M) at max(4, round(0.6 x steps)) steps, vidrd.ref.reuse.PRESETS["balanced"] (feature and
+          guidance reuse), bf16 networks where runtime.precision.bf16_support says bf16 is fast on the device.
+fast      the same at max(4, round(0.4 x steps)) steps with PRESETS["fast"].
+
+A preset fills only what was not set explicitly: a given --steps, --solver, reuse option or --dtype wins, and never
+more steps than requested (a 3-step request stays at 3 steps). With `exact` an explicit reuse option or another
+solver is a contradiction (ValueError). Feature reuse needs the eager torch UNet: where the UNet is an exported
+graph or compiled, a preset leaves it off and says so, and an explicit --cache-interval is an error.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, fields, replace
+
+from vidrd.ref.reuse import PRESETS as REUSE
+from vidrd.ref.reuse import ReuseSettings
+from vidrd.ref.sampler import SamplerSettings
+
+from .backends import COMPONENTS
+from .options import REFERENCE, RuntimeOptions
+
+QUALITIES = ("exact", "balanced", "fast")
+MIN_STEPS = 4
+REUSE_FIELDS = tuple(f.name for f in fields(ReuseSettings))
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What a quality preset sets where the request did not: solver (None: keep), steps as a fraction of the
+    requested steps, the reuse settings, and whether the networks run in bf16 where it is fast."""
+    solver: str | None
+    step_fraction: float
+    reuse: ReuseSettings
+    bf16: bool
+
+
+PRESETS = {
+    "exact": Preset(None, 1.0, REUSE["exact"], False),
+    "balanced": Preset("dpmpp-2m", 0.6, REUSE["balanced"], True),
+    "fast": Preset("dpmpp-2m", 0.4, REUSE["fast"], True),
+}
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of a setting: cache_interval -> --cache-interval."""
+    return "--" + name.replace("_", "-")
+
+
+def feature_reuse_blocker(options: RuntimeOptions) -> str | None:
+    """Why the UNet of `options` cannot take a FeatureCache (Backend.feature_cache), or None when it can."""
+    kind = options.kind("unet")
+    if kind not in ("torch", REFERENCE):
+        return f"the {kind} UNet is an exported graph, which keeps no features between calls"
+    if options.compile:
+        return "the compiled UNet (--compile) takes no feature cache"
+    return None
+
+
+def check_reuse(settings: SamplerSettings, options: RuntimeOptions, spell=flag) -> None:
+    """ValueError before any work when `settings` ask for feature reuse that the UNet of `options` cannot run."""
+    blocker = feature_reuse_blocker(options)
+    if settings.cache_interval > 1 and blocker:
+        raise ValueError(f"{spell('cache_interval')} {settings.cache_interval} (UNet feature reuse) needs the eager "
+                         f"torch UNet: {blocker}")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A quality preset applied: the settings and (where execution options were given) the runtime options to run,
+    and why each was chosen."""
+    quality: str
+    settings: SamplerSettings
+    options: RuntimeOptions | None  # resolved (device decided, dtype checked); None: the caller's dtype stands
+    requested_steps: int
+    why: dict  # "steps", "reuse", "dtype" -> the reason, in words
+
+    def line(self) -> str:
+        """One line: what the preset resolved to (solver, steps, reuse, dtype) and why."""
+        s = self.settings
+        steps = f"{s.steps} steps ({self.why['steps']})" if "steps" in self.why else f"{s.steps} steps"
+        if s.cache_interval > 1:
+            feature = (f"feature reuse every {s.cache_interval} steps over [{s.cache_from:g}, {s.cache_until:g}) of "
+                       f"the schedule at depth {s.cache_depth}")
+        else:
+            feature = "no feature reuse" + (f" ({self.why['reuse']})" if "reuse" in self.why else "")
+        if not s.cfg:
+            guidance = "no guidance reuse (no guidance)"
+        elif s.guidance_reuse_after < 1:
+            guidance = f"guidance reuse after {s.guidance_reuse_after:g} of the steps" + (
+                f", refreshed every {s.guidance_refresh}" if s.guidance_refresh else "")
+        else:
+            guidance = "no guidance reuse"
+        dtype = "the service's dtype" if self.options is None else self.options.dtype
+        dtype += f" ({self.why['dtype']})" if "dtype" in self.why else ""
+        official = " (the official sampler)" if self.quality == "exact" else ""
+        return f"quality {self.quality}{official}: {s.solver}, {steps}, {feature}, {guidance}, {dtype}"
+
+    def summary(self) -> dict:
+        """JSON-ready: the preset, the resolved solver, steps, reuse settings and dtype, the reasons."""
+        return {"quality": self.quality, "solver": self.settings.solver, "steps": self.settings.steps,
+                "requested_steps": self.requested_steps, **asdict(self.settings.reuse()),
+                "dtype": None if self.options is None else self.options.dtype, "why": dict(self.why)}
+
+
+def resolve(quality: str, settings: SamplerSettings, options: RuntimeOptions | None = None, explicit=(), *,
+            spell=flag) -> Resolved:
+    """Apply preset `quality` to the requested `settings` and execution `options`.
+
+    explicit: the names of the settings the user gave (SamplerSettings fields, and "dtype" for options.dtype); the
+    preset leaves those as they are. options None: only the sampler settings are resolved, feature reuse assumed
+    possible (the service, whose runtime's dtype and backends are its own). spell: how errors name a setting (the
+    CLI's --flag, the service's field). Raises ValueError for a contradiction, before any work."""
+    if quality not in PRESETS:
+        raise ValueError(f"{spell('quality')} {quality!r}: choose one of {', '.join(QUALITIES)}")
+    explicit = frozenset(explicit)
+    p, why = PRESETS[quality], {}
+    if options is not None:
+        options = options.resolved()  # the device, and an explicit slow dtype refused, before the preset's choice
+    if quality == "exact":
+        exact = SamplerSettings()
+        for name in ("solver",) + REUSE_FIELDS:
+            if name in explicit and getattr(settings, name) != getattr(exact, name):
+                raise ValueError(f"{spell('quality')} exact runs the official sampler; drop {spell(name)} or choose "
+                                 f"{spell('quality')} balanced|fast")
+        if options is not None:
+            check_reuse(settings, options, spell)
+        return Resolved(quality, settings, options, settings.steps, why)
+
+    change = {name: getattr(p.reuse, name) for name in REUSE_FIELDS if name not in explicit}
+    if "solver" not in explicit:
+        change["solver"] = p.solver
+    if "steps" in explicit:
+        why["steps"] = f"{spell('steps')} given"
+    else:
+        req = settings.steps
+        raw = round(p.step_fraction * req)
+        change["steps"] = min(req, max(MIN_STEPS, raw))
+        why["steps"] = f"{p.step_fraction:g} x {req} requested" + (
+            "" if change["steps"] == raw else f", kept within {min(MIN_STEPS, req)}..{req}")
+    blocker = None if options is None else feature_reuse_blocker(options)
+    if blocker and "cache_interval" not in explicit:
+        change["cache_interval"] = 1
+        why["reuse"] = blocker
+    resolved = replace(settings, **change)  # validates: an explicit value that contradicts the preset's is named
+    if options is not None:
+        check_reuse(resolved, options, spell)
+        options = _dtype(p, options, "dtype" in explicit, why)
+    return Resolved(quality, resolved, options, settings.steps, why)
+
+
+def _dtype(p: Preset, options: RuntimeOptions, given: bool, why: dict) -> RuntimeOptions:
+    """The networks' dtype of preset `p`: bf16 where runtime.precision says it is fast, else float32."""
+    from .precision import bf16_support
+
+    if given:
+        why["dtype"] = f"{flag('dtype')} given"
+        return options
+    if not p.bf16:
+        return options
+    graphs = sorted({options.kind(c) for c in COMPONENTS} - {"torch", REFERENCE})
+    if graphs:
+        why["dtype"] = f"kept: exported graphs ({', '.join(graphs)}) run in the precision they were exported in"
+        return options
+    if options.backend == REFERENCE:
+        why["dtype"] = "kept: the reference sampler's latents and guidance follow the networks' dtype"
+        return options
+    fast, reason = bf16_support(options.device)
+    why["dtype"] = reason if fast else f"bf16 is not fast here: {reason}"
+    return replace(options, dtype="bf16" if fast else "fp32").resolved()
+
+
+# ------------------------------------------------------------------------------------------- command line
+
+def add_quality_arg(group) -> None:
+    """--quality on a command's parser or group."""
+    group.add_argument("--quality", choices=QUALITIES,
+                       help="exact: the official sampler; balanced: DPM-Solver++ at 0.6x the steps with UNet "
+                       "feature and guidance reuse, bf16 where fast; fast: the same at 0.4x the steps, more reuse. "
+                       "Settings given explicitly win (README, Quality presets)")
+
+
+def explicit_args(args) -> frozenset:
+    """The settings given on the command line: sampler flags not left unset, and --dtype."""
+    names = {f.name for f in fields(SamplerSettings) if getattr(args, f.name, None) is not None}
+    return frozenset(names | ({"dtype"} if getattr(args, "dtype", None) is not None else set()))
+
+
+def apply_args(args, settings: SamplerSettings, options: RuntimeOptions,
+               log=lambda line: print(line, file=sys.stderr)) -> tuple[SamplerSettings, RuntimeOptions,
+                                                                       Resolved | None]:
+    """A command's --quality -> (settings, options, the Resolved or None), options resolved (device decided, dtype
+    checked). Without --quality the settings and options stand (feature reuse checked against the UNet); with it,
+    the preset's, and its line is logged."""
+    if args.quality is None:
+        check_reuse(settings, options)
+        return settings, options.resolved(), None
+    q = resolve(args.quality, settings, options, explicit_args(args))
+    log(q.line())
+    return q.settings, q.options, q
