@@ -60,9 +60,8 @@ def feature_reuse_blocker(options: RuntimeOptions) -> str | None:
     return None
 
 
-def check_reuse(settings: SamplerSettings, options: RuntimeOptions, spell=flag) -> None:
-    """ValueError before any work when `settings` ask for feature reuse that the UNet of `options` cannot run."""
-    blocker = feature_reuse_blocker(options)
+def check_reuse(settings: SamplerSettings, blocker: str | None, spell=flag) -> None:
+    """ValueError before any work when `settings` ask for feature reuse and `blocker` says why the UNet cannot."""
     if settings.cache_interval > 1 and blocker:
         raise ValueError(f"{spell('cache_interval')} {settings.cache_interval} (UNet feature reuse) needs the eager "
                          f"torch UNet: {blocker}")
@@ -107,27 +106,29 @@ class Resolved:
 
 
 def resolve(quality: str, settings: SamplerSettings, options: RuntimeOptions | None = None, explicit=(), *,
-            spell=flag) -> Resolved:
+            spell=flag, feature_reuse_off: str | None = None) -> Resolved:
     """Apply preset `quality` to the requested `settings` and execution `options`.
 
     explicit: the names of the settings the user gave (SamplerSettings fields, and "dtype" for options.dtype); the
-    preset leaves those as they are. options None: only the sampler settings are resolved, feature reuse assumed
-    possible (the service, whose runtime's dtype and backends are its own). spell: how errors name a setting (the
-    CLI's --flag, the service's field). Raises ValueError for a contradiction, before any work."""
+    preset leaves those as they are. options None: only the sampler settings are resolved (the service, whose
+    runtime's dtype is its own), and `feature_reuse_off` says why its UNet cannot reuse features (None: it can).
+    spell: how errors name a setting (the CLI's --flag, the service's field). Raises ValueError for a
+    contradiction, before any work."""
     if quality not in PRESETS:
         raise ValueError(f"{spell('quality')} {quality!r}: choose one of {', '.join(QUALITIES)}")
     explicit = frozenset(explicit)
     p, why = PRESETS[quality], {}
+    blocker = feature_reuse_off
     if options is not None:
         options = options.resolved()  # the device, and an explicit slow dtype refused, before the preset's choice
+        blocker = feature_reuse_blocker(options)
     if quality == "exact":
         exact = SamplerSettings()
         for name in ("solver",) + REUSE_FIELDS:
             if name in explicit and getattr(settings, name) != getattr(exact, name):
                 raise ValueError(f"{spell('quality')} exact runs the official sampler; drop {spell(name)} or choose "
                                  f"{spell('quality')} balanced|fast")
-        if options is not None:
-            check_reuse(settings, options, spell)
+        check_reuse(settings, blocker, spell)
         return Resolved(quality, settings, options, settings.steps, why)
 
     change = {name: getattr(p.reuse, name) for name in REUSE_FIELDS if name not in explicit}
@@ -141,13 +142,12 @@ def resolve(quality: str, settings: SamplerSettings, options: RuntimeOptions | N
         change["steps"] = min(req, max(MIN_STEPS, raw))
         why["steps"] = f"{p.step_fraction:g} x {req} requested" + (
             "" if change["steps"] == raw else f", kept within {min(MIN_STEPS, req)}..{req}")
-    blocker = None if options is None else feature_reuse_blocker(options)
     if blocker and "cache_interval" not in explicit:
         change["cache_interval"] = 1
         why["reuse"] = blocker
     resolved = replace(settings, **change)  # validates: an explicit value that contradicts the preset's is named
+    check_reuse(resolved, blocker, spell)
     if options is not None:
-        check_reuse(resolved, options, spell)
         options = _dtype(p, options, "dtype" in explicit, why)
     return Resolved(quality, resolved, options, settings.steps, why)
 
@@ -196,7 +196,7 @@ def apply_args(args, settings: SamplerSettings, options: RuntimeOptions,
     checked). Without --quality the settings and options stand (feature reuse checked against the UNet); with it,
     the preset's, and its line is logged."""
     if args.quality is None:
-        check_reuse(settings, options)
+        check_reuse(settings, feature_reuse_blocker(options))
         return settings, options.resolved(), None
     q = resolve(args.quality, settings, options, explicit_args(args))
     log(q.line())

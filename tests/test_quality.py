@@ -233,6 +233,27 @@ def test_service_request_quality():
     assert e.value.errors()[0]["loc"] == ("body", "steps") and "steps=20 exceeds" in e.value.errors()[0]["msg"]
 
 
+def test_service_with_an_exported_unet_leaves_feature_reuse_off():
+    pytest.importorskip("fastapi")
+    from fastapi.exceptions import RequestValidationError
+
+    from vidrd.runtime.cli import parser
+    from vidrd.runtime.serve.api import VideoRequest, to_spec
+    from vidrd.runtime.serve.cmd import config_from
+    config = config_from(parser().parse_args(["serve", "--preset", "tiny", "--unet-backend", "onnxruntime", "--onnx",
+                                              "x", "--max-steps", "50"]))
+    assert config.feature_reuse_off.startswith("the onnxruntime UNet is an exported graph")
+    assert config_from(parser().parse_args(["serve", "--preset", "tiny"])).feature_reuse_off is None
+    spec = to_spec(VideoRequest(prompts=["a"], quality="balanced"), config)
+    assert spec["settings"]["cache_interval"] == 1 and spec["settings"]["guidance_reuse_after"] == 0.7
+    assert spec["quality"]["why"]["reuse"] == config.feature_reuse_off
+    for body in (dict(quality="fast", cache_interval=2), dict(cache_interval=2)):
+        with pytest.raises(RequestValidationError) as e:
+            to_spec(VideoRequest(prompts=["a"], **body), config)
+        err = e.value.errors()[0]
+        assert err["loc"] == ("body", "cache_interval") and "needs the eager torch UNet" in err["msg"]
+
+
 # -------------------------------------------------------------------------------------------------------- SSIM
 
 def test_ssim():

@@ -23,7 +23,7 @@ from vidrd.ref.sampler import SamplerSettings, check_text
 
 from .. import shapes
 from ..options import OFFICIAL_NEGATIVE
-from ..quality import QUALITIES, resolve
+from ..quality import QUALITIES, check_reuse, resolve
 from ..video_io import FPS_RANGE, check_fps, check_frame_size
 from .jobs import ID_PATTERN, STATES, ServeConfig, clip_path, video_path
 
@@ -124,14 +124,15 @@ def to_spec(req: VideoRequest, config: ServeConfig) -> dict:
     except ValueError as e:  # messages start with "name=value"
         raise _settings_error(e, req) from None
     quality = None
-    if req.quality is not None:  # the preset fills what the request left out
-        explicit = {k for k, v in given.items() if v is not None and k in req.model_fields_set}
-        try:
-            quality = resolve(req.quality, s, None, explicit, spell=lambda name: name)
-        except ValueError as e:  # a contradiction names "quality", a preset value contradicting a given one its name
-            raise (_field_error("quality", str(e), req.quality) if str(e).startswith("quality ") else
-                   _settings_error(e, req)) from None
-        s = quality.settings
+    try:
+        if req.quality is not None:  # the preset fills what the request left out
+            explicit = {k for k, v in given.items() if v is not None and k in req.model_fields_set}
+            quality = resolve(req.quality, s, None, explicit, spell=lambda name: name,
+                              feature_reuse_off=config.feature_reuse_off)
+            s = quality.settings
+        check_reuse(s, config.feature_reuse_off, spell=lambda name: name)
+    except ValueError as e:  # a contradiction names "quality", or the setting the preset or the runtime cannot take
+        raise _settings_error(e, req) from None
     limits = [("frames", config.frames), ("height", config.height), ("width", config.width),
               ("steps", config.steps), ("clips", config.clips)] + ([("overlap", config.overlap)] if s.clips > 1 else [])
     for name, most in limits:
@@ -150,9 +151,9 @@ def to_spec(req: VideoRequest, config: ServeConfig) -> dict:
 
 
 def _settings_error(e: ValueError, req) -> RequestValidationError:
-    """A SamplerSettings ValueError as a 422 on the field its message starts with ("name=value ...")."""
-    m = re.match(r"(\w+)=", str(e))
-    field = m.group(1) if m and m.group(1) in SETTINGS else "settings"
+    """A settings ValueError as a 422 on the field its message starts with ("name=value ..." or "name value ...")."""
+    m = re.match(r"(\w+)[= ]", str(e))
+    field = m.group(1) if m and m.group(1) in SETTINGS + ("quality",) else "settings"
     return _field_error(field, str(e), getattr(req, field, None))
 
 

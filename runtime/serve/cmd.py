@@ -10,6 +10,7 @@ from dataclasses import replace
 from .. import shapes
 from ..model_args import add_model_args, check_model_args, is_default_model
 from ..options import RuntimeOptions, add_runtime_args, runtime_options
+from ..quality import feature_reuse_blocker
 from .jobs import ServeConfig
 
 D = ServeConfig()
@@ -56,7 +57,8 @@ def config_from(args) -> ServeConfig:
     c = ServeConfig(results=args.results, queue_size=args.queue_size, ttl_s=args.ttl, batch=args.max_batch,
                     frames=args.max_frames, height=args.max_height, width=args.max_width, steps=args.max_steps,
                     clips=args.max_clips, overlap=args.max_overlap, max_prompt_chars=args.max_prompt_chars,
-                    max_body_bytes=args.max_body_bytes, read_timeout_s=args.read_timeout, api_key=args.api_key or None)
+                    max_body_bytes=args.max_body_bytes, read_timeout_s=args.read_timeout, api_key=args.api_key or None,
+                    feature_reuse_off=feature_reuse_blocker(runtime_options(args)))
     if is_default_model(args):  # requests that leave a setting out get the embedded model's own
         c = replace(c, defaults=tuple(shapes.SETTINGS.items()), negative_prompt=shapes.NEGATIVE)
     c.validate()

@@ -46,6 +46,9 @@ class ServeConfig:
     # model's own settings, runtime/shapes), and the negative prompt
     defaults: tuple = ()
     negative_prompt: str = "watermark"
+    # why the runtime's UNet cannot reuse features (an exported graph, --compile: quality.feature_reuse_blocker), so
+    # requests asking for it are refused and quality presets leave it off; None: it can
+    feature_reuse_off: str | None = None
 
     def validate(self) -> None:
         for name in ("queue_size", "batch", "frames", "height", "width", "steps", "clips", "max_prompt_chars",
