@@ -55,12 +55,15 @@ class Timed(Backend):
 
     def __init__(self, backend: Backend, device):
         self.backend, self.dtype, self.device = backend, backend.dtype, torch.device(device)
-        self.feature_cache = backend.feature_cache
         self.cuda = self.device.type == "cuda"
         self.reset()
 
     def check_shapes(self, *args, **kw) -> None:
         self.backend.check_shapes(*args, **kw)
+
+    @property
+    def feature_cache(self) -> bool:
+        return self.backend.feature_cache
 
     def reset(self) -> None:
         self.host_seconds, self.calls, self.events = 0.0, 0, []
@@ -117,14 +120,16 @@ def unet_calls(settings: SamplerSettings) -> Counter:
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean SSIM (Wang et al. 2004) of two videos (B,3,T,H,W) in [0,1]: per frame and channel, 11x11 gaussian
-    windows (sigma 1.5) without padding, C1 = 0.01^2, C2 = 0.03^2. Frames need H, W >= 11."""
+    windows (sigma 1.5; frames smaller than 11 pixels: windows of their size) without padding, C1 = 0.01^2,
+    C2 = 0.03^2."""
     bsz, c, t, h, w = a.shape
-    assert a.shape == b.shape and min(h, w) >= 11, f"videos {tuple(a.shape)}, {tuple(b.shape)}: same shape, >= 11 px"
+    assert a.shape == b.shape, f"videos {tuple(a.shape)} and {tuple(b.shape)} differ in shape"
     x = a.detach().to("cpu", torch.float64).transpose(1, 2).reshape(bsz * t * c, 1, h, w)  # ((B T 3),1,H,W)
     y = b.detach().to("cpu", torch.float64).transpose(1, 2).reshape(bsz * t * c, 1, h, w)
-    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5 ** 2))
+    k = min(11, h, w)
+    g = torch.exp(-((torch.arange(k, dtype=torch.float64) - (k - 1) / 2) ** 2) / (2 * 1.5 ** 2))
     g = g / g.sum()
-    win = (g[:, None] * g[None, :])[None, None]  # (1,1,11,11)
+    win = (g[:, None] * g[None, :])[None, None]  # (1,1,k,k)
     mu_x, mu_y = F.conv2d(x, win), F.conv2d(y, win)
     var_x = F.conv2d(x * x, win) - mu_x ** 2
     var_y = F.conv2d(y * y, win) - mu_y ** 2

@@ -267,3 +267,5 @@ def test_ssim():
     x, y, c1 = 0.2, 0.6, 0.01 ** 2
     got = ssim(torch.full((1, 3, 1, 16, 16), x), torch.full((1, 3, 1, 16, 16), y))
     assert got == pytest.approx((2 * x * y + c1) / (x * x + y * y + c1), rel=1e-6)
+    small = torch.rand(1, 3, 1, 4, 6, generator=g)  # frames under 11 pixels: one window of the frame's size
+    assert ssim(small, small) == pytest.approx(1.0, abs=1e-12) and ssim(small, 1 - small) < 0.5
