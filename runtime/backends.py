@@ -104,18 +104,60 @@ def _compiled(fn, mode: str, device: torch.device):
 
 
 class TorchVAE(Backend):
-    """The reference temporal VAE decoder: per frame (official) or with its temporal layers; optionally compiled."""
+    """The reference temporal VAE decoder: per frame (official) or with its temporal layers; optionally compiled.
 
-    def __init__(self, model, dtype: torch.dtype, device: torch.device, compile: str | None = None):
+    channels_last (--vae-channels-last, opt-in: not bit-exact): the decoder's 2-D convolutions run in channels-last
+    memory format, about 1.2x faster on the CPU. Its Conv2d weights are converted once, here, in a private copy of
+    the decoder (the model's own VAE, which the reference sampler may share, stays as it is; the Conv3d weights are
+    rank 5 and stay too); each call copies the latents into a channels-last scratch buffer sized by check_shapes at
+    setup (else on first use), the one copy the default layout also makes for a batch over 1.
+    """
+
+    def __init__(self, model, dtype: torch.dtype, device: torch.device, compile: str | None = None,
+                 channels_last: bool = False):
         self.vae, self.dtype, self.device = model.vae, dtype, device
+        self.channels_last = channels_last
+        if channels_last:
+            self.vae = _channels_last_decoder(self.vae)
+        self.scratch = torch.empty(0, dtype=dtype, device=device)  # channels_last: ((B F),h,w,C) latents
         self.decode = self.vae.decode if compile is None else _compiled(self.vae.decode, compile, device)
+
+    def _buf(self, n: int) -> torch.Tensor:
+        if self.scratch.numel() < n:
+            self.scratch = torch.empty(n, dtype=self.dtype, device=self.device)
+        return self.scratch[:n]
+
+    def check_shapes(self, batch, frames, height, width, *, guidance=True, temporal=False):
+        """Any request runs; with channels_last, size the scratch for it (at setup: for the largest request)."""
+        if self.channels_last:
+            self._buf(batch * frames * self.vae.cfg.latent_channels * (height // LATENT) * (width // LATENT))
 
     @torch.no_grad()
     def __call__(self, latents, out, temporal: bool):
         b, c, f, h, w = latents.shape
-        z = latents.transpose(1, 2).reshape(b * f, c, h, w)  # ((B F),C,h,w) b-major
+        if self.channels_last:  # ((B F),C,h,w) b-major, channels-last: strides (h w C, 1, w C, C)
+            z = self._buf(b * f * h * w * c).view(b, f, h, w, c)
+            z.copy_(latents.permute(0, 2, 3, 4, 1))
+            z = z.view(b * f, h, w, c).permute(0, 3, 1, 2)
+        else:
+            z = latents.transpose(1, 2).reshape(b * f, c, h, w)  # ((B F),C,h,w) b-major
         x = self.decode(z, num_frames=f if temporal else 1)  # ((B F),3,H,W)
         out.view(b * f, *x.shape[1:]).copy_(x)
+
+
+def _channels_last_decoder(vae):
+    """A copy of `vae` sharing every tensor with it but the Conv2d weights of its decoder (post_quant_conv and
+    decoder), which are channels-last copies. Conv3d weights (the temporal layers) are rank 5: left as they are."""
+    import copy
+
+    shared = {id(t): t for t in (*vae.parameters(), *vae.buffers())}  # deepcopy's memo: these are not copied
+    clone = copy.deepcopy(vae, shared)
+    for m in (*clone.post_quant_conv.modules(), *clone.decoder.modules()):
+        if isinstance(m, torch.nn.Conv2d):
+            w = m.weight
+            m.weight = torch.nn.Parameter(w.detach().clone(memory_format=torch.channels_last),
+                                          requires_grad=w.requires_grad)
+    return clone
 
 
 # ------------------------------------------------------------------------------------- exported graphs
@@ -197,14 +239,18 @@ def _cast(model, component: str, dtype: torch.dtype):
 
 
 def make(kind: str, component: str, model, dtype: torch.dtype, device: torch.device, *, export_dir=None,
-         engine_dir=None, compile: str | None = None, attention: str = "sdpa") -> Backend:
-    """The backend `kind` for `component` ('text', 'unet' or 'vae'); errors name what is missing."""
+         engine_dir=None, compile: str | None = None, attention: str = "sdpa", channels_last: bool = False) -> Backend:
+    """The backend `kind` for `component` ('text', 'unet' or 'vae'); errors name what is missing. channels_last:
+    the torch VAE decoder's 2-D convolutions in channels-last memory format (TorchVAE)."""
     if kind not in BACKENDS:
         raise ValueError(f"unknown backend {kind!r}; choose one of {BACKENDS}")
     if component not in COMPONENTS:
         raise ValueError(f"unknown component {component!r}; choose one of {COMPONENTS}")
     if kind != "torch" and (compile or attention != "sdpa"):
         raise ValueError(f"compile and attention options apply to the torch backend, not {kind}")
+    if channels_last and (kind, component) != ("torch", "vae"):
+        raise ValueError(f"channels_last (--vae-channels-last) applies to the torch VAE decoder, not the {kind} "
+                         f"{component}")
     if kind == "torch":
         if model is None:
             raise ValueError("the torch backend needs the model's weights (--weights, --sd/--ckpt or --preset)")
@@ -215,7 +261,7 @@ def make(kind: str, component: str, model, dtype: torch.dtype, device: torch.dev
         if component == "unet":
             return TorchUNet(model, dtype, device, compile, attention)
         if component == "vae":
-            return TorchVAE(model, dtype, device, compile)
+            return TorchVAE(model, dtype, device, compile, channels_last)
         return TorchText(model, dtype, device)
     if kind == "onnxruntime":
         from . import ort_backend  # imports onnxruntime lazily

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tolerances import COMPILE_UINT8_LEVELS, H264_VS_OTHER_SEED, ORT_UINT8_LEVELS, RUNTIME_LATENT_REL, \
-    assert_uint8_close
+    VAE_CHANNELS_LAST_UINT8_LEVELS, assert_uint8_close
 from vidrd.runtime.cli import main
 from vidrd.runtime.video_io import read_video
 
@@ -189,6 +189,32 @@ def test_per_component_backend_needs_its_files(tmp_path, capsys):
     assert main(["generate", "x", "-o", str(tmp_path / "v.mp4"), "--backend", "reference", "--unet-backend",
                  "onnxruntime", "--onnx", str(tmp_path), *PATHS]) == 2
     assert "do not apply to --backend reference" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("temporal", [False, True], ids=["per-frame", "temporal"])
+def test_vae_channels_last(tmp_path, torch_frames, temporal):
+    out = tmp_path / "frames"
+    flags = ["--temporal-decode"] if temporal else []
+    assert main(["generate", "a boat", "-o", str(out), "--vae-channels-last", *flags, *PATHS]) == 0
+    got = read_video(out)
+    assert got.shape == torch_frames[temporal].shape and diff_levels(got, torch_frames[temporal]) <= \
+        VAE_CHANNELS_LAST_UINT8_LEVELS
+    assert main(["generate", "a boat", "-o", str(out), "--force", "--no-vae-channels-last", *flags, *PATHS]) == 0
+    assert np.array_equal(read_video(out), torch_frames[temporal])  # off: the default, bit for bit
+
+
+@pytest.mark.parametrize("command", [["generate", "x", "-o", "v.mp4"], ["bench"], ["eval"], ["serve"]],
+                         ids=lambda c: c[0])
+def test_vae_channels_last_is_an_execution_flag_everywhere(command):
+    from vidrd.runtime.cli import parser
+    from vidrd.runtime.options import runtime_options
+
+    p = parser()
+    for flags, value in (([], False), (["--vae-channels-last"], True), (["--no-vae-channels-last"], False)):
+        assert runtime_options(p.parse_args(command + flags)).vae_channels_last is value
+    with pytest.raises(ValueError, match="^--vae-channels-last applies to the torch VAE decoder, not the tensorrt"):
+        runtime_options(p.parse_args(command + ["--vae-channels-last", "--vae-backend", "tensorrt", "--engines",
+                                                "e"]))
 
 
 @pytest.mark.slow  # inductor compiles the UNet and the VAE decoder: about 3 minutes on one core

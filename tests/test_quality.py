@@ -51,6 +51,7 @@ def test_presets_resolve_as_documented(bf16, quality, requested, steps):
     assert s.steps == steps and q.requested_steps == requested and s.clips == 3
     if quality == "exact":
         assert s == SamplerSettings(steps=requested, clips=3) and q.options.dtype == "fp32"
+        assert not q.options.vae_channels_last and q.summary()["vae_channels_last"] is False
         assert q.line() == f"quality exact (the official sampler): ddim, {steps} steps, no feature reuse, no guidance " \
             "reuse, fp32"
         return
@@ -59,9 +60,11 @@ def test_presets_resolve_as_documented(bf16, quality, requested, steps):
     line = q.line()
     assert line.startswith(f"quality {quality}: dpmpp-2m, {steps} steps ({REUSE_FRACTION[quality]} x {requested} ")
     assert "feature reuse every" in line and "guidance reuse after" in line and line.endswith(
-        "bf16 (CPU has AVX512-BF16)")
+        "channels-last VAE (torch VAE decoder: about 1.2x faster on CPU, within 1e-4), bf16 (CPU has AVX512-BF16)")
+    assert q.options.vae_channels_last
     summary = q.summary()
     assert summary["quality"] == quality and summary["steps"] == steps and summary["dtype"] == "bf16"
+    assert summary["vae_channels_last"] is True and "vae_channels_last" in summary["why"]
     json.dumps(summary, allow_nan=False)
 
 
@@ -87,6 +90,25 @@ def test_explicit_settings_win(bf16):
     # a given value the preset's contradicts is named
     with pytest.raises(ValueError, match="cache_from=0.95 must not exceed cache_until=0.9"):
         resolve("balanced", SamplerSettings(cache_from=0.95), explicit={"cache_from"})
+
+
+def test_vae_channels_last_only_on_the_torch_vae_and_explicit_wins(bf16, tmp_path):
+    bf16(False)
+    s = SamplerSettings()
+    q = resolve("fast", s, RuntimeOptions(device="cpu"), explicit={"vae_channels_last"})  # --no-vae-channels-last
+    assert not q.options.vae_channels_last and "default-layout VAE (--no-vae-channels-last given)" in q.line()
+    q = resolve("exact", s, RuntimeOptions(vae_channels_last=True, device="cpu"), explicit={"vae_channels_last"})
+    assert q.options.vae_channels_last and q.line().endswith("channels-last VAE (--vae-channels-last given), fp32")
+    q = resolve("balanced", s, RuntimeOptions(unet_backend="onnxruntime", export_dir=str(tmp_path), device="cpu"))
+    assert q.options.vae_channels_last  # the UNet's backend does not matter
+    q = resolve("balanced", s, RuntimeOptions(vae_backend="onnxruntime", export_dir=str(tmp_path), device="cpu"))
+    assert not q.options.vae_channels_last and q.summary()["vae_channels_last"] is False
+    assert "default-layout VAE (kept: the onnxruntime VAE decoder is an exported graph)" in q.line()
+    q = resolve("fast", s, RuntimeOptions("reference", device="cpu"))
+    assert not q.options.vae_channels_last and "default-layout VAE (kept: the reference sampler's VAE" in q.line()
+    q = resolve("fast", s, RuntimeOptions(compile="default", device="cpu"))
+    assert q.options.vae_channels_last  # the compiled torch decoder too
+    assert resolve("fast", s, None).summary()["vae_channels_last"] is None  # the service: its runtime's own
 
 
 @pytest.mark.parametrize("given, flag", [
@@ -138,6 +160,7 @@ def test_python_api(bf16):
     q = resolve("fast", SamplerSettings(height=32, width=32, frames=4, steps=10, clips=2, overlap=2),
                 RuntimeOptions())
     assert q.settings.steps == 4 and q.options.torch_dtype == torch.float32
+    assert q.options.vae_channels_last  # within RUNTIME_VIDEO of the default layout on the tiny model (tolerances)
     model = random_model("tiny", 0, dtype=q.options.torch_dtype)
     rt = open_runtime(model, q.options, Limits.of(q.settings, 1))
     clips = list(rt.generate(Request(("a boat",), None, q.settings, seed=5)))
@@ -155,6 +178,7 @@ def test_generate_quality_fast(bf16, tmp_path, capsys):
     assert main(["generate", "a boat", "-o", str(out), "--quality", "fast", "--steps", "10", *SMALL]) == 0
     err = capsys.readouterr().err
     assert "quality fast: dpmpp-2m, 10 steps (--steps given), feature reuse every 3 steps" in err
+    assert ", channels-last VAE (torch VAE decoder: " in err
     s = SamplerSettings(height=32, width=32, frames=4, steps=10, clips=2, overlap=2, solver="dpmpp-2m",
                         **asdict(REUSE["fast"]))
     video, _ = generate(random_model("tiny", 0), ["a boat"], ["watermark"], s, torch.Generator().manual_seed(42))
@@ -168,6 +192,10 @@ def test_generate_quality_fast(bf16, tmp_path, capsys):
      "--cache-interval 2 (UNet feature reuse) needs the eager torch UNet"),
     (["--cache-interval", "2", "--compile", "default"], "--cache-interval 2 (UNet feature reuse) needs the eager"),
     (["--quality", "fast", "--cache-from", "0.95", "--cache-until", "0.9"], "cache_from=0.95 must not exceed"),
+    (["--quality", "fast", "--vae-backend", "onnxruntime", "--onnx", "x", "--vae-channels-last"],
+     "--vae-channels-last applies to the torch VAE decoder, not the onnxruntime VAE decoder"),
+    (["--backend", "reference", "--vae-channels-last"], "--vae-channels-last applies to the torch VAE decoder, not "
+     "--backend reference"),
 ])
 def test_generate_contradictions_fail_before_any_work(tmp_path, capsys, flags, needle):
     out = tmp_path / "v.gif"
@@ -187,6 +215,7 @@ def test_bench_quality_compares_with_the_exact_reference(bf16, capsys):
     base = WORKLOADS["tiny"]["settings"]
     assert summary["baseline_settings"] == asdict(base) and summary["quality"]["quality"] == "fast"
     assert summary["settings"]["solver"] == "dpmpp-2m" and summary["config"]["dtype"] == "fp32"
+    assert summary["config"]["vae_channels_last"] is True and summary["quality"]["vae_channels_last"] is True
     # tiny: 3 steps x 2 clips; fast's plan per clip: store+both, reuse+both, full+conditional half
     assert summary["unet_calls_by_mode"] == {"full": 2, "store": 2, "reuse": 2}
     assert summary["unet_cond_only_calls"] == 2
@@ -195,6 +224,7 @@ def test_bench_quality_compares_with_the_exact_reference(bf16, capsys):
     assert main(["bench", "--workload", "tiny", "--repeats", "1", "--quality", "exact"]) == 0
     summary = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1]
     assert summary["quality"]["quality"] == "exact" and summary["psnr_db"] == float("inf") and summary["ssim"] == 1.0
+    assert summary["config"]["vae_channels_last"] is False  # exact: bit for bit the reference
     assert summary["unet_calls_by_mode"] == {"full": 6, "store": 0, "reuse": 0} and summary["unet_cond_only_calls"] == 0
 
 

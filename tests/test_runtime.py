@@ -7,7 +7,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from tolerances import (BF16_LATENT_REL_NORM, BF16_VAE_VIDEO, GOLDEN, ORT_LATENT_REL, ORT_VIDEO, RUNTIME_LATENT_REL,
-                        RUNTIME_VIDEO, V_VS_EPSILON_MIN_REL, assert_uint8_close)
+                        RUNTIME_VIDEO, V_VS_EPSILON_MIN_REL, VAE_CHANNELS_LAST_VIDEO, assert_uint8_close)
 from vidrd.ref.loading import load_official
 from vidrd.ref.sampler import SamplerSettings, generate
 from vidrd.ref.weights import random_model
@@ -243,6 +243,57 @@ def test_backend_choice_errors_and_mixed_dtypes():
     ref_video, ref_latents = reference(model, request)
     assert (latents - ref_latents).abs().max() <= RUNTIME_LATENT_REL * ref_latents.abs().max()  # UNet untouched
     assert 0 < (video - ref_video).abs().max() < BF16_VAE_VIDEO
+
+
+@pytest.mark.parametrize("temporal", [False, True], ids=["per-frame", "temporal"])
+def test_vae_channels_last_is_close_to_the_default_layout(temporal):
+    """--vae-channels-last: the same latents (the UNet untouched), a video within VAE_CHANNELS_LAST_VIDEO of the
+    default layout's; Conv2d weights converted once in the backend's own copy of the decoder (the model's VAE, which
+    the reference sampler shares, unchanged; Conv3d weights shared as they are); the latents' scratch sized at setup."""
+    model = random_model("tiny", 0)
+    before = {k: (v.data_ptr(), v.stride()) for k, v in model.vae.state_dict().items()}
+    s = SamplerSettings(height=32, width=48, frames=4, steps=2, clips=2, overlap=2, temporal_decode=temporal)
+    request = Request(("a", "b"), None, s, seed=4, float_video=True)
+    video, latents, _ = run(open_runtime(model, limits=LIMITS), request)
+    rt = open_runtime(model, RuntimeOptions(vae_channels_last=True), LIMITS)
+    vae = rt.vae.vae
+    assert vae is not model.vae and vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in vae.decoder.modules()
+               if isinstance(m, torch.nn.Conv2d))
+    conv3d = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert conv3d and all(m.weight.is_contiguous() for m in conv3d)
+    assert vae.decoder.mid_block.resnets[0].norm1.weight is model.vae.decoder.mid_block.resnets[0].norm1.weight
+    assert vae.encoder is not model.vae.encoder and vae.encoder.conv_in.weight is model.vae.encoder.conv_in.weight
+    scratch = rt.vae.scratch
+    assert scratch.numel() == LIMITS.batch * LIMITS.frames * 4 * (LIMITS.height // 8) * (LIMITS.width // 8)
+    cl_video, cl_latents, _ = run(rt, request)
+    assert rt.vae.scratch is scratch  # no new buffer per call
+    assert torch.equal(cl_latents, latents)
+    assert (cl_video - video).abs().max() <= VAE_CHANNELS_LAST_VIDEO
+    assert {k: (v.data_ptr(), v.stride()) for k, v in model.vae.state_dict().items()} == before
+    # the model's own VAE still gives the default layout's video, bit for bit
+    again, _, _ = run(open_runtime(model, limits=LIMITS), request)
+    assert torch.equal(again, video)
+
+
+@pytest.mark.parametrize("options, what", [
+    (dict(vae_backend="onnxruntime", export_dir="x"), "the onnxruntime VAE decoder"),
+    (dict(backend="onnxruntime", export_dir="x"), "the onnxruntime VAE decoder"),
+    (dict(vae_backend="tensorrt", engine_dir="x"), "the tensorrt VAE decoder"),
+    (dict(backend="reference"), "--backend reference"),
+])
+def test_vae_channels_last_refused_off_the_torch_vae(options, what):
+    with pytest.raises(ValueError, match=f"^--vae-channels-last applies to the torch VAE decoder, not {what}"):
+        RuntimeOptions(**options, vae_channels_last=True)
+    RuntimeOptions(**options, vae_channels_last=False)  # off: nothing to refuse
+    RuntimeOptions(unet_backend="onnxruntime", export_dir="x", vae_channels_last=True)  # the VAE is torch's
+    with pytest.raises(ValueError, match="must be True or False"):
+        RuntimeOptions(vae_channels_last="yes")
+    from vidrd.runtime import backends
+    with pytest.raises(ValueError, match=r"channels_last \(--vae-channels-last\) applies to the torch VAE decoder, "
+                       "not the onnxruntime vae"):
+        backends.make("onnxruntime", "vae", None, torch.float32, torch.device("cpu"), export_dir="x",
+                      channels_last=True)
 
 
 @pytest.mark.slow  # bf16 convolutions are ~100x slower than fp32 on CPUs without AVX512-BF16 (this CI's)
