@@ -8,8 +8,9 @@ balanced  DPM-Solver++(2M) at max(4, round(0.6 x steps)) steps, vidrd.ref.reuse.
           1e-4 of the default layout).
 fast      the same at max(4, round(0.4 x steps)) steps with PRESETS["fast"].
 
-A preset fills only what was not set explicitly: a given --steps, --solver, reuse option, --dtype or
---[no-]vae-channels-last wins, and never more steps than requested (a 3-step request stays at 3 steps). With `exact`
+--steps is always the requested step count, which a preset scales (that is its point: it is compared with the exact
+run at the requested steps), never above the request (a 3-step request stays at 3 steps). Otherwise a preset fills
+only what was not set explicitly: a given --solver, reuse option, --dtype or --[no-]vae-channels-last wins. With `exact`
 an explicit reuse option or another solver is a contradiction (ValueError). Feature reuse needs the eager torch
 UNet: where the UNet is an exported graph or compiled, a preset leaves it off and says so, and an explicit
 --cache-interval is an error. Channels-last needs the torch VAE decoder: elsewhere a preset leaves it off (and says
@@ -149,14 +150,11 @@ def resolve(quality: str, settings: SamplerSettings, options: RuntimeOptions | N
     change = {name: getattr(p.reuse, name) for name in REUSE_FIELDS if name not in explicit}
     if "solver" not in explicit:
         change["solver"] = p.solver
-    if "steps" in explicit:
-        why["steps"] = f"{spell('steps')} given"
-    else:
-        req = settings.steps
-        raw = round(p.step_fraction * req)
-        change["steps"] = min(req, max(MIN_STEPS, raw))
-        why["steps"] = f"{p.step_fraction:g} x {req} requested" + (
-            "" if change["steps"] == raw else f", kept within {min(MIN_STEPS, req)}..{req}")
+    req = settings.steps  # the requested steps, given or default: the preset's UNet budget is a fraction of them
+    raw = round(p.step_fraction * req)
+    change["steps"] = min(req, max(MIN_STEPS, raw))
+    why["steps"] = f"{p.step_fraction:g} x {req} requested" + (
+        "" if change["steps"] == raw else f", kept within {min(MIN_STEPS, req)}..{req}")
     if blocker and "cache_interval" not in explicit:
         change["cache_interval"] = 1
         why["reuse"] = blocker

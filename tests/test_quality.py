@@ -84,9 +84,9 @@ def test_explicit_settings_win(bf16):
     q = resolve("fast", s, RuntimeOptions(device="cpu"),
                 explicit={"steps", "solver", "cache_interval", "guidance_reuse_after", "dtype"})
     assert (q.settings.steps, q.settings.solver, q.settings.cache_interval, q.settings.guidance_reuse_after) == \
-        (30, "ddim", 4, 1.0)
+        (12, "ddim", 4, 1.0)  # --steps is the request, which the preset scales (0.4 x 30)
     assert q.settings.cache_from == REUSE["fast"].cache_from  # what was not given comes from the preset
-    assert q.options.dtype == "fp32" and "(--steps given)" in q.line() and "fp32 (--dtype given)" in q.line()
+    assert q.options.dtype == "fp32" and "12 steps (0.4 x 30 requested)" in q.line() and "fp32 (--dtype given)" in q.line()
     # a given value the preset's contradicts is named
     with pytest.raises(ValueError, match="cache_from=0.95 must not exceed cache_until=0.9"):
         resolve("balanced", SamplerSettings(cache_from=0.95), explicit={"cache_from"})
@@ -177,9 +177,9 @@ def test_generate_quality_fast(bf16, tmp_path, capsys):
     out = tmp_path / "frames"
     assert main(["generate", "a boat", "-o", str(out), "--quality", "fast", "--steps", "10", *SMALL]) == 0
     err = capsys.readouterr().err
-    assert "quality fast: dpmpp-2m, 10 steps (--steps given), feature reuse every 3 steps" in err
+    assert "quality fast: dpmpp-2m, 4 steps (0.4 x 10 requested), feature reuse every 3 steps" in err
     assert ", channels-last VAE (torch VAE decoder: " in err
-    s = SamplerSettings(height=32, width=32, frames=4, steps=10, clips=2, overlap=2, solver="dpmpp-2m",
+    s = SamplerSettings(height=32, width=32, frames=4, steps=4, clips=2, overlap=2, solver="dpmpp-2m",
                         **asdict(REUSE["fast"]))
     video, _ = generate(random_model("tiny", 0), ["a boat"], ["watermark"], s, torch.Generator().manual_seed(42))
     assert_uint8_close(read_video(out), to_uint8(video[0]))  # PNG frames: lossless
@@ -233,7 +233,7 @@ def test_eval_quality(bf16, tmp_path, capsys):
     out = tmp_path / "report.json"
     assert main(["eval", "--preset", "tiny", "--samples", "1", "--steps", "4", "--clips", "2", "--no-progress",
                  "--quality", "balanced", "--out", str(out)]) == 0
-    assert "quality balanced: dpmpp-2m, 4 steps (--steps given)" in capsys.readouterr().err
+    assert "quality balanced: dpmpp-2m, 4 steps (0.6 x 4 requested, kept within 4..4)" in capsys.readouterr().err
     config = json.loads(out.read_text())["config"]
     assert config["quality"]["quality"] == "balanced" and config["quality"]["dtype"] == "fp32"
     assert config["settings"]["solver"] == "dpmpp-2m" and config["settings"]["cache_interval"] == 2
@@ -251,7 +251,7 @@ def test_service_request_quality():
     assert {k: spec["settings"][k] for k in REUSE_FIELDS} == asdict(REUSE["balanced"])
     assert spec["quality"]["quality"] == "balanced" and spec["quality"]["dtype"] is None
     spec = to_spec(VideoRequest(prompts=["a"], quality="fast", steps=12, cache_interval=1), config)
-    assert spec["settings"]["steps"] == 12 and spec["settings"]["cache_interval"] == 1  # given fields win
+    assert spec["settings"]["steps"] == 5 and spec["settings"]["cache_interval"] == 1  # steps scaled, given fields win
     assert to_spec(VideoRequest(prompts=["a"]), config)["quality"] is None
     for body, field in ((dict(quality="exact", guidance_reuse_after=0.5), "quality"),
                         (dict(quality="balanced", cache_from=0.95), "cache_from")):
