@@ -2,11 +2,12 @@
 generate`, `bench`, `eval`, the service's `quality` field and the Python API (`resolve`).
 
 exact     nothing changes: the official sampler (DDIM, no reuse) at the requested steps, the dtype asked for.
-balanced  DPM-Solver++(2M) at max(4, round(0.6 x steps)) steps, vidrd.ref.reuse.PRESETS["balanced"] (feature and
-          guidance reuse), bf16 networks where runtime.precision.bf16_support says bf16 is fast on the device, and
+balanced  DPM-Solver++(2M) at max(4, round(0.6 x steps)) steps, vidrd.ref.reuse.PRESETS["balanced"] (guidance
+          reuse in the last 30% of the steps), bf16 networks where runtime.precision.bf16_support says bf16 is fast on the device, and
           the torch VAE decoder's 2-D convolutions in channels-last (--vae-channels-last: ~1.2x faster on CPU, within
           1e-4 of the default layout).
-fast      the same at max(4, round(0.4 x steps)) steps with PRESETS["fast"].
+fast      the same at max(4, round(0.4 x steps)) steps with PRESETS["fast"] (also feature reuse every 2nd step over
+          30-80% of the schedule, guidance reuse in the last 50%).
 
 --steps is always the requested step count, which a preset scales (that is its point: it is compared with the exact
 run at the requested steps), never above the request (a 3-step request stays at 3 steps). Otherwise a preset fills

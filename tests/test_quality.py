@@ -59,7 +59,8 @@ def test_presets_resolve_as_documented(bf16, quality, requested, steps):
     assert q.options.dtype == "bf16" and q.options.device == "cpu"
     line = q.line()
     assert line.startswith(f"quality {quality}: dpmpp-2m, {steps} steps ({REUSE_FRACTION[quality]} x {requested} ")
-    assert "feature reuse every" in line and "guidance reuse after" in line and line.endswith(
+    feature = "feature reuse every" if quality == "fast" else "no feature reuse"
+    assert feature in line and "guidance reuse after" in line and line.endswith(
         "channels-last VAE (torch VAE decoder: about 1.2x faster on CPU, within 1e-4), bf16 (CPU has AVX512-BF16)")
     assert q.options.vae_channels_last
     summary = q.summary()
@@ -88,8 +89,8 @@ def test_explicit_settings_win(bf16):
     assert q.settings.cache_from == REUSE["fast"].cache_from  # what was not given comes from the preset
     assert q.options.dtype == "fp32" and "12 steps (0.4 x 30 requested)" in q.line() and "fp32 (--dtype given)" in q.line()
     # a given value the preset's contradicts is named
-    with pytest.raises(ValueError, match="cache_from=0.95 must not exceed cache_until=0.9"):
-        resolve("balanced", SamplerSettings(cache_from=0.95), explicit={"cache_from"})
+    with pytest.raises(ValueError, match="cache_from=0.95 must not exceed cache_until=0.8"):
+        resolve("fast", SamplerSettings(cache_from=0.95), explicit={"cache_from"})
 
 
 def test_vae_channels_last_only_on_the_torch_vae_and_explicit_wins(bf16, tmp_path):
@@ -137,7 +138,8 @@ def test_backends_limit_what_a_preset_sets(bf16, tmp_path):
     assert q.settings.cache_interval == 1 and "the compiled UNet (--compile) takes no feature cache" in q.line()
     assert q.options.dtype == "bf16"
     q = resolve("fast", SamplerSettings(), RuntimeOptions("reference", device="cpu"))
-    assert q.settings.cache_interval == 3 and q.options.dtype == "fp32" and "reference sampler" in q.line()
+    assert q.settings.cache_interval == REUSE["fast"].cache_interval and q.options.dtype == "fp32" and \
+        "reference sampler" in q.line()
     with pytest.raises(ValueError, match="choose one of exact, balanced, fast"):
         resolve("turbo", SamplerSettings())
 
@@ -145,7 +147,8 @@ def test_backends_limit_what_a_preset_sets(bf16, tmp_path):
 def test_service_resolution_leaves_the_dtype_alone(bf16):
     bf16(True)
     q = resolve("fast", SamplerSettings(guidance_scale=1.0), None, spell=lambda name: name)
-    assert q.options is None and q.summary()["dtype"] is None and q.settings.cache_interval == 3
+    assert q.options is None and q.summary()["dtype"] is None and \
+        q.settings.cache_interval == REUSE["fast"].cache_interval
     assert q.line().endswith("no guidance reuse (no guidance), the service's dtype")
     with pytest.raises(ValueError, match="^quality exact runs the official sampler; drop cache_interval or choose "
                        r"quality balanced\|fast$"):
@@ -177,7 +180,7 @@ def test_generate_quality_fast(bf16, tmp_path, capsys):
     out = tmp_path / "frames"
     assert main(["generate", "a boat", "-o", str(out), "--quality", "fast", "--steps", "10", *SMALL]) == 0
     err = capsys.readouterr().err
-    assert "quality fast: dpmpp-2m, 4 steps (0.4 x 10 requested), feature reuse every 3 steps" in err
+    assert "quality fast: dpmpp-2m, 4 steps (0.4 x 10 requested), feature reuse every 2 steps" in err
     assert ", channels-last VAE (torch VAE decoder: " in err
     s = SamplerSettings(height=32, width=32, frames=4, steps=4, clips=2, overlap=2, solver="dpmpp-2m",
                         **asdict(REUSE["fast"]))
@@ -216,8 +219,9 @@ def test_bench_quality_compares_with_the_exact_reference(bf16, capsys):
     assert summary["baseline_settings"] == asdict(base) and summary["quality"]["quality"] == "fast"
     assert summary["settings"]["solver"] == "dpmpp-2m" and summary["config"]["dtype"] == "fp32"
     assert summary["config"]["vae_channels_last"] is True and summary["quality"]["vae_channels_last"] is True
-    # tiny: 3 steps x 2 clips; fast's plan per clip: store+both, reuse+both, full+conditional half
-    assert summary["unet_calls_by_mode"] == {"full": 2, "store": 2, "reuse": 2}
+    # tiny: 3 steps x 2 clips; fast's plan per clip: full+both twice (its feature window is 30-80% of the steps:
+    # none at 3 steps), full+conditional half
+    assert summary["unet_calls_by_mode"] == {"full": 6, "store": 0, "reuse": 0}
     assert summary["unet_cond_only_calls"] == 2
     assert 0 < summary["unet_gflop_per_run"] < 6 * summary["unet_gflop_per_call"]  # reuse and half calls are cheaper
     assert 0 < summary["psnr_db"] < 60 and 0 < summary["ssim"] < 1  # another sampler: close, not equal
@@ -236,7 +240,8 @@ def test_eval_quality(bf16, tmp_path, capsys):
     assert "quality balanced: dpmpp-2m, 4 steps (0.6 x 4 requested, kept within 4..4)" in capsys.readouterr().err
     config = json.loads(out.read_text())["config"]
     assert config["quality"]["quality"] == "balanced" and config["quality"]["dtype"] == "fp32"
-    assert config["settings"]["solver"] == "dpmpp-2m" and config["settings"]["cache_interval"] == 2
+    assert config["settings"]["solver"] == "dpmpp-2m" and \
+        config["settings"]["guidance_reuse_after"] == REUSE["balanced"].guidance_reuse_after
 
 
 def test_service_request_quality():
@@ -254,7 +259,7 @@ def test_service_request_quality():
     assert spec["settings"]["steps"] == 5 and spec["settings"]["cache_interval"] == 1  # steps scaled, given fields win
     assert to_spec(VideoRequest(prompts=["a"]), config)["quality"] is None
     for body, field in ((dict(quality="exact", guidance_reuse_after=0.5), "quality"),
-                        (dict(quality="balanced", cache_from=0.95), "cache_from")):
+                        (dict(quality="fast", cache_from=0.95), "cache_from")):
         with pytest.raises(RequestValidationError) as e:
             to_spec(VideoRequest(prompts=["a"], **body), config)
         assert e.value.errors()[0]["loc"] == ("body", field)
