@@ -1,5 +1,6 @@
 """vidrd-shapes data and training: deterministic data, resumable training, export in the official layout."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from vidrd.runtime.shapes.train import Trainer, TrainConfig
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY_RUN = TrainConfig(vae_steps=3, vae_batch=2, unet_steps=3, unet_batch=2, warmup=2, scale_batches=1,
-                       offset_noise_from=1, dir_steps=2)
+                       offset_noise_from=1, dir_steps=2, ship="ema")
 
 
 def test_grammar_captions_and_held_out_set():
@@ -109,6 +110,10 @@ def test_export_is_fp16_official_layout_and_loads(tmp_path):
     info = json.loads((out / "train.json").read_text())
     assert info["phase"] == "done" and info["step"] == 2 and info["direction_steps_done"] == 2
     assert torch.allclose(model.unet.conv_in.weight, trainer.ema["unet.conv_in.weight"].half().float())
+    raw = Trainer(tmp_path / "run", replace(TINY_RUN, ship="raw"), log=lambda m: None, bf16=False)
+    last = raw.model.unet.conv_in.weight.detach().clone()  # the last step's weights, as resumed
+    assert not torch.equal(last, raw.ema["unet.conv_in.weight"])
+    assert torch.equal(raw.trained_model().unet.conv_in.weight, last)
 
 
 def test_train_shapes_cli_rejects_bad_values(tmp_path, capsys):

@@ -175,6 +175,7 @@ class Trainer:
         if added:  # a checkpoint from before these settings existed: it continues with them (later phases)
             self.log(f"{path} predates the settings {sorted(added)}; continuing with their values")
             s["config"].update(added)
+        s["config"]["ship"] = self.cfg.ship  # what is exported, not how it trains: any checkpoint can ship either
         if s["config"] != asdict(self.cfg):
             diff = {k: (s["config"].get(k), v) for k, v in asdict(self.cfg).items() if s["config"].get(k) != v}
             raise ValueError(f"{path} was made with other settings {diff}; use another --out or the same settings")
