@@ -92,7 +92,7 @@ class TorchUNet(Backend):
         if kv is None:
             self.cross_kv = {k: v for k, v in self.cross_kv.items() if k[:2] == written}  # drop stale requests'
             kv = self.cross_kv[key] = CrossKV(self.net, context)
-        out.copy_(self.net(sample, timestep, kv) if cache is None else self.net(sample, timestep, kv, cache=cache))
+        out.copy_(self.net(sample, timestep, kv, cache=cache))  # cache None: the plain forward
 
 
 def _compiled(fn, mode: str, device: torch.device):

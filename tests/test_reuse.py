@@ -3,6 +3,7 @@ exact when off, the runtime equal to the reference sampler when on."""
 import pytest
 import torch
 
+from allocations import outside_backend
 from tolerances import (GUIDANCE_REUSE_FRESH_REL, ORT_LATENT_REL, REUSE_EFFECT_MIN_REL, REUSE_NEXT_STEP_REL,
                         REUSE_RUNTIME_LATENT_REL, REUSE_RUNTIME_VIDEO)
 from vidrd.ref.reuse import PRESETS, FeatureCache, ReuseSettings, StepPlan, guided_eps, guided_eps_reuse
@@ -356,15 +357,7 @@ def test_reuse_steps_allocate_nothing_outside_backend_calls(model):
             job.restart()
             for i in range(s.steps):
                 job.step(1, i)
-    allocs = []
-    for e in prof.events():
-        if e.cpu_memory_usage > 0 and e.name != "vidrd::backend":
-            chain, p = [], e.cpu_parent
-            while p is not None:
-                chain.append(p.name)
-                p = p.cpu_parent
-            if "vidrd::backend" not in chain:
-                allocs.append((e.name, e.cpu_memory_usage, chain[:2]))
+    allocs = outside_backend(prof)
     assert sum(e.name == "vidrd::backend" for e in prof.events()) == 2 * s.steps - 1
     assert allocs == []
 

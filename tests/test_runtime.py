@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from allocations import outside_backend
 from tolerances import (BF16_LATENT_REL_NORM, BF16_VAE_VIDEO, GOLDEN, ORT_LATENT_REL, ORT_VIDEO, RUNTIME_LATENT_REL,
                         RUNTIME_VIDEO, V_VS_EPSILON_MIN_REL, VAE_CHANNELS_LAST_VIDEO, assert_uint8_close)
 from vidrd.ref.loading import load_official
@@ -158,15 +159,7 @@ def test_step_loop_allocates_nothing_outside_backend_calls():
             job.restart()
             for i in range(6):
                 job.step(1, i)
-    allocs = []
-    for e in prof.events():
-        if e.cpu_memory_usage > 0 and e.name != "vidrd::backend":
-            chain, p = [], e.cpu_parent
-            while p is not None:
-                chain.append(p.name)
-                p = p.cpu_parent
-            if "vidrd::backend" not in chain:
-                allocs.append((e.name, e.cpu_memory_usage, chain[:2]))
+    allocs = outside_backend(prof)
     assert sum(e.name == "vidrd::backend" for e in prof.events()) == 11  # the measurement saw the steps
     assert allocs == []
 
