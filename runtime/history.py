@@ -22,7 +22,7 @@ class History:
         self.consts = torch.empty(2, dtype=torch.float32, device=device)  # recycle weight, fresh-noise divisor
         self.pinned: list[int] = []
 
-    def start(self, shape: tuple, settings) -> None:
+    def start(self, shape: tuple, settings, scheduler) -> None:
         """Bind views for a request of latent shape (B,C,F,h,w) (before step 0: may index, never allocates)."""
         b, c, f, h, w = shape
         o, t = (settings.overlap if settings.clips > 1 else 0), settings.steps  # one clip reads no history
@@ -33,8 +33,8 @@ class History:
         # previous-clip frame reused by each frame: official F-1..0 (reversed), forward F-O..F-1 then O..F-1
         self.index[:f].copy_(torch.tensor(settings.source_frames()))
         self.src_all, self.src_overlap = self.index[:f], self.index[:o]
-        # staged guidance pins frames 0..K_i-1 at step i (the condition is monotone in the frame index)
-        self.pinned = [sum(settings.guided(i, k) for k in range(o)) for i in range(t)]
+        # staged guidance pins frames 0..K_i-1 at step i (SamplerSettings.pinned)
+        self.pinned = settings.pinned(scheduler) if o else [0] * t
         r = settings.noise_recycle
         self.consts.copy_(torch.tensor([r / math.sqrt(1 + r * r), math.sqrt(1 + r * r)]))
         self.recycle, self.fresh_div = self.consts[0], self.consts[1]

@@ -342,15 +342,15 @@ class Runtime:
         self.text(job.ids, job.ctx)
         if job.ctx_unet is not job.ctx:
             job.ctx_unet.copy_(job.ctx)
-        self.history.start(job.shape, s)
-        timesteps = self.scheduler.timesteps(s.steps).tolist()
+        self.history.start(job.shape, s, self.scheduler)
+        timesteps = self.scheduler.timesteps(s.steps, s.spacing).tolist()
         rows = []
         for t in timesteps:  # DDIM factors, from the same python floats as the reference's step
-            a, ap = self.scheduler.alphas(int(t), s.steps)
+            a, ap = self.scheduler.alphas(int(t), s.steps, s.spacing)
             rows.append([(1 - a) ** 0.5, a ** 0.5, ap ** 0.5, (1 - ap) ** 0.5])
         self.coef[: s.steps].copy_(torch.tensor(rows, dtype=torch.float32))
         if s.solver == "dpmpp-2m":  # x0 = (x - sigma eps) / alpha; x' = c_x x + c_x0 x0 + c_prev x0_prev
-            dpm = DPMSolverPP2M(self.model.config.scheduler, s.steps)
+            dpm = DPMSolverPP2M(self.model.config.scheduler, s.steps, s.spacing)
             mrows = []
             for i in range(s.steps):
                 c_x, c_x0, c_prev, alpha = dpm.coefficients(i)

@@ -146,3 +146,17 @@ def test_no_guidance_runs_the_conditional_branch_only(tiny_model):
     finally:
         del tiny_model.unet.forward
     assert calls == [2, 2, 4]
+
+
+def test_staged_guidance_keeps_its_noise_levels_under_trailing_spacing():
+    """Leading spacing: the official windows (`guided`). Trailing: frame k is pinned at the steps above the first
+    timestep the leading schedule of as many steps leaves it free at."""
+    from vidrd.ref.config import SchedulerConfig
+    from vidrd.ref.ddim import DDIM
+    ddim = DDIM(SchedulerConfig())
+    s = SamplerSettings(steps=10, clips=2, overlap=4, denoise_guidance=0.4)
+    assert s.pinned(ddim) == [sum(s.guided(i, k) for k in range(4)) for i in range(10)] == [4, 3, 2, 1] + [0] * 6
+    trailing = replace(s, spacing="trailing")  # timesteps 999, 899, ...; leading frees frames 0..3 at 501..801
+    assert trailing.pinned(ddim) == [4, 4, 3, 2, 1] + [0] * 5
+    assert replace(trailing, denoise_guidance=0.0).pinned(ddim) == [0] * 10  # never pinned stays never
+    assert replace(trailing, denoise_guidance=1.0).pinned(ddim)[-1] == 1  # frame 0 pinned throughout, as leading

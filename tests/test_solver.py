@@ -80,3 +80,58 @@ def test_runtime_solver_matches_reference(guidance):
     latents = torch.stack([c.latents for c in clips])
     _, ref = generate(model, ["a", "b"], None, s, torch.Generator().manual_seed(3))
     assert (latents - ref).abs().max() <= RUNTIME_LATENT_REL * ref.abs().max()
+
+
+# ------------------------------------------------------------------------------------------- trailing timesteps
+
+def test_trailing_timesteps():
+    """Trailing spacing starts at the last training timestep and steps down by T/steps (rounded); leading is the
+    official schedule, unchanged."""
+    ddim = DDIM(CFG)
+    assert ddim.timesteps(10, "trailing").tolist() == list(range(999, 0, -100))
+    assert ddim.timesteps(4, "trailing").tolist() == [999, 749, 499, 249]
+    assert ddim.timesteps(10).tolist() == list(range(901, 0, -100))  # leading: the official schedule
+    for steps in (1, 7, 15, 25, 999, 1000):
+        ts = ddim.timesteps(steps, "trailing").tolist()
+        gaps = [a - b for a, b in zip(ts, ts[1:])]
+        assert len(ts) == steps and ts[0] == 999 and all(abs(g - 1000 / steps) <= 1 for g in gaps), (steps, ts)
+    with pytest.raises(ValueError, match="spacing='uniform' must be one of"):
+        ddim.timesteps(10, "uniform")
+    with pytest.raises(ValueError, match="spacing='uniform' must be one of"):
+        SamplerSettings(spacing="uniform")
+
+
+@pytest.mark.parametrize("steps", [10, 15])
+def test_trailing_steps_go_to_the_next_timestep(steps):
+    """Each step's alpha_bar_prev is the next timestep's (uneven gaps at 15 steps), the last one the final alpha_bar;
+    the first step of DPM-Solver++ (first order) is then the DDIM step on the same schedule."""
+    ddim, dpm = DDIM(CFG), DPMSolverPP2M(CFG, steps, "trailing")
+    ts = ddim.timesteps(steps, "trailing").tolist()
+    ab = ddim.alphas_cumprod
+    for t, nxt in zip(ts, ts[1:] + [None]):
+        a, ap = ddim.alphas(t, steps, "trailing")
+        assert a == float(ab[t]) and ap == float(ab[nxt] if nxt is not None else ddim.final_alpha_cumprod)
+    assert dpm.alpha[0] ** 2 == pytest.approx(float(ab[999])) and dpm.alpha[-1] ** 2 == pytest.approx(float(ab[0]))
+    g = torch.Generator().manual_seed(5)
+    x, eps = torch.randn(64, generator=g, dtype=torch.float64), torch.randn(64, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(dpm.step(eps, 0, x), ddim.step(eps, 999, x, steps, "trailing"), rtol=0,
+                               atol=POINT_MASS_FP64)
+    with pytest.raises(ValueError, match="timestep 998 is not in the 10-step trailing schedule"):
+        ddim.alphas(998, 10, "trailing")
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp-2m"])
+def test_runtime_trailing_matches_reference(solver):
+    """Trailing spacing through the runtime (its per-step factor tables) equals the reference sampler; it changes
+    the output (the first step is another noise level)."""
+    from vidrd.runtime.loop import Limits, Request
+    from vidrd.runtime.options import open_runtime
+    model = random_model("tiny", 0)
+    s = SamplerSettings(height=16, width=16, frames=4, steps=5, clips=2, overlap=2, solver=solver, spacing="trailing")
+    rt = open_runtime(model, limits=Limits(batch=1, frames=4, height=16, width=16, steps=5, overlap=2))
+    clips = list(rt.generate(Request(("a",), None, s, seed=3, float_video=True)))
+    latents = torch.stack([c.latents for c in clips])
+    _, ref = generate(model, ["a"], None, s, torch.Generator().manual_seed(3))
+    _, leading = generate(model, ["a"], None, replace(s, spacing="leading"), torch.Generator().manual_seed(3))
+    assert (latents - ref).abs().max() <= RUNTIME_LATENT_REL * ref.abs().max()
+    assert (leading - ref).abs().max() > 1e-3 * ref.abs().max()

@@ -1,4 +1,11 @@
-"""DDIM with eta = 0 (SPEC §3.3), as diffusers' DDIMScheduler builds it from SD2.1-base's scheduler config."""
+"""DDIM with eta = 0 (SPEC §3.3), as diffusers' DDIMScheduler builds it from SD2.1-base's scheduler config.
+
+Timestep spacing: "leading" is the official one (SD2.1-base's scheduler config: 0, T/steps, ... plus steps_offset, so
+the first step is at t = T - T/steps + 1, e.g. 901 for 10 steps, while the initial noise is pure noise); "trailing"
+(opt-in, issue 14) starts at t = T - 1 and steps down by T/steps (rounded), as in Lin et al. 2023 (arXiv 2305.08891):
+in few steps the first step then sees the noise level the initial noise has. Either way each step goes to the next
+timestep of its schedule, the last one to the final alpha_bar.
+"""
 from __future__ import annotations
 
 import torch
@@ -16,6 +23,9 @@ def alphas_cumprod(cfg: SchedulerConfig) -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+SPACINGS = ("leading", "trailing")
+
+
 class DDIM:
     """Timesteps and the deterministic update; keeps no per-step state, so one schedule serves every clip."""
 
@@ -24,23 +34,37 @@ class DDIM:
         self.alphas_cumprod = alphas_cumprod(cfg)  # (T_train,)
         self.final_alpha_cumprod = torch.tensor(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
 
-    def timesteps(self, steps: int) -> torch.Tensor:
-        """The `steps` timesteps, descending, int64: 981, 961, ..., 1 for 50 steps."""
-        if not 1 <= steps <= self.cfg.num_train_timesteps:
-            raise ValueError(f"steps={steps} must be between 1 and {self.cfg.num_train_timesteps}")
-        ratio = self.cfg.num_train_timesteps // steps
-        return (torch.arange(steps, dtype=torch.int64) * ratio).flip(0) + self.cfg.steps_offset
+    def timesteps(self, steps: int, spacing: str = "leading") -> torch.Tensor:
+        """The `steps` timesteps, descending, int64: 981, 961, ..., 1 for 50 steps (leading); 999, 979, ..., 19
+        (trailing)."""
+        n = self.cfg.num_train_timesteps
+        if not 1 <= steps <= n:
+            raise ValueError(f"steps={steps} must be between 1 and {n}")
+        if spacing == "leading":
+            return (torch.arange(steps, dtype=torch.int64) * (n // steps)).flip(0) + self.cfg.steps_offset
+        if spacing == "trailing":  # round(n - i n / steps) - 1, i = 0..steps-1, in float64 as diffusers does
+            return (torch.arange(n, 0, -n / steps, dtype=torch.float64).round() - 1).to(torch.int64)[:steps]
+        raise ValueError(f"spacing={spacing!r} must be one of {SPACINGS}")
 
-    def alphas(self, t: int, steps: int) -> tuple[float, float]:
-        """(alpha_bar_t, alpha_bar_prev) for timestep t of a `steps`-step schedule."""
-        prev = t - self.cfg.num_train_timesteps // steps
+    def alphas(self, t: int, steps: int, spacing: str = "leading") -> tuple[float, float]:
+        """(alpha_bar_t, alpha_bar_prev) for timestep t of a `steps`-step schedule: prev is the next timestep of
+        the schedule (leading: t - T // steps), the final alpha_bar after the last one."""
+        if spacing == "leading":
+            prev = t - self.cfg.num_train_timesteps // steps
+        else:
+            ts = self.timesteps(steps, spacing).tolist()
+            if t not in ts:
+                raise ValueError(f"timestep {t} is not in the {steps}-step {spacing} schedule")
+            i = ts.index(t)
+            prev = ts[i + 1] if i + 1 < steps else -1
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
         return float(a_t), float(a_prev)
 
-    def step(self, model_output: torch.Tensor, t: int, x: torch.Tensor, steps: int) -> torch.Tensor:
+    def step(self, model_output: torch.Tensor, t: int, x: torch.Tensor, steps: int,
+             spacing: str = "leading") -> torch.Tensor:
         """x_t -> x_prev with eta = 0; element-wise, any shape."""
-        a_t, a_prev = self.alphas(int(t), steps)
+        a_t, a_prev = self.alphas(int(t), steps, spacing)
         if self.cfg.prediction_type == "epsilon":
             eps = model_output
             x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5

@@ -1,7 +1,7 @@
 """DPM-Solver++(2M) (Lu et al., arXiv 2211.01095, multistep second order, data prediction), deterministic.
 
-It runs on the same timesteps as DDIM (SD2.1's "leading" spacing + steps_offset) and ends at the same final
-alpha_bar, so a step index means the same noise level for both solvers and the reuse-and-diffuse bookkeeping
+It runs on the same timesteps as DDIM (SD2.1's "leading" spacing + steps_offset, or "trailing": vidrd.ref.ddim) and
+ends at the same final alpha_bar, so a step index means the same noise level for both solvers and the reuse-and-diffuse bookkeeping
 (history per step, staged-guidance windows in steps) applies unchanged. With alpha_t = sqrt(abar_t),
 sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t) and h_i = lambda_{i+1} - lambda_i:
 
@@ -25,11 +25,12 @@ LOWER_ORDER_FINAL_BELOW = 15  # few-step schedules take a first-order last step 
 class DPMSolverPP2M:
     """Per-step coefficients for `steps` steps; `step` keeps the previous data prediction of one trajectory."""
 
-    def __init__(self, cfg: SchedulerConfig, steps: int):
+    def __init__(self, cfg: SchedulerConfig, steps: int, spacing: str = "leading"):
         ddim = DDIM(cfg)
         self.cfg, self.steps = cfg, steps
-        self.timesteps = ddim.timesteps(steps)  # (T,) descending
-        ab = [ddim.alphas(int(t), steps)[0] for t in self.timesteps] + [ddim.alphas(int(self.timesteps[-1]), steps)[1]]
+        self.timesteps = ddim.timesteps(steps, spacing)  # (T,) descending
+        pairs = [ddim.alphas(int(t), steps, spacing) for t in self.timesteps]
+        ab = [a for a, _ in pairs] + [pairs[-1][1]]
         self.alpha = [math.sqrt(a) for a in ab]  # (T+1,) the last entry is the final target
         self.sigma = [math.sqrt(1 - a) for a in ab]
         lam = [math.log(a / s) for a, s in zip(self.alpha, self.sigma)]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+from .ddim import SPACINGS
 from .dpmpp import DPMSolverPP2M
 from .reuse import FeatureCache, ReuseSettings, StepPlan, guided_eps_reuse
 from .text import dropped_words, tokenize
@@ -60,6 +61,9 @@ class SamplerSettings:
                                  "(use with --assembly trim)", CONTINUATIONS)
     solver: str = _setting("ddim", "ddim (official) or dpmpp-2m (DPM-Solver++(2M): similar quality in fewer steps)",
                            SOLVERS)
+    spacing: str = _setting("leading", "timestep spacing: leading (official: the first step at t = 1000 - 1000/steps + "
+                            "1) or trailing (the first step at t = 999, the initial noise's level: better colour in "
+                            "few steps)", SPACINGS)
     # Opt-in step skipping (issue 14, vidrd.ref.reuse.ReuseSettings): the defaults reuse nothing (the official loop)
     cache_interval: int = _setting(1, "UNet feature reuse (DeepCache): inside the cache window one full UNet step, "
                                    "then interval-1 steps that reuse its deep features; 1 = off")
@@ -146,8 +150,25 @@ class SamplerSettings:
         return [f - o + j for j in range(o)] + list(range(o, f))
 
     def guided(self, i: int, k: int) -> bool:
-        """Staged guidance: overlap frame k is pinned at step i while i < (O-k)*(T/O)*g (python float order)."""
+        """Staged guidance, official rule: overlap frame k is pinned at step i while i < (O-k)*(T/O)*g (python float
+        order)."""
         return i < (self.overlap - k) * (self.steps / self.overlap) * self.denoise_guidance
+
+    def pinned(self, scheduler) -> list[int]:
+        """Staged guidance per step: at step i overlap frames 0..K_i-1 are pinned (K_i; a window shrinks with the
+        frame index). Leading spacing: the official rule (`guided`). Another spacing keeps the official windows'
+        noise levels: frame k is pinned at the steps whose timestep lies above the first timestep the leading
+        schedule of as many steps leaves it free at (trailing, 10 steps, g=0.4: frame 0 at 999..599, where leading
+        pins 901..601 and frees it at 501)."""
+        o, t = self.overlap, self.steps
+        if self.spacing == "leading":
+            return [sum(self.guided(i, k) for k in range(o)) for i in range(t)]
+        lead, own = scheduler.timesteps(t).tolist(), scheduler.timesteps(t, self.spacing).tolist()
+        free = []  # per frame: the first leading timestep it is not pinned at (never pinned: above every timestep)
+        for k in range(o):
+            n = sum(self.guided(i, k) for i in range(t))  # the official window: steps 0..n-1
+            free.append(math.inf if n == 0 else lead[n] if n < t else -1)
+        return [sum(ts > f for f in free) for ts in own]
 
 
 def check_text(name: str, text: str) -> None:
@@ -240,12 +261,13 @@ def generate(model, prompts, negative_prompts=None, settings: SamplerSettings = 
     dtype, device = ctx.dtype, ctx.device
     b, f, o, r = len(prompts), s.frames, s.overlap, s.noise_recycle
     shape = (b, model.unet.cfg.in_channels, f, s.height // 8, s.width // 8)  # (B,C,F,h,w)
-    timesteps = model.scheduler.timesteps(s.steps).tolist()
-    multistep = DPMSolverPP2M(model.config.scheduler, s.steps) if s.solver == "dpmpp-2m" else None  # same timesteps
+    timesteps = model.scheduler.timesteps(s.steps, s.spacing).tolist()
+    multistep = DPMSolverPP2M(model.config.scheduler, s.steps, s.spacing) if s.solver == "dpmpp-2m" else None
 
     latents = initial_noise(shape, generator, s.noise_prior, dtype, device)
     src = torch.tensor(s.source_frames(), device=device)  # (F,) previous-clip frame reused by each frame
     plan = s.plan()  # per step of every clip: unet full/store/reuse, guidance both/cond_reuse
+    pinned = s.pinned(model.scheduler)  # per step: overlap frames 0..pinned[i]-1 follow the previous clip
     cache = FeatureCache(depth=s.cache_depth)
     hist: dict[int, torch.Tensor] = {}
     videos, finals = [], []
@@ -262,9 +284,8 @@ def generate(model, prompts, negative_prompts=None, settings: SamplerSettings = 
             latents[:, :, o:] = mixed.to(dtype)
         for i, t in enumerate(timesteps):
             if c > 0:
-                for k in range(o):  # staged guidance: pin overlap frame k to the previous clip at the same step
-                    if s.guided(i, k):
-                        latents[:, :, k] = hist[i][:, :, k]
+                for k in range(pinned[i]):  # staged guidance: pin overlap frame k to the previous clip, same step
+                    latents[:, :, k] = hist[i][:, :, k]
             hist[i] = latents.index_select(2, src)  # official: frame-reversed; after the overrides, before the UNet
             step_cache = cache.for_step(plan[i].unet)  # None on "full" steps: the plain call, as without reuse
             kw = {} if step_cache is None else {"cache": step_cache}
@@ -278,7 +299,7 @@ def generate(model, prompts, negative_prompts=None, settings: SamplerSettings = 
                     d_last = eps_c - eps_u  # (B,C,F,h,w) kept for later cond_reuse steps
                     eps = eps_u + s.guidance_scale * d_last
             if multistep is None:
-                latents = model.scheduler.step(eps, t, latents, s.steps)
+                latents = model.scheduler.step(eps, t, latents, s.steps, s.spacing)
             else:  # its history restarts at i = 0 of every clip
                 latents = multistep.step(eps, i, latents)
             if callback is not None:
