@@ -2,18 +2,18 @@
 generate`, `bench`, `eval`, the service's `quality` field and the Python API (`resolve`).
 
 exact     nothing changes: the official sampler (DDIM, no reuse) at the requested steps, the dtype asked for.
-balanced  DPM-Solver++(2M) at max(4, round(0.6 x steps)) steps, vidrd.ref.reuse.PRESETS["balanced"] (guidance
-          reuse in the last 30% of the steps), bf16 networks where runtime.precision.bf16_support says bf16 is fast on the device, and
-          the torch VAE decoder's 2-D convolutions in channels-last (--vae-channels-last: ~1.2x faster on CPU, within
-          1e-4 of the default layout).
-fast      the same at max(4, round(0.4 x steps)) steps with PRESETS["fast"] (also feature reuse every 2nd step over
-          30-80% of the schedule, guidance reuse in the last 50%).
+balanced  DPM-Solver++(2M) on trailing timesteps (vidrd.ref.ddim: the first step at t = 999, and staged guidance at the
+          official windows' noise levels, SamplerSettings.pinned) at max(4, round(0.6 x steps)) steps,
+          vidrd.ref.reuse.PRESETS["balanced"] (guidance reuse in the last 30% of the steps), bf16 networks where
+          runtime.precision.bf16_support says bf16 is fast on the device, and the torch VAE decoder's 2-D convolutions
+          in channels-last (--vae-channels-last: ~1.2x faster on CPU, within 1e-4 of the default layout).
+fast      the same at max(4, round(0.4 x steps)) steps and without guidance reuse (PRESETS["fast"] reuses nothing).
 
 --steps is always the requested step count, which a preset scales (that is its point: it is compared with the exact
 run at the requested steps), never above the request (a 3-step request stays at 3 steps). Otherwise a preset fills
-only what was not set explicitly: a given --solver, reuse option, --dtype or --[no-]vae-channels-last wins. With `exact`
-an explicit reuse option or another solver is a contradiction (ValueError). Feature reuse needs the eager torch
-UNet: where the UNet is an exported graph or compiled, a preset leaves it off and says so, and an explicit
+only what was not set explicitly: a given --solver, --spacing, reuse option, --dtype or --[no-]vae-channels-last wins.
+With `exact` an explicit reuse option, another solver or spacing is a contradiction (ValueError). Feature reuse
+(which no preset turns on) needs the eager torch UNet: where the UNet is an exported graph or compiled, an explicit
 --cache-interval is an error. Channels-last needs the torch VAE decoder: elsewhere a preset leaves it off (and says
 so), and an explicit --vae-channels-last is refused (RuntimeOptions).
 """
@@ -40,6 +40,7 @@ class Preset:
     requested steps, the reuse settings, whether the networks run in bf16 where it is fast, and whether the torch
     VAE decoder runs its 2-D convolutions in channels-last (RuntimeOptions.vae_channels_last)."""
     solver: str | None
+    spacing: str | None
     step_fraction: float
     reuse: ReuseSettings
     bf16: bool
@@ -47,9 +48,9 @@ class Preset:
 
 
 PRESETS = {
-    "exact": Preset(None, 1.0, REUSE["exact"], False, False),
-    "balanced": Preset("dpmpp-2m", 0.6, REUSE["balanced"], True, True),
-    "fast": Preset("dpmpp-2m", 0.4, REUSE["fast"], True, True),
+    "exact": Preset(None, None, 1.0, REUSE["exact"], False, False),
+    "balanced": Preset("dpmpp-2m", "trailing", 0.6, REUSE["balanced"], True, True),
+    "fast": Preset("dpmpp-2m", "trailing", 0.4, REUSE["fast"], True, True),
 }
 
 
@@ -108,12 +109,14 @@ class Resolved:
         dtype = "the service's dtype" if self.options is None else self.options.dtype
         dtype += f" ({self.why['dtype']})" if "dtype" in self.why else ""
         official = " (the official sampler)" if self.quality == "exact" else ""
-        return f"quality {self.quality}{official}: {s.solver}, {steps}, {feature}, {guidance}{vae}, {dtype}"
+        spacing = "" if s.spacing == "leading" else f" ({s.spacing} timesteps)"
+        return f"quality {self.quality}{official}: {s.solver}{spacing}, {steps}, {feature}, {guidance}{vae}, {dtype}"
 
     def summary(self) -> dict:
         """JSON-ready: the preset, the resolved solver, steps, reuse settings, dtype and VAE layout, the reasons."""
         o = self.options
-        return {"quality": self.quality, "solver": self.settings.solver, "steps": self.settings.steps,
+        return {"quality": self.quality, "solver": self.settings.solver, "spacing": self.settings.spacing,
+                "steps": self.settings.steps,
                 "requested_steps": self.requested_steps, **asdict(self.settings.reuse()),
                 "dtype": None if o is None else o.dtype,
                 "vae_channels_last": None if o is None else o.vae_channels_last, "why": dict(self.why)}
@@ -139,7 +142,7 @@ def resolve(quality: str, settings: SamplerSettings, options: RuntimeOptions | N
         blocker = feature_reuse_blocker(options)
     if quality == "exact":
         exact = SamplerSettings()
-        for name in ("solver",) + REUSE_FIELDS:
+        for name in ("solver", "spacing") + REUSE_FIELDS:
             if name in explicit and getattr(settings, name) != getattr(exact, name):
                 raise ValueError(f"{spell('quality')} exact runs the official sampler; drop {spell(name)} or choose "
                                  f"{spell('quality')} balanced|fast")
@@ -149,14 +152,15 @@ def resolve(quality: str, settings: SamplerSettings, options: RuntimeOptions | N
         return Resolved(quality, settings, options, settings.steps, why)
 
     change = {name: getattr(p.reuse, name) for name in REUSE_FIELDS if name not in explicit}
-    if "solver" not in explicit:
-        change["solver"] = p.solver
+    for name in ("solver", "spacing"):
+        if name not in explicit:
+            change[name] = getattr(p, name)
     req = settings.steps  # the requested steps, given or default: the preset's UNet budget is a fraction of them
     raw = round(p.step_fraction * req)
     change["steps"] = min(req, max(MIN_STEPS, raw))
     why["steps"] = f"{p.step_fraction:g} x {req} requested" + (
         "" if change["steps"] == raw else f", kept within {min(MIN_STEPS, req)}..{req}")
-    if blocker and "cache_interval" not in explicit:
+    if blocker and "cache_interval" not in explicit and p.reuse.cache_interval > 1:
         change["cache_interval"] = 1
         why["reuse"] = blocker
     resolved = replace(settings, **change)  # validates: an explicit value that contradicts the preset's is named
@@ -211,9 +215,9 @@ def _dtype(p: Preset, options: RuntimeOptions, given: bool, why: dict) -> Runtim
 def add_quality_arg(group) -> None:
     """--quality on a command's parser or group."""
     group.add_argument("--quality", choices=QUALITIES,
-                       help="exact: the official sampler; balanced: DPM-Solver++ at 0.6x the steps with UNet "
-                       "feature and guidance reuse, bf16 where fast; fast: the same at 0.4x the steps, more reuse. "
-                       "Settings given explicitly win (README, Quality presets)")
+                       help="exact: the official sampler; balanced: DPM-Solver++ on trailing timesteps at 0.6x the "
+                       "steps, guidance reuse in the last 30%%, bf16 where fast; fast: the same at 0.4x the steps "
+                       "without reuse. Settings given explicitly win (README, Quality presets)")
 
 
 def explicit_args(args) -> frozenset:

@@ -55,12 +55,13 @@ def test_presets_resolve_as_documented(bf16, quality, requested, steps):
         assert q.line() == f"quality exact (the official sampler): ddim, {steps} steps, no feature reuse, no guidance " \
             "reuse, fp32"
         return
-    assert s.solver == "dpmpp-2m" and reuse_of(s) == asdict(REUSE[quality])
+    assert s.solver == "dpmpp-2m" and s.spacing == "trailing" and reuse_of(s) == asdict(REUSE[quality])
     assert q.options.dtype == "bf16" and q.options.device == "cpu"
     line = q.line()
-    assert line.startswith(f"quality {quality}: dpmpp-2m, {steps} steps ({REUSE_FRACTION[quality]} x {requested} ")
-    feature = "feature reuse every" if quality == "fast" else "no feature reuse"
-    assert feature in line and "guidance reuse after" in line and line.endswith(
+    assert line.startswith(f"quality {quality}: dpmpp-2m (trailing timesteps), {steps} steps "
+                           f"({REUSE_FRACTION[quality]} x {requested} ")
+    guidance = "no guidance reuse" if quality == "fast" else "guidance reuse after 0.7 of the steps"
+    assert "no feature reuse" in line and guidance in line and line.endswith(
         "channels-last VAE (torch VAE decoder: about 1.2x faster on CPU, within 1e-4), bf16 (CPU has AVX512-BF16)")
     assert q.options.vae_channels_last
     summary = q.summary()
@@ -88,9 +89,9 @@ def test_explicit_settings_win(bf16):
         (12, "ddim", 4, 1.0)  # --steps is the request, which the preset scales (0.4 x 30)
     assert q.settings.cache_from == REUSE["fast"].cache_from  # what was not given comes from the preset
     assert q.options.dtype == "fp32" and "12 steps (0.4 x 30 requested)" in q.line() and "fp32 (--dtype given)" in q.line()
-    # a given value the preset's contradicts is named
-    with pytest.raises(ValueError, match="cache_from=0.95 must not exceed cache_until=0.8"):
-        resolve("fast", SamplerSettings(cache_from=0.95), explicit={"cache_from"})
+    # given values that contradict each other are named
+    with pytest.raises(ValueError, match="cache_from=0.95 must not exceed cache_until=0.9"):
+        resolve("fast", SamplerSettings(cache_from=0.95, cache_until=0.9), explicit={"cache_from", "cache_until"})
 
 
 def test_vae_channels_last_only_on_the_torch_vae_and_explicit_wins(bf16, tmp_path):
@@ -114,7 +115,7 @@ def test_vae_channels_last_only_on_the_torch_vae_and_explicit_wins(bf16, tmp_pat
 
 @pytest.mark.parametrize("given, flag", [
     (dict(cache_interval=2), "--cache-interval"), (dict(guidance_reuse_after=0.5), "--guidance-reuse-after"),
-    (dict(solver="dpmpp-2m"), "--solver"), (dict(cache_depth=2), "--cache-depth"),
+    (dict(solver="dpmpp-2m"), "--solver"), (dict(cache_depth=2), "--cache-depth"), (dict(spacing="trailing"), "--spacing"),
 ])
 def test_exact_with_reuse_or_another_solver_is_a_contradiction(given, flag):
     with pytest.raises(ValueError, match=f"^--quality exact runs the official sampler; drop {flag} or choose "
@@ -130,13 +131,13 @@ def test_backends_limit_what_a_preset_sets(bf16, tmp_path):
     onnx = RuntimeOptions(unet_backend="onnxruntime", export_dir=str(tmp_path), device="cpu")
     q = resolve("balanced", SamplerSettings(), onnx)
     assert q.settings.cache_interval == 1 and q.settings.guidance_reuse_after == 0.7  # guidance reuse stays
-    assert q.options.dtype == "fp32" and "no feature reuse (the onnxruntime UNet is an exported graph" in q.line()
+    assert q.options.dtype == "fp32" and ", no feature reuse, " in q.line()  # none to leave off
     assert "fp32 (kept: exported graphs (onnxruntime) run in the precision they were exported in)" in q.line()
     with pytest.raises(ValueError, match="^--cache-interval 2 .*needs the eager torch UNet: the onnxruntime UNet"):
         resolve("balanced", SamplerSettings(cache_interval=2), onnx, explicit={"cache_interval"})
     q = resolve("fast", SamplerSettings(), RuntimeOptions(compile="default", device="cpu"))
-    assert q.settings.cache_interval == 1 and "the compiled UNet (--compile) takes no feature cache" in q.line()
-    assert q.options.dtype == "bf16"
+    assert q.settings == resolve("fast", SamplerSettings(), RuntimeOptions(device="cpu")).settings  # no reuse to drop
+    assert q.options.dtype == "bf16" and q.options.compile == "default"
     q = resolve("fast", SamplerSettings(), RuntimeOptions("reference", device="cpu"))
     assert q.settings.cache_interval == REUSE["fast"].cache_interval and q.options.dtype == "fp32" and \
         "reference sampler" in q.line()
@@ -180,10 +181,11 @@ def test_generate_quality_fast(bf16, tmp_path, capsys):
     out = tmp_path / "frames"
     assert main(["generate", "a boat", "-o", str(out), "--quality", "fast", "--steps", "10", *SMALL]) == 0
     err = capsys.readouterr().err
-    assert "quality fast: dpmpp-2m, 4 steps (0.4 x 10 requested), feature reuse every 2 steps" in err
+    assert "quality fast: dpmpp-2m (trailing timesteps), 4 steps (0.4 x 10 requested), no feature reuse, no " \
+        "guidance reuse" in err
     assert ", channels-last VAE (torch VAE decoder: " in err
     s = SamplerSettings(height=32, width=32, frames=4, steps=4, clips=2, overlap=2, solver="dpmpp-2m",
-                        **asdict(REUSE["fast"]))
+                        spacing="trailing", **asdict(REUSE["fast"]))
     video, _ = generate(random_model("tiny", 0), ["a boat"], ["watermark"], s, torch.Generator().manual_seed(42))
     assert_uint8_close(read_video(out), to_uint8(video[0]))  # PNG frames: lossless
 
@@ -213,17 +215,17 @@ def test_bench_quality_compares_with_the_exact_reference(bf16, capsys):
     bf16(False)
     assert main(["bench", "--workload", "tiny", "--repeats", "1", "--quality", "fast"]) == 0
     out = capsys.readouterr()
-    assert "[bench] quality fast: dpmpp-2m, 3 steps" in out.err
+    assert "[bench] quality fast: dpmpp-2m (trailing timesteps), 3 steps" in out.err
     summary = [json.loads(line) for line in out.out.splitlines() if line.startswith("{")][-1]
     base = WORKLOADS["tiny"]["settings"]
     assert summary["baseline_settings"] == asdict(base) and summary["quality"]["quality"] == "fast"
-    assert summary["settings"]["solver"] == "dpmpp-2m" and summary["config"]["dtype"] == "fp32"
+    assert summary["settings"]["solver"] == "dpmpp-2m" and summary["settings"]["spacing"] == "trailing"
+    assert summary["config"]["dtype"] == "fp32" and summary["quality"]["spacing"] == "trailing"
     assert summary["config"]["vae_channels_last"] is True and summary["quality"]["vae_channels_last"] is True
-    # tiny: 3 steps x 2 clips; fast's plan per clip: full+both twice (its feature window is 30-80% of the steps:
-    # none at 3 steps), full+conditional half
+    # tiny: 3 steps x 2 clips, every call whole (fast reuses nothing)
     assert summary["unet_calls_by_mode"] == {"full": 6, "store": 0, "reuse": 0}
-    assert summary["unet_cond_only_calls"] == 2
-    assert 0 < summary["unet_gflop_per_run"] < 6 * summary["unet_gflop_per_call"]  # reuse and half calls are cheaper
+    assert summary["unet_cond_only_calls"] == 0
+    assert summary["unet_gflop_per_run"] == pytest.approx(6 * summary["unet_gflop_per_call"])
     assert 0 < summary["psnr_db"] < 60 and 0 < summary["ssim"] < 1  # another sampler: close, not equal
     assert main(["bench", "--workload", "tiny", "--repeats", "1", "--quality", "exact"]) == 0
     summary = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1]
@@ -237,7 +239,8 @@ def test_eval_quality(bf16, tmp_path, capsys):
     out = tmp_path / "report.json"
     assert main(["eval", "--preset", "tiny", "--samples", "1", "--steps", "4", "--clips", "2", "--no-progress",
                  "--quality", "balanced", "--out", str(out)]) == 0
-    assert "quality balanced: dpmpp-2m, 4 steps (0.6 x 4 requested, kept within 4..4)" in capsys.readouterr().err
+    assert "quality balanced: dpmpp-2m (trailing timesteps), 4 steps (0.6 x 4 requested, kept within 4..4)" in \
+        capsys.readouterr().err
     config = json.loads(out.read_text())["config"]
     assert config["quality"]["quality"] == "balanced" and config["quality"]["dtype"] == "fp32"
     assert config["settings"]["solver"] == "dpmpp-2m" and \
@@ -259,7 +262,7 @@ def test_service_request_quality():
     assert spec["settings"]["steps"] == 5 and spec["settings"]["cache_interval"] == 1  # steps scaled, given fields win
     assert to_spec(VideoRequest(prompts=["a"]), config)["quality"] is None
     for body, field in ((dict(quality="exact", guidance_reuse_after=0.5), "quality"),
-                        (dict(quality="fast", cache_from=0.95), "cache_from")):
+                        (dict(quality="fast", cache_from=0.95, cache_until=0.9), "cache_from")):
         with pytest.raises(RequestValidationError) as e:
             to_spec(VideoRequest(prompts=["a"], **body), config)
         assert e.value.errors()[0]["loc"] == ("body", field)
@@ -281,7 +284,7 @@ def test_service_with_an_exported_unet_leaves_feature_reuse_off():
     assert config_from(parser().parse_args(["serve", "--preset", "tiny"])).feature_reuse_off is None
     spec = to_spec(VideoRequest(prompts=["a"], quality="balanced"), config)
     assert spec["settings"]["cache_interval"] == 1 and spec["settings"]["guidance_reuse_after"] == 0.7
-    assert spec["quality"]["why"]["reuse"] == config.feature_reuse_off
+    assert "reuse" not in spec["quality"]["why"]  # the presets reuse no features, so nothing was left off
     for body in (dict(quality="fast", cache_interval=2), dict(cache_interval=2)):
         with pytest.raises(RequestValidationError) as e:
             to_spec(VideoRequest(prompts=["a"], **body), config)

@@ -116,12 +116,13 @@ def test_streams_clips_while_running_and_file_equals_vidrd_generate(server, tmp_
 
 
 def test_quality_preset_job(server):
-    """A request's `quality` fills the settings it leaves out (solver, reuse); the job runs them."""
+    """A request's `quality` fills the settings it leaves out (solver, spacing, reuse); the job runs them."""
     client, _ = server
     st = wait(client, submit(client, quality="fast", steps=6))  # the request: 6 steps, which fast scales to 4
     assert st["state"] == "done" and st["steps_total"] == 2 * 4
     s, q = st["request"]["settings"], st["request"]["quality"]
-    assert (s["solver"], s["steps"], s["cache_interval"], s["guidance_reuse_after"]) == ("dpmpp-2m", 4, 2, 0.5)
+    assert (s["solver"], s["spacing"], s["steps"], s["cache_interval"], s["guidance_reuse_after"]) == \
+        ("dpmpp-2m", "trailing", 4, 1, 1.0)
     assert q["quality"] == "fast" and q["why"]["steps"] == "0.4 x 6 requested, kept within 4..6"
     r = client.post("/v1/videos", json={"prompts": ["a"], "quality": "exact", "cache_interval": 2})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "quality"]

@@ -77,3 +77,20 @@ def test_service_requests_get_the_embedded_models_settings():
     spec = to_spec(VideoRequest(prompts=["a"], height=32, solver="dpmpp-2m", continuation="forward"), ServeConfig())
     assert spec["settings"]["height"] == 32 and spec["settings"]["width"] == 256 and spec["negative_prompts"] == ["watermark"]
     assert spec["settings"]["solver"] == "dpmpp-2m" and spec["settings"]["continuation"] == "forward"
+
+
+@pytest.mark.parametrize("quality", ["balanced", "fast"])
+def test_quality_presets_keep_the_floor(shapes_model, quality):
+    """The presets' solver (DPM-Solver++ on trailing timesteps, 25 requested steps scaled to 15 and 10) keeps the
+    colour and background floor on the shipped model; float32 everywhere, so every CPU gives the same verdict."""
+    from vidrd.ref.sampler import SamplerSettings
+    from vidrd.runtime.options import RuntimeOptions
+    from vidrd.runtime.quality import resolve
+    q = resolve(quality, SamplerSettings(**{**FLOOR_SETTINGS, "steps": 25}), RuntimeOptions(device="cpu"),
+                explicit={"dtype"})
+    assert q.settings.solver == "dpmpp-2m" and q.settings.steps == {"balanced": 15, "fast": 10}[quality]
+    report = evaluate(shapes_model, q.settings, PROMPTS, [0], q.options, batch=6, negative_prompt="", progress=False)
+    s = report["summary"]["all"]
+    assert s["color_acc"] >= 5 / 6, s
+    assert s["background_acc"] >= 5 / 6, s
+    assert s["direction_acc"] >= 4 / 6, s

@@ -130,21 +130,18 @@ def guided_eps_reuse(eps_c: torch.Tensor, d_last: torch.Tensor, g: float) -> tor
 
 
 # Named reuse settings. Only the reuse part of a speed preset lives here; the presets that also pick the solver
-# (dpmpp-2m) and fewer steps are built from these elsewhere.
+# (dpmpp-2m, trailing timesteps) and fewer steps are built from these in vidrd.runtime.quality.
 # A depth-1 reuse call costs about half a full one (one CPU core: shapes 8x8x8 latents 0.52, small 32x32x8 0.48,
-# small 64x64x8 ~0.6; FLOPs with attention 0.54, 0.38, 0.53); a cond_reuse step halves the batch. Measured on the
-# trained vidrd-shapes (8 captions, one 8-frame clip, 25 DDIM steps, g = 10), against "exact":
-#   balanced: UNet time ~0.73, final latents 10% off (relative L2), video mean abs 0.006 (another seed: 0.057)
-#   fast:     UNet time ~0.57, latents 18% off, video 0.010; the shape harness scored both as exact (0.63-0.66)
-# Feature reuse alone (balanced's window) moves the latents 1%; most of the change is the guidance reuse.
-# The presets were then chosen on the harness (vidrd eval, 128 samples, 3 clips, 25 requested steps, BENCHMARKS.md):
-# with DPM-Solver++ at 10 steps, feature reuse every 3rd step from 10% on cost 27 points of background accuracy and,
-# combined with guidance reuse, 21 points of colour; kept to the middle of the schedule (every 2nd step over 30-80%)
-# it costs about as much as the solver alone. balanced keeps every UNet call whole.
+# small 64x64x8 ~0.6; FLOPs with attention 0.54, 0.38, 0.53); a cond_reuse step halves the batch.
+# Chosen on the harness (vidrd eval, vidrd-shapes, 128-256 samples, 3 clips, 25 requested steps, BENCHMARKS.md):
+# feature reuse cost background and colour in every schedule tried (every 3rd step from 10% on: -27 points of
+# background; every 2nd over 30-80%: -11), so no preset reuses features. Guidance reuse in the last 30% of 15
+# trailing DPM-Solver++ steps stayed within the harness' noise of exact; in the last 25-50% of 10 steps it cost 3-9
+# points of colour, so fast runs every step whole.
 PRESETS = {
     "exact": ReuseSettings(),
     # the last 30% of the steps skip the unconditional branch; no feature reuse
     "balanced": ReuseSettings(guidance_reuse_after=0.7),
-    # every other step reuses features over 30-80% of the schedule; the last 50% skip the unconditional branch
-    "fast": ReuseSettings(cache_interval=2, cache_from=0.3, cache_until=0.8, guidance_reuse_after=0.5),
+    # nothing reused: its speed is fewer solver steps and the precision (vidrd.runtime.quality)
+    "fast": ReuseSettings(),
 }
