@@ -64,7 +64,11 @@ class DDIM:
     def step(self, model_output: torch.Tensor, t: int, x: torch.Tensor, steps: int,
              spacing: str = "leading") -> torch.Tensor:
         """x_t -> x_prev with eta = 0; element-wise, any shape."""
-        a_t, a_prev = self.alphas(int(t), steps, spacing)
+        return self.update(model_output, x, *self.alphas(int(t), steps, spacing))
+
+    def update(self, model_output: torch.Tensor, x: torch.Tensor, a_t: float, a_prev: float) -> torch.Tensor:
+        """The DDIM update from alpha_bar_t to alpha_bar_prev (the pair `alphas` gives, computed once per schedule
+        by a sampler)."""
         if self.cfg.prediction_type == "epsilon":
             eps = model_output
             x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5

@@ -263,6 +263,7 @@ def generate(model, prompts, negative_prompts=None, settings: SamplerSettings = 
     shape = (b, model.unet.cfg.in_channels, f, s.height // 8, s.width // 8)  # (B,C,F,h,w)
     timesteps = model.scheduler.timesteps(s.steps, s.spacing).tolist()
     multistep = DPMSolverPP2M(model.config.scheduler, s.steps, s.spacing) if s.solver == "dpmpp-2m" else None
+    ab = [model.scheduler.alphas(t, s.steps, s.spacing) for t in timesteps]  # (alpha_bar_t, alpha_bar_prev) per step
 
     latents = initial_noise(shape, generator, s.noise_prior, dtype, device)
     src = torch.tensor(s.source_frames(), device=device)  # (F,) previous-clip frame reused by each frame
@@ -299,7 +300,7 @@ def generate(model, prompts, negative_prompts=None, settings: SamplerSettings = 
                     d_last = eps_c - eps_u  # (B,C,F,h,w) kept for later cond_reuse steps
                     eps = eps_u + s.guidance_scale * d_last
             if multistep is None:
-                latents = model.scheduler.step(eps, t, latents, s.steps, s.spacing)
+                latents = model.scheduler.update(eps, latents, *ab[i])
             else:  # its history restarts at i = 0 of every clip
                 latents = multistep.step(eps, i, latents)
             if callback is not None:
