@@ -19,6 +19,8 @@ import torch
 from vidrd.export.spec import LATENT, ComponentSpec
 from vidrd.ref.attention import CrossKV, set_attention
 
+from . import fast_ops as fast_ops_module
+
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 COMPONENTS = ("text", "unet", "vae")
 
@@ -70,9 +72,11 @@ class TorchUNet(Backend):
     """The reference UNet3D, eager or through torch.compile (CUDA graphs with mode='reduce-overhead' on a GPU)."""
 
     def __init__(self, model, dtype: torch.dtype, device: torch.device, compile: str | None = None,
-                 attention: str = "sdpa"):
+                 attention: str = "sdpa", fast_ops: bool = False):
         self.dtype, self.device = dtype, device
         self.net = set_attention(model.unet, attention)
+        if fast_ops:  # a copy sharing the weights (runtime/fast_ops.py); chunked attention is eager-only
+            self.net = fast_ops_module.apply(self.net, chunked_attention=compile is None)
         self.fn = self.net if compile is None else _compiled(self.net, compile, device)
         # A compiled graph takes tensors only; a FeatureCache holds a tensor between calls (see README, presets).
         self.feature_cache = compile is None
@@ -114,11 +118,15 @@ class TorchVAE(Backend):
     """
 
     def __init__(self, model, dtype: torch.dtype, device: torch.device, compile: str | None = None,
-                 channels_last: bool = False):
+                 channels_last: bool = False, fast_ops: bool = False):
         self.vae, self.dtype, self.device = model.vae, dtype, device
         self.channels_last = channels_last
         if channels_last:
             self.vae = _channels_last_decoder(self.vae)
+        if fast_ops:  # temporal convolutions as 2-D ones (runtime/fast_ops.py)
+            self.vae = fast_ops_module.apply(self.vae, chunked_attention=False)
+        # --fast-ops on the CPU: the per-frame decode one frame per call (fresh pages cost more than the batch saves)
+        self.frame_at_a_time = fast_ops and device.type == "cpu"
         self.scratch = torch.empty(0, dtype=dtype, device=device)  # channels_last: ((B F),h,w,C) latents
         self.decode = self.vae.decode if compile is None else _compiled(self.vae.decode, compile, device)
 
@@ -141,6 +149,11 @@ class TorchVAE(Backend):
             z = z.view(b * f, h, w, c).permute(0, 3, 1, 2)
         else:
             z = latents.transpose(1, 2).reshape(b * f, c, h, w)  # ((B F),C,h,w) b-major
+        if self.frame_at_a_time and not temporal:
+            frames = out.view(b * f, *out.shape[-3:])  # ((B F),3,H,W)
+            for i in range(b * f):
+                frames[i:i + 1].copy_(self.decode(z[i:i + 1], num_frames=1))
+            return
         x = self.decode(z, num_frames=f if temporal else 1)  # ((B F),3,H,W)
         out.view(b * f, *x.shape[1:]).copy_(x)
 
@@ -148,10 +161,7 @@ class TorchVAE(Backend):
 def _channels_last_decoder(vae):
     """A copy of `vae` sharing every tensor with it but the Conv2d weights of its decoder (post_quant_conv and
     decoder), which are channels-last copies. Conv3d weights (the temporal layers) are rank 5: left as they are."""
-    import copy
-
-    shared = {id(t): t for t in (*vae.parameters(), *vae.buffers())}  # deepcopy's memo: these are not copied
-    clone = copy.deepcopy(vae, shared)
+    clone = fast_ops_module.shared_copy(vae)
     for m in (*clone.post_quant_conv.modules(), *clone.decoder.modules()):
         if isinstance(m, torch.nn.Conv2d):
             w = m.weight
@@ -239,9 +249,11 @@ def _cast(model, component: str, dtype: torch.dtype):
 
 
 def make(kind: str, component: str, model, dtype: torch.dtype, device: torch.device, *, export_dir=None,
-         engine_dir=None, compile: str | None = None, attention: str = "sdpa", channels_last: bool = False) -> Backend:
+         engine_dir=None, compile: str | None = None, attention: str = "sdpa", channels_last: bool = False,
+         fast_ops: bool = False) -> Backend:
     """The backend `kind` for `component` ('text', 'unet' or 'vae'); errors name what is missing. channels_last:
-    the torch VAE decoder's 2-D convolutions in channels-last memory format (TorchVAE)."""
+    the torch VAE decoder's 2-D convolutions in channels-last memory format (TorchVAE); fast_ops: the torch UNet's
+    and VAE decoder's faster, not bit-exact kernels (runtime/fast_ops.py; the text encoder has none)."""
     if kind not in BACKENDS:
         raise ValueError(f"unknown backend {kind!r}; choose one of {BACKENDS}")
     if component not in COMPONENTS:
@@ -259,9 +271,9 @@ def make(kind: str, component: str, model, dtype: torch.dtype, device: torch.dev
         if model.dtype != dtype:  # a private copy of this component in the asked dtype (e.g. a bf16 VAE)
             model = _cast(model, component, dtype)
         if component == "unet":
-            return TorchUNet(model, dtype, device, compile, attention)
+            return TorchUNet(model, dtype, device, compile, attention, fast_ops)
         if component == "vae":
-            return TorchVAE(model, dtype, device, compile, channels_last)
+            return TorchVAE(model, dtype, device, compile, channels_last, fast_ops)
         return TorchText(model, dtype, device)
     if kind == "onnxruntime":
         from . import ort_backend  # imports onnxruntime lazily

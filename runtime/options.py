@@ -73,6 +73,7 @@ class RuntimeOptions:
     threads: int | None = None  # torch CPU threads (None: torch's choice)
     allow_slow_dtype: bool = False  # run bf16/fp16 where runtime.precision says it is slower than float32
     vae_channels_last: bool = False  # the torch VAE decoder's 2-D convolutions in channels-last (not bit-exact)
+    fast_ops: bool = False  # the torch UNet's and VAE decoder's faster kernels (runtime/fast_ops.py; not bit-exact)
 
     def __post_init__(self):
         for name in ("export_dir", "engine_dir"):  # plain strings: the options are JSON rows in bench summaries
@@ -110,6 +111,12 @@ class RuntimeOptions:
             raise ValueError(f"--allow-slow-dtype {self.allow_slow_dtype!r} must be True or False")
         if not isinstance(self.vae_channels_last, bool):
             raise ValueError(f"--vae-channels-last {self.vae_channels_last!r} must be True or False")
+        if not isinstance(self.fast_ops, bool):
+            raise ValueError(f"--fast-ops {self.fast_ops!r} must be True or False")
+        if self.fast_ops and "torch" not in (self.kind("unet"), self.kind("vae")):
+            what = ("--backend reference (the reference sampler runs as written)" if self.backend == REFERENCE else
+                    f"exported graphs (the UNet: {self.kind('unet')}, the VAE decoder: {self.kind('vae')})")
+            raise ValueError(f"--fast-ops applies to the torch UNet and VAE decoder, not {what}")
         if self.vae_channels_last and self.kind("vae") != "torch":
             what = ("--backend reference (the reference sampler's VAE)" if self.kind("vae") == REFERENCE else
                     f"the {self.kind('vae')} VAE decoder (an exported graph keeps the layout it was exported with)")
@@ -177,6 +184,10 @@ def add_runtime_args(o, reference: bool = False) -> None:
                    help="run the torch VAE decoder's 2-D convolutions in channels-last memory format: about 1.2x "
                    "faster decoding on CPU, not bit-exact (within 1e-4) (default off; on under --quality "
                    "balanced/fast with the torch VAE decoder)")
+    o.add_argument("--fast-ops", action=argparse.BooleanOptionalAction, default=None,
+                   help="faster kernels for the torch UNet and VAE decoder, not bit-exact (within float rounding): "
+                   "temporal convolutions as 2-D ones, bf16 CPU attention in chunks with float32 scores, the CPU VAE "
+                   "decode a frame per call (default off; on under --quality balanced/fast)")
     o.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     o.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
@@ -185,7 +196,7 @@ def runtime_options(args) -> RuntimeOptions:
     """The RuntimeOptions of the flags of add_runtime_args (validated)."""
     return RuntimeOptions(args.backend, args.text_backend, args.unet_backend, args.vae_backend, args.dtype or "fp32",
                           args.vae_dtype, args.compile, args.attention, args.onnx, args.engines, args.device,
-                          args.threads, args.allow_slow_dtype, bool(args.vae_channels_last))
+                          args.threads, args.allow_slow_dtype, bool(args.vae_channels_last), bool(args.fast_ops))
 
 
 # ------------------------------------------------------------------------------------------------ opening
@@ -209,8 +220,9 @@ def open_runtime(model, options: RuntimeOptions = RuntimeOptions(), limits: Limi
     made = {}
     for name in COMPONENTS:
         kind = o.kind(name)
-        extra = {"unet": {"compile": o.compile, "attention": o.attention},
-                 "vae": {"compile": o.compile, "channels_last": o.vae_channels_last}}.get(name, {})
+        fast = o.fast_ops and kind == "torch"
+        extra = {"unet": {"compile": o.compile, "attention": o.attention, "fast_ops": fast},
+                 "vae": {"compile": o.compile, "channels_last": o.vae_channels_last, "fast_ops": fast}}.get(name, {})
         be = backends.make(kind, name, model, want[name], device, export_dir=o.export_dir, engine_dir=o.engine_dir,
                            **extra)
         if be.dtype != want[name]:

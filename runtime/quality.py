@@ -6,16 +6,18 @@ balanced  DPM-Solver++(2M) on trailing timesteps (vidrd.ref.ddim: the first step
           official windows' noise levels, SamplerSettings.pinned) at max(4, round(0.6 x steps)) steps,
           vidrd.ref.reuse.PRESETS["balanced"] (guidance reuse in the last 30% of the steps), bf16 networks where
           runtime.precision.bf16_support says bf16 is fast on the device, and the torch VAE decoder's 2-D convolutions
-          in channels-last (--vae-channels-last: ~1.2x faster on CPU, within 1e-4 of the default layout).
+          in channels-last (--vae-channels-last: ~1.2x faster on CPU, within 1e-4 of the default layout), and the
+          torch backends' faster kernels (--fast-ops, runtime/fast_ops.py: within float rounding).
 fast      the same at max(4, round(0.4 x steps)) steps and without guidance reuse (PRESETS["fast"] reuses nothing).
 
 --steps is always the requested step count, which a preset scales (that is its point: it is compared with the exact
 run at the requested steps), never above the request (a 3-step request stays at 3 steps). Otherwise a preset fills
-only what was not set explicitly: a given --solver, --spacing, reuse option, --dtype or --[no-]vae-channels-last wins.
+only what was not set explicitly: a given --solver, --spacing, reuse option, --dtype, --[no-]vae-channels-last or
+--[no-]fast-ops wins.
 With `exact` an explicit reuse option, another solver or spacing is a contradiction (ValueError). Feature reuse
 (which no preset turns on) needs the eager torch UNet: where the UNet is an exported graph or compiled, an explicit
 --cache-interval is an error. Channels-last needs the torch VAE decoder: elsewhere a preset leaves it off (and says
-so), and an explicit --vae-channels-last is refused (RuntimeOptions).
+so), and an explicit --vae-channels-last is refused (RuntimeOptions); --fast-ops likewise needs a torch UNet or VAE.
 """
 from __future__ import annotations
 
@@ -38,19 +40,21 @@ REUSE_FIELDS = tuple(f.name for f in fields(ReuseSettings))
 class Preset:
     """What a quality preset sets where the request did not: solver (None: keep), steps as a fraction of the
     requested steps, the reuse settings, whether the networks run in bf16 where it is fast, and whether the torch
-    VAE decoder runs its 2-D convolutions in channels-last (RuntimeOptions.vae_channels_last)."""
+    VAE decoder runs its 2-D convolutions in channels-last (RuntimeOptions.vae_channels_last), and whether the torch
+    backends run their faster kernels (RuntimeOptions.fast_ops)."""
     solver: str | None
     spacing: str | None
     step_fraction: float
     reuse: ReuseSettings
     bf16: bool
     vae_channels_last: bool
+    fast_ops: bool
 
 
 PRESETS = {
-    "exact": Preset(None, None, 1.0, REUSE["exact"], False, False),
-    "balanced": Preset("dpmpp-2m", "trailing", 0.6, REUSE["balanced"], True, True),
-    "fast": Preset("dpmpp-2m", "trailing", 0.4, REUSE["fast"], True, True),
+    "exact": Preset(None, None, 1.0, REUSE["exact"], False, False, False),
+    "balanced": Preset("dpmpp-2m", "trailing", 0.6, REUSE["balanced"], True, True, True),
+    "fast": Preset("dpmpp-2m", "trailing", 0.4, REUSE["fast"], True, True, True),
 }
 
 
@@ -84,7 +88,7 @@ class Resolved:
     settings: SamplerSettings
     options: RuntimeOptions | None  # resolved (device decided, dtype checked); None: the caller's dtype stands
     requested_steps: int
-    why: dict  # "steps", "reuse", "vae_channels_last", "dtype" -> the reason, in words
+    why: dict  # "steps", "reuse", "vae_channels_last", "fast_ops", "dtype" -> the reason, in words
 
     def line(self) -> str:
         """One line: what the preset resolved to (solver, steps, reuse, VAE layout, dtype) and why."""
@@ -106,6 +110,9 @@ class Resolved:
         if self.options is not None and (self.options.vae_channels_last or "vae_channels_last" in self.why):
             vae = ", " + ("channels-last VAE" if self.options.vae_channels_last else "default-layout VAE") + (
                 f" ({self.why['vae_channels_last']})" if "vae_channels_last" in self.why else "")
+        if self.options is not None and (self.options.fast_ops or "fast_ops" in self.why):
+            vae += ", " + ("fast ops" if self.options.fast_ops else "default ops") + (
+                f" ({self.why['fast_ops']})" if "fast_ops" in self.why else "")
         dtype = "the service's dtype" if self.options is None else self.options.dtype
         dtype += f" ({self.why['dtype']})" if "dtype" in self.why else ""
         official = " (the official sampler)" if self.quality == "exact" else ""
@@ -119,7 +126,8 @@ class Resolved:
                 "steps": self.settings.steps,
                 "requested_steps": self.requested_steps, **asdict(self.settings.reuse()),
                 "dtype": None if o is None else o.dtype,
-                "vae_channels_last": None if o is None else o.vae_channels_last, "why": dict(self.why)}
+                "vae_channels_last": None if o is None else o.vae_channels_last,
+                "fast_ops": None if o is None else o.fast_ops, "why": dict(self.why)}
 
 
 def resolve(quality: str, settings: SamplerSettings, options: RuntimeOptions | None = None, explicit=(), *,
@@ -127,7 +135,7 @@ def resolve(quality: str, settings: SamplerSettings, options: RuntimeOptions | N
     """Apply preset `quality` to the requested `settings` and execution `options`.
 
     explicit: the names of the settings the user gave (SamplerSettings fields, "dtype" for options.dtype and
-    "vae_channels_last" for options.vae_channels_last); the preset leaves those as they are. options None: only the
+    "vae_channels_last"/"fast_ops" for those options); the preset leaves those as they are. options None: only the
     sampler settings are resolved (the service, whose runtime's dtype and VAE layout are its own), and
     `feature_reuse_off` says why its UNet cannot reuse features (None: it can).
     spell: how errors name a setting (the CLI's --flag, the service's field). Raises ValueError for a
@@ -149,6 +157,7 @@ def resolve(quality: str, settings: SamplerSettings, options: RuntimeOptions | N
         check_reuse(settings, blocker, spell)
         if options is not None:
             options = _vae_channels_last(p, options, "vae_channels_last" in explicit, why)
+            options = _fast_ops(p, options, "fast_ops" in explicit, why)
         return Resolved(quality, settings, options, settings.steps, why)
 
     change = {name: getattr(p.reuse, name) for name in REUSE_FIELDS if name not in explicit}
@@ -167,6 +176,7 @@ def resolve(quality: str, settings: SamplerSettings, options: RuntimeOptions | N
     check_reuse(resolved, blocker, spell)
     if options is not None:
         options = _vae_channels_last(p, options, "vae_channels_last" in explicit, why)
+        options = _fast_ops(p, options, "fast_ops" in explicit, why)
         options = _dtype(p, options, "dtype" in explicit, why)
     return Resolved(quality, resolved, options, settings.steps, why)
 
@@ -187,6 +197,24 @@ def _vae_channels_last(p: Preset, options: RuntimeOptions, given: bool, why: dic
         return options
     why["vae_channels_last"] = "torch VAE decoder: about 1.2x faster on CPU, within 1e-4"
     return replace(options, vae_channels_last=True)
+
+
+def _fast_ops(p: Preset, options: RuntimeOptions, given: bool, why: dict) -> RuntimeOptions:
+    """The kernels of preset `p`: runtime/fast_ops.py where the UNet or the VAE decoder is a torch one."""
+    if given:
+        why["fast_ops"] = f"{'--' if options.fast_ops else '--no-'}fast-ops given"
+        return options
+    if not p.fast_ops:
+        return options
+    if options.backend == REFERENCE:
+        why["fast_ops"] = "kept: the reference sampler runs as written"
+        return options
+    torch_parts = [c for c in ("unet", "vae") if options.kind(c) == "torch"]
+    if not torch_parts:
+        why["fast_ops"] = "kept: the UNet and the VAE decoder are exported graphs"
+        return options
+    why["fast_ops"] = f"torch {' and '.join(torch_parts)}: faster kernels within float rounding"
+    return replace(options, fast_ops=True)
 
 
 def _dtype(p: Preset, options: RuntimeOptions, given: bool, why: dict) -> RuntimeOptions:
@@ -221,9 +249,11 @@ def add_quality_arg(group) -> None:
 
 
 def explicit_args(args) -> frozenset:
-    """The settings given on the command line: sampler flags not left unset, --dtype and --[no-]vae-channels-last."""
+    """The settings given on the command line: sampler flags not left unset, --dtype, --[no-]vae-channels-last and
+    --[no-]fast-ops."""
     names = {f.name for f in fields(SamplerSettings) if getattr(args, f.name, None) is not None}
-    return frozenset(names | {name for name in ("dtype", "vae_channels_last") if getattr(args, name, None) is not None})
+    return frozenset(names | {name for name in ("dtype", "vae_channels_last", "fast_ops")
+                              if getattr(args, name, None) is not None})
 
 
 def apply_args(args, settings: SamplerSettings, options: RuntimeOptions,

@@ -52,6 +52,7 @@ def test_presets_resolve_as_documented(bf16, quality, requested, steps):
     if quality == "exact":
         assert s == SamplerSettings(steps=requested, clips=3) and q.options.dtype == "fp32"
         assert not q.options.vae_channels_last and q.summary()["vae_channels_last"] is False
+        assert not q.options.fast_ops and q.summary()["fast_ops"] is False
         assert q.line() == f"quality exact (the official sampler): ddim, {steps} steps, no feature reuse, no guidance " \
             "reuse, fp32"
         return
@@ -62,11 +63,13 @@ def test_presets_resolve_as_documented(bf16, quality, requested, steps):
                            f"({REUSE_FRACTION[quality]} x {requested} ")
     guidance = "no guidance reuse" if quality == "fast" else "guidance reuse after 0.7 of the steps"
     assert "no feature reuse" in line and guidance in line and line.endswith(
-        "channels-last VAE (torch VAE decoder: about 1.2x faster on CPU, within 1e-4), bf16 (CPU has AVX512-BF16)")
-    assert q.options.vae_channels_last
+        "channels-last VAE (torch VAE decoder: about 1.2x faster on CPU, within 1e-4), fast ops (torch unet and vae: "
+        "faster kernels within float rounding), bf16 (CPU has AVX512-BF16)")
+    assert q.options.vae_channels_last and q.options.fast_ops
     summary = q.summary()
     assert summary["quality"] == quality and summary["steps"] == steps and summary["dtype"] == "bf16"
     assert summary["vae_channels_last"] is True and "vae_channels_last" in summary["why"]
+    assert summary["fast_ops"] is True and "fast_ops" in summary["why"]
     json.dumps(summary, allow_nan=False)
 
 
@@ -111,6 +114,25 @@ def test_vae_channels_last_only_on_the_torch_vae_and_explicit_wins(bf16, tmp_pat
     q = resolve("fast", s, RuntimeOptions(compile="default", device="cpu"))
     assert q.options.vae_channels_last  # the compiled torch decoder too
     assert resolve("fast", s, None).summary()["vae_channels_last"] is None  # the service: its runtime's own
+
+
+def test_fast_ops_on_a_torch_unet_or_vae_and_explicit_wins(bf16, tmp_path):
+    bf16(False)
+    s, onnx = SamplerSettings(), str(tmp_path)
+    q = resolve("fast", s, RuntimeOptions(device="cpu"), explicit={"fast_ops"})  # --no-fast-ops
+    assert not q.options.fast_ops and "default ops (--no-fast-ops given)" in q.line()
+    q = resolve("exact", s, RuntimeOptions(fast_ops=True, device="cpu"), explicit={"fast_ops"})
+    assert q.options.fast_ops and q.line().endswith("fast ops (--fast-ops given), fp32")
+    assert not resolve("exact", s, RuntimeOptions(device="cpu")).options.fast_ops  # exact: off unless given
+    q = resolve("balanced", s, RuntimeOptions(unet_backend="onnxruntime", export_dir=onnx, device="cpu"))
+    assert q.options.fast_ops and "fast ops (torch vae: faster kernels" in q.line()
+    q = resolve("balanced", s, RuntimeOptions(vae_backend="onnxruntime", export_dir=onnx, device="cpu"))
+    assert q.options.fast_ops and "fast ops (torch unet: faster kernels" in q.line()
+    q = resolve("fast", s, RuntimeOptions("onnxruntime", export_dir=onnx, device="cpu"))
+    assert not q.options.fast_ops and "default ops (kept: the UNet and the VAE decoder are exported graphs)" in q.line()
+    q = resolve("fast", s, RuntimeOptions("reference", device="cpu"))
+    assert not q.options.fast_ops and "default ops (kept: the reference sampler runs as written)" in q.line()
+    assert resolve("fast", s, None).summary()["fast_ops"] is None  # the service: its runtime's own
 
 
 @pytest.mark.parametrize("given, flag", [
@@ -161,8 +183,9 @@ def test_service_resolution_leaves_the_dtype_alone(bf16):
 def test_python_api(bf16):
     """resolve, then load the model in its dtype and run its settings: the runtime and the reference sampler."""
     bf16(False)
+    # --no-fast-ops: the tiny random model amplifies their rounding (tolerances.FAST_OPS_*; test_fast_ops.py)
     q = resolve("fast", SamplerSettings(height=32, width=32, frames=4, steps=10, clips=2, overlap=2),
-                RuntimeOptions())
+                RuntimeOptions(fast_ops=False), explicit={"fast_ops"})
     assert q.settings.steps == 4 and q.options.torch_dtype == torch.float32
     assert q.options.vae_channels_last  # within RUNTIME_VIDEO of the default layout on the tiny model (tolerances)
     model = random_model("tiny", 0, dtype=q.options.torch_dtype)
@@ -179,11 +202,13 @@ SMALL = ["--height", "32", "--width", "32", "--frames", "4", "--clips", "2", "--
 def test_generate_quality_fast(bf16, tmp_path, capsys):
     bf16(False)
     out = tmp_path / "frames"
-    assert main(["generate", "a boat", "-o", str(out), "--quality", "fast", "--steps", "10", *SMALL]) == 0
+    # --no-fast-ops: the tiny random model amplifies their rounding (tolerances.FAST_OPS_*; test_fast_ops.py)
+    assert main(["generate", "a boat", "-o", str(out), "--quality", "fast", "--steps", "10", "--no-fast-ops",
+                 *SMALL]) == 0
     err = capsys.readouterr().err
     assert "quality fast: dpmpp-2m (trailing timesteps), 4 steps (0.4 x 10 requested), no feature reuse, no " \
         "guidance reuse" in err
-    assert ", channels-last VAE (torch VAE decoder: " in err
+    assert ", channels-last VAE (torch VAE decoder: " in err and ", default ops (--no-fast-ops given)" in err
     s = SamplerSettings(height=32, width=32, frames=4, steps=4, clips=2, overlap=2, solver="dpmpp-2m",
                         spacing="trailing", **asdict(REUSE["fast"]))
     video, _ = generate(random_model("tiny", 0), ["a boat"], ["watermark"], s, torch.Generator().manual_seed(42))

@@ -47,6 +47,16 @@ COMPILE_UINT8_LEVELS = 1  # uint8 frames, torch.compile (inductor with freezing:
 # preset tests' uint8 comparisons with the reference sampler rely on.
 VAE_CHANNELS_LAST_VIDEO = 1e-4
 VAE_CHANNELS_LAST_UINT8_LEVELS = 1  # uint8 frames of videos within VAE_CHANNELS_LAST_VIDEO: truncation moves one level
+# --fast-ops (runtime/fast_ops.py). FrameConv vs the Conv3d it replaces: another kernel, another summation order over
+# 3 x C inputs; max abs. chunked bf16 attention vs float64: its relative L2 error at most this multiple of the CPU
+# flash kernel's (both round q, k, v and the weights to bf16; measured 2.35e-3 vs 2.25e-3 at 1024 tokens).
+FRAME_CONV = 1e-5
+CHUNKED_VS_FLASH_ERROR = 1.25
+# The runtime with --fast-ops vs without, the trained vidrd-shapes model, float32: relative latent error and max abs
+# of the [0,1] video. Not the tiny random model: its deepest GroupNorms (1x1 latents, a few values a group) amplify
+# float rounding about 1e4-fold, so its runs that differ in rounding cannot be compared (README, Tests).
+FAST_OPS_LATENT_REL = 1e-4
+FAST_OPS_VIDEO = 1e-3
 # Feature reuse (tests/test_reuse.py), tiny random UNet: a "reuse" call on the next step's latents and timestep (x +
 # 0.05 noise, t 500 -> 480) against the full UNet there, max abs relative to max |full|. Not rounding: the deep
 # features are one step stale by design (DeepCache); a random UNet is a harsher case than a trained one, whose deep
