@@ -99,6 +99,10 @@ class RuntimeOptions:
                                                                                  ATTENTION)):
             if value is not None and value not in choices:
                 raise ValueError(f"--{name} {value!r}: choose one of {', '.join(choices)}")
+        if self.compile and self.attention == "chunked":
+            raise ValueError("--attention chunked loops over (batch, head) in Python around a process-wide oneDNN "
+                             "setting, which torch.compile cannot trace: drop --compile or use --attention sdpa (with "
+                             "--compile, --fast-ops keeps SDPA)")
         if self.compile and self.backend == REFERENCE:
             raise ValueError("--compile applies to the torch backend, not --backend reference")
         for c, used in (("unet", self.compile or self.attention != "sdpa"), ("vae", self.compile)):

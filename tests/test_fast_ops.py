@@ -89,6 +89,13 @@ def test_apply_makes_a_copy_that_shares_the_weights():
     assert {m.backend for m in model.unet.modules() if isinstance(m, attn.Attention)} == {"sdpa"}
     assert {m.backend for m in fast_ops.apply(model.unet, chunked_attention=False).modules()
             if isinstance(m, attn.Attention)} == {"sdpa"}
+    from vidrd.runtime import backends  # the backends: chunked attention only where the UNet runs eagerly
+    eager = backends.make("torch", "unet", model, torch.float32, torch.device("cpu"), fast_ops=True)
+    assert {m.backend for m in eager.net.modules() if isinstance(m, attn.Attention)} == {"chunked"}
+    compiled = backends.make("torch", "unet", model, torch.float32, torch.device("cpu"), compile="default",
+                             fast_ops=True)  # compiles on its first call, which this test does not make
+    assert {m.backend for m in compiled.net.modules() if isinstance(m, attn.Attention)} == {"sdpa"}
+    assert any(isinstance(m, fast_ops.FrameConv) for m in compiled.net.modules())
     attn.set_attention(model.unet, "math")  # an attention backend the user chose is kept
     assert {m.backend for m in fast_ops.apply(model.unet, chunked_attention=True).modules()
             if isinstance(m, attn.Attention)} == {"math"}
@@ -125,13 +132,16 @@ def test_runtime_with_fast_ops_stays_within_rounding(shapes_model, temporal):
     (dict(unet_backend="tensorrt", vae_backend="onnxruntime", export_dir="x", engine_dir="e"), "exported graphs"),
     (dict(backend="reference"), "--backend reference"),
 ])
-def test_fast_ops_refused_without_a_torch_unet_or_vae(options, what):
+def test_fast_ops_and_chunked_attention_refused_where_they_cannot_apply(options, what):
     with pytest.raises(ValueError, match=f"^--fast-ops applies to the torch UNet and VAE decoder, not {what}"):
         RuntimeOptions(**options, fast_ops=True)
     RuntimeOptions(**options, fast_ops=False)
     RuntimeOptions(unet_backend="onnxruntime", export_dir="x", fast_ops=True)  # the VAE decoder is torch's
     with pytest.raises(ValueError, match="^--fast-ops 'yes' must be True or False"):
         RuntimeOptions(fast_ops="yes")
+    with pytest.raises(ValueError, match="^--attention chunked loops over .* drop --compile"):
+        RuntimeOptions(attention="chunked", compile="default")
+    RuntimeOptions(fast_ops=True, compile="default")  # compiled: the fast ops keep SDPA
 
 
 @pytest.mark.parametrize("command", [["generate", "x", "-o", "v.mp4"], ["bench"], ["eval"], ["serve"]],
