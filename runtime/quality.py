@@ -181,11 +181,16 @@ def resolve(quality: str, settings: SamplerSettings, options: RuntimeOptions | N
     return Resolved(quality, resolved, options, settings.steps, why)
 
 
+def _given(name: str, options: RuntimeOptions, why: dict) -> RuntimeOptions:
+    """An on/off execution option the user gave (--name or --no-name): kept as given, and said so."""
+    why[name] = f"{'--' if getattr(options, name) else '--no-'}{name.replace('_', '-')} given"
+    return options
+
+
 def _vae_channels_last(p: Preset, options: RuntimeOptions, given: bool, why: dict) -> RuntimeOptions:
     """The VAE layout of preset `p`: channels-last 2-D convolutions where the VAE decoder is the torch one."""
     if given:
-        why["vae_channels_last"] = f"{'--' if options.vae_channels_last else '--no-'}vae-channels-last given"
-        return options
+        return _given("vae_channels_last", options, why)
     if not p.vae_channels_last:
         return options
     kind = options.kind("vae")
@@ -202,8 +207,7 @@ def _vae_channels_last(p: Preset, options: RuntimeOptions, given: bool, why: dic
 def _fast_ops(p: Preset, options: RuntimeOptions, given: bool, why: dict) -> RuntimeOptions:
     """The kernels of preset `p`: runtime/fast_ops.py where the UNet or the VAE decoder is a torch one."""
     if given:
-        why["fast_ops"] = f"{'--' if options.fast_ops else '--no-'}fast-ops given"
-        return options
+        return _given("fast_ops", options, why)
     if not p.fast_ops:
         return options
     if options.backend == REFERENCE:
