@@ -254,6 +254,7 @@ def _summary(workload, wl, options, dev, model, s, rows, walls, refs, frames_out
     per_call = med["unet_s"] / calls
     out = {"workload": workload, "preset": wl["preset"], "settings": asdict(s), "batch": wl["batch"],
            "config": asdict(options), "device": _device_name(dev), "threads": torch.get_num_threads(),
+           **({"cpu": _cpu()} if dev.type == "cpu" else {}),
            "versions": {"torch": torch.__version__, "python": platform.python_version()},
            "repeats": len(rows), "frames_out": frames_out, "median": med,
            "unet_per_call_s": per_call, "vae_per_clip_s": med["vae_s"] / s.clips,
@@ -281,6 +282,16 @@ def _accuracy(clips, ref) -> dict:
     return {"psnr_db": math.inf if mse == 0 else 10 * math.log10(1.0 / mse), "ssim": ssim(video, ref_video),
             "latents_rel_err": ((latents - ref_latents).norm() / ref_latents.norm()).item(),
             "latents_max_abs_rel": ((latents - ref_latents).abs().max() / ref_latents.abs().max()).item()}
+
+
+def _cpu() -> dict:
+    """What a CPU row depends on: the vector flags, ATen's dispatch level, oneDNN's ISA cap and the bf16 verdict."""
+    from .precision import cpu_bf16, probe_cpu
+
+    p = probe_cpu()
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16")
+    return {"flags": None if p.flags is None else [f for f in wanted if f in p.flags], "capability": p.capability,
+            "onednn_max_cpu_isa": p.onednn_isa, "bf16": cpu_bf16(p)[1]}
 
 
 def _device_name(dev) -> str:

@@ -236,3 +236,6 @@ def test_bench_tiny_workload(capsys):
     assert summary["workload"] == "tiny" and summary["repeats"] == 2 and summary["frames_out"] == 8
     assert summary["s_per_frame"] > 0 and summary["unet_per_call_s"] > 0 and rows[0]["unet_calls"] == 2 * 3
     assert summary["latents_max_abs_rel"] <= RUNTIME_LATENT_REL
+    cpu = summary["cpu"]  # what the row depends on, recorded with it (BENCHMARKS.md asks for the flags)
+    assert cpu["capability"] == torch.backends.cpu.get_cpu_capability() and isinstance(cpu["bf16"], str)
+    assert cpu["flags"] is None or set(cpu["flags"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16"}
