@@ -2,8 +2,8 @@
 of the default (tests/tolerances.py), so opt-in and on under --quality balanced|fast (issue 14, BENCHMARKS.md).
 
 - temporal convolutions (the official Conv3d with kernel (3,1,1)) as 2-D convolutions over (frames, h*w): the same
-  sums, but oneDNN's kernels on every CPU, where a float32 Conv3d takes PyTorch's slow path (11% of a float32 UNet
-  call on the `small` workload);
+  sums, but oneDNN's kernels on every CPU, where a float32 Conv3d takes PyTorch's slow im2col path (18-19% of a
+  float32 UNet call on the `small` workload; the 2-D form makes the call 11-13% faster);
 - bf16 attention over long sequences on the CPU in chunks with float32 scores (vidrd.ref.attention.chunked, about
   2x the CPU flash kernel at 1024 tokens), where the attention backend is the default SDPA and nothing is compiled;
 - on the CPU, the official per-frame VAE decode one frame per decoder call (TorchVAE): a clip's activations stay
