@@ -170,11 +170,22 @@ class VideoWriter:
             os.replace(self._tmp, self.path)
 
     def abort(self) -> None:
-        """Drop the partial output; what was at `path` before stays untouched."""
-        if self._container is not None:
-            self._container.close()
-            self._container = None
-        shutil.rmtree(self._tmp, ignore_errors=True) if self._tmp.is_dir() else self._tmp.unlink(missing_ok=True)
+        """Drop the partial output; what was at `path` before stays untouched. Never raises: closing a container on
+        a full disk raises the write error again, and the temporary output must go whatever close says."""
+        container, self._container = self._container, None
+        try:
+            if container is not None:
+                container.close()
+        except Exception:  # noqa: BLE001 - the error that made us abort has been raised already
+            pass
+        finally:
+            if self._tmp.is_dir():
+                shutil.rmtree(self._tmp, ignore_errors=True)
+            else:
+                try:
+                    self._tmp.unlink(missing_ok=True)
+                except OSError:
+                    pass
 
     def __enter__(self):
         return self

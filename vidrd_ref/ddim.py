@@ -37,14 +37,39 @@ class DDIM:
     def timesteps(self, steps: int, spacing: str = "leading") -> torch.Tensor:
         """The `steps` timesteps, descending, int64: 981, 961, ..., 1 for 50 steps (leading); 999, 979, ..., 19
         (trailing)."""
+        self.check_steps(steps, spacing)
+        return self._timesteps(steps, spacing)
+
+    def _timesteps(self, steps: int, spacing: str) -> torch.Tensor:
         n = self.cfg.num_train_timesteps
-        if not 1 <= steps <= n:
-            raise ValueError(f"steps={steps} must be between 1 and {n}")
         if spacing == "leading":
             return (torch.arange(steps, dtype=torch.int64) * (n // steps)).flip(0) + self.cfg.steps_offset
-        if spacing == "trailing":  # round(n - i n / steps) - 1, i = 0..steps-1, in float64 as diffusers does
-            return (torch.arange(n, 0, -n / steps, dtype=torch.float64).round() - 1).to(torch.int64)[:steps]
-        raise ValueError(f"spacing={spacing!r} must be one of {SPACINGS}")
+        # trailing: round(n - i n / steps) - 1, i = 0..steps-1, in float64 as diffusers does
+        return (torch.arange(n, 0, -n / steps, dtype=torch.float64).round() - 1).to(torch.int64)[:steps]
+
+    def check_steps(self, steps: int, spacing: str = "leading") -> None:
+        """ValueError (naming steps=N) unless a `steps`-step `spacing` schedule has `steps` distinct timesteps within
+        the training ones: leading spacing with steps_offset 1 puts the first of 1000 steps at t=1000, past 999."""
+        n = self.cfg.num_train_timesteps
+        if spacing not in SPACINGS:
+            raise ValueError(f"spacing={spacing!r} must be one of {SPACINGS}")
+        if not isinstance(steps, int) or not 1 <= steps <= n:
+            raise ValueError(f"steps={steps!r} must be between 1 and the scheduler's {n} training timesteps")
+        ts = self._timesteps(steps, spacing)
+        if len(ts) != steps or int(ts.max()) >= n or int(ts.min()) < 0 or len(set(ts.tolist())) != steps:
+            most = self.max_steps(spacing)
+            raise ValueError(f"steps={steps} does not fit the {spacing} schedule of {n} training timesteps (steps_offset "
+                             f"{self.cfg.steps_offset}): it allows at most {most} steps"
+                             + (" (--spacing trailing allows more)" if spacing == "leading" else ""))
+
+    def max_steps(self, spacing: str = "leading") -> int:
+        """The largest step count whose `spacing` schedule fits the training timesteps (check_steps)."""
+        n = self.cfg.num_train_timesteps
+        for steps in range(n, 0, -1):
+            ts = self._timesteps(steps, spacing)
+            if len(ts) == steps and int(ts.max()) < n and int(ts.min()) >= 0 and len(set(ts.tolist())) == steps:
+                return steps
+        return 0
 
     def alphas(self, t: int, steps: int, spacing: str = "leading") -> tuple[float, float]:
         """(alpha_bar_t, alpha_bar_prev) for timestep t of a `steps`-step schedule: prev is the next timestep of

@@ -41,6 +41,8 @@ class DPMSolverPP2M:
         """(c_x, c_x0, c_prev, a_i): x_{i+1} = c_x x_i + c_x0 x0_i + c_prev x0_{i-1}; x0_i = (x_i - s_i eps) / a_i."""
         c_x = self.sigma[i + 1] / self.sigma[i]
         c_d = -self.alpha[i + 1] * math.expm1(-self.h[i])  # multiplies D_i
+        if self.h[i] == 0:  # the last trailing step, t=0 to the final alpha_bar (= alpha_bar_0): the identity
+            return c_x, 0.0, 0.0, self.alpha[i]
         first = i == 0 or (i == self.steps - 1 and self.steps < LOWER_ORDER_FINAL_BELOW)
         if first:
             return c_x, c_d, 0.0, self.alpha[i]

@@ -108,9 +108,7 @@ class SamplerSettings:
     def check_model(self, model) -> None:
         """ValueError unless `model`'s scheduler has at least `steps` training timesteps and, with feature reuse,
         its UNet has `cache_depth` up blocks."""
-        if self.steps > model.scheduler.cfg.num_train_timesteps:
-            raise ValueError(f"steps={self.steps} exceeds the scheduler's {model.scheduler.cfg.num_train_timesteps}"
-                             " training timesteps")
+        model.scheduler.check_steps(self.steps, self.spacing)  # "steps=N ..." when the schedule has no room
         n = len(model.config.unet.up_block_types)
         if self.cache_interval > 1 and self.cache_depth > n:
             raise ValueError(f"cache_depth={self.cache_depth} exceeds the UNet's {n} up blocks")
@@ -177,8 +175,30 @@ def check_text(name: str, text: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"{name}={text!r} is not valid text: character {e.start} is {text[e.start]!r}, a lone "
+        raise ValueError(f"{name}={shorten(repr(text))} is not valid text: character {e.start} is {text[e.start]!r}, a lone "
                          "surrogate (invalid UTF-8)") from None
+
+
+SEED_MIN, SEED_MAX = 0, 2**63 - 1  # every seed torch.Generator.manual_seed takes as given, in every front end
+
+
+def check_seed(seed, name: str = "seed") -> None:
+    """ValueError unless `seed` is an integer in [0, 2^63 - 1] (one range for the CLI, the service and the API)."""
+    if not _is_int(seed) or not SEED_MIN <= seed <= SEED_MAX:
+        raise ValueError(f"{name}={shorten(repr(seed))} must be an integer between {SEED_MIN} and {SEED_MAX}")
+
+
+def check_prompt(name: str, text: str) -> None:
+    """ValueError unless `text` is a usable prompt: valid text (check_text) with at least one non-space character."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{name}={shorten(repr(text))} is empty; give a prompt with some words")
+    check_text(name, text)
+
+
+def shorten(text: str, most: int = 80) -> str:
+    """`text` cut to at most `most` characters (an ellipsis and the count of the rest), for messages that quote
+    user input."""
+    return text if len(text) <= most else f"{text[:most]}... ({len(text) - most} more characters)"
 
 
 def check_prompts(tokenizer, prompts, negative_prompts) -> tuple[list[str], list[str]]:
@@ -197,13 +217,13 @@ def check_prompts(tokenizer, prompts, negative_prompts) -> tuple[list[str], list
         raise ValueError(f"negative_prompts has {len(negative_prompts)} entries for {len(prompts)} prompts; "
                          "give one string per prompt")
     for i, p in enumerate(prompts):
-        check_text(f"prompts[{i}]", p)
+        check_prompt(f"prompts[{i}]", p)
     for i, p in enumerate(negative_prompts):
         check_text(f"negative_prompts[{i}]", p)
     for p in prompts + negative_prompts:
         lost = dropped_words(tokenizer, p)
         if lost:
-            warnings.warn(f"prompt longer than 77 tokens was truncated; dropped: {lost!r}", stacklevel=3)
+            warnings.warn(f"prompt longer than 77 tokens was truncated; dropped: {shorten(repr(lost))}", stacklevel=3)
     return prompts, negative_prompts
 
 
