@@ -222,7 +222,7 @@ def run(workload: str = "small", options: RuntimeOptions = RuntimeOptions(), *, 
             refs.append(ref_wall)
             row["reference_s_per_frame"] = ref_wall / frames_out
         rows.append(row)
-        log(json.dumps({"kind": "run", **row}))
+        log(strict_json({"kind": "run", **row}))
     summary = _summary(workload, wl, options, dev, model, s, rows, walls, refs, frames_out)
     summary["quality"] = None if q is None else q.summary()
     if q is not None:
@@ -233,7 +233,7 @@ def run(workload: str = "small", options: RuntimeOptions = RuntimeOptions(), *, 
     if dev.type == "cuda":
         summary["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
     rt.close()
-    log(json.dumps({"kind": "summary", **summary}))
+    log(strict_json({"kind": "summary", **summary}))
     return summary
 
 
@@ -268,6 +268,28 @@ def _summary(workload, wl, options, dev, model, s, rows, walls, refs, frames_out
         ref = statistics.median(refs)
         out.update(reference_s_per_frame=ref / frames_out, speedup=ref / med["wall_s"])
     return out
+
+
+def strict_json(row: dict, **kw) -> str:
+    """`row` as standard JSON: a non-finite number (an infinite PSNR for identical videos, a time not measured)
+    becomes null, and `non_finite` says which and why, so every JSON parser reads the row."""
+    notes = {}
+
+    def clean(v, key):
+        if isinstance(v, float) and not math.isfinite(v):
+            notes[key] = ("inf: identical to the reference" if key.endswith("psnr_db") and v > 0 else
+                          "nan: not measured" if math.isnan(v) else repr(v))
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x, f"{key}.{k}" if key else str(k)) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x, f"{key}[{i}]") for i, x in enumerate(v)]
+        return v
+
+    out = clean(row, "")
+    if notes:
+        out["non_finite"] = notes
+    return json.dumps(out, allow_nan=False, **kw)
 
 
 def _accuracy(clips, ref) -> dict:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 # (module, what it registers): each module has `register(subparsers)` adding its subcommands with `func` set.
 COMMANDS = (
@@ -32,12 +34,35 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(BaseException):
+    """SIGTERM (docker stop, systemd, timeout): raised like Ctrl-C, so every command's cleanup runs."""
+
+
+def _on_signal(signum, frame):
+    """The first SIGINT or SIGTERM stops the command; later ones are ignored so its cleanup can finish."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
+
+
 def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
     if not getattr(args, "func", None):
         p.print_help()
         return 2
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():  # put back on return (main() may be embedded)
+        handlers = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _run(args)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _run(args) -> int:
+    """Run the command; a user error or a signal becomes one line and an exit status."""
     try:
         return int(args.func(args) or 0)
     except (UsageError, ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
@@ -54,6 +79,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("vidrd: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("vidrd: terminated", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """`vidrd bench`: seconds per output frame of the runtime vs the reference sampler, one JSON row per run."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .bench import WORKLOADS
@@ -24,11 +23,12 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from .bench import run as bench
+    from .bench import strict_json
     if args.repeats < 1:
         raise ValueError(f"--repeats {args.repeats} must be >= 1")
     row = bench(args.workload, runtime_options(args), repeats=args.repeats, with_reference=not args.no_reference,
                 quality=args.quality, explicit=explicit_args(args))
     if args.out:
         with Path(args.out).open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(strict_json(row) + "\n")
     return 0

@@ -5,7 +5,7 @@ import sys
 import time
 from pathlib import Path
 
-from vidrd.ref.sampler import check_text
+from vidrd.ref.sampler import check_prompt, check_seed, check_text, shorten
 
 from . import shapes
 from .model_args import add_model_args, check_model_args, is_default_model
@@ -67,11 +67,12 @@ def run(args) -> int:
 
     from .video_io import VideoWriter, check_output, to_uint8
 
-    prompts = ([args.prompt] if args.prompt else []) + args.prompts
+    prompts = ([args.prompt] if args.prompt is not None else []) + args.prompts
     if not prompts:
         raise ValueError(f"give a prompt: vidrd generate \"{shapes.DEMO_PROMPT}\" -o shapes.mp4")
     for i, text in enumerate(prompts):
-        check_text("prompt" if len(prompts) == 1 else f"prompt {i}", text)
+        check_prompt("prompt" if len(prompts) == 1 else f"prompt {i}", text)
+    check_seed(args.seed, "--seed")
     negative = negative_prompt(args)
     check_text("--negative-prompt", negative)
     s = settings(args)
@@ -96,7 +97,8 @@ def run(args) -> int:
         for text in prompts:
             unknown = out_of_vocabulary(text)
             if unknown:
-                print(f"warning: {shapes.NAME} does not know the words {', '.join(unknown)} in {text!r}; it was "
+                print(f"warning: {shapes.NAME} does not know the words {shorten(', '.join(unknown))} in "
+                      f"{shorten(repr(text))}; it was "
                       f"trained on captions like {TEMPLATE!r}", file=sys.stderr)
 
     bar = None

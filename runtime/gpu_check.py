@@ -392,7 +392,8 @@ def run_section(name: str, result: Path) -> int:
         traceback.print_exc()
         res = {"status": "fail", "error": f"{type(e).__name__}: {e}"[:2000]}
     res["seconds"] = round(time.perf_counter() - t0, 1)
-    result.write_text(json.dumps(res, indent=1, default=str))
+    from .bench import strict_json
+    result.write_text(strict_json(res, indent=1, default=str))
     return 0
 
 
@@ -532,7 +533,8 @@ def main(argv=None) -> int:
         print(f"[gpu-check] {name}: {res['status']} ({res['seconds']} s) {_gist(name, res)}", flush=True)
     report["total_s"] = round(time.monotonic() - t0, 1)
     report["skipped"] = {n: r.get("reason") for n, r in report["sections"].items() if r["status"] == "skipped"}
-    (out / "gpu-check.json").write_text(json.dumps(report, indent=1, default=str))
+    from .bench import strict_json
+    (out / "gpu-check.json").write_text(strict_json(report, indent=1, default=str))
     md = markdown(report)
     (out / "gpu-check.md").write_text(md)
     print(md)

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vidrd.ref.outputs import check_target
+
 FORMATS = {".mp4": "mp4", ".gif": "gif", "": "png"}
 
 
@@ -63,18 +65,7 @@ def check_output(path: Path, force: bool, *, height: int | None = None, width: i
     file goes, its folder is missing or not writable, or the encoder refuses the frame size or rate."""
     path = Path(path)
     kind = output_kind(path)
-    if path.exists() and not force:
-        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
-    if kind != "png" and path.is_dir():
-        raise FileExistsError(f"{path} is a folder; --force replaces files only: remove it or choose another name")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output folder {path.parent} does not exist")
-    try:  # the only exact test of writability (permissions, read-only mounts, root): make and drop a file
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        os.unlink(name)
-    except OSError as e:
-        raise PermissionError(f"cannot write to the output folder {path.parent} ({e.strerror})") from None
+    check_target(path, force, "frames" if kind == "png" else "file")  # --force replaces only vidrd's own outputs
     if fps is not None:
         check_fps(kind, fps)
     if height is not None and width is not None:
@@ -162,10 +153,12 @@ class VideoWriter:
             self._container.close()
             self._container = None
         _publishable(self._tmp)
-        if self.kind == "png":
-            if self.path.exists():  # only reachable with force
-                shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
+        if self.kind == "png" and self.path.exists():  # only with force, and only a folder of frames (check_target)
+            check_target(self.path, self.force, "frames")  # still only frames: nothing foreign was added meanwhile
+            old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old.", dir=self.path.parent))
+            os.replace(self.path, old / "frames")
             os.replace(self._tmp, self.path)
+            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(self._tmp, self.path)
 

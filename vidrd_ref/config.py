@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -161,6 +162,20 @@ class SchedulerConfig:
     steps_offset: int = 1
 
     def __post_init__(self):
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        n = self.num_train_timesteps
+        if not isinstance(n, int) or isinstance(n, bool) or not 2 <= n <= 100_000:
+            raise ValueError(f"scheduler: num_train_timesteps={n!r} must be an integer between 2 and 100000")
+        if not (number(self.beta_start) and number(self.beta_end) and 0 < self.beta_start <= self.beta_end < 1):
+            raise ValueError(f"scheduler: beta_start={self.beta_start!r}, beta_end={self.beta_end!r} must be numbers "
+                             "with 0 < beta_start <= beta_end < 1")
+        if not isinstance(self.set_alpha_to_one, bool):
+            raise ValueError(f"scheduler: set_alpha_to_one={self.set_alpha_to_one!r} must be true or false")
+        so = self.steps_offset
+        if not isinstance(so, int) or isinstance(so, bool) or not 0 <= so < n:
+            raise ValueError(f"scheduler: steps_offset={so!r} must be an integer in [0, num_train_timesteps={n})")
         if self.beta_schedule not in ("scaled_linear", "linear"):
             raise ValueError(f"scheduler: beta_schedule={self.beta_schedule!r} is not supported")
         if self.prediction_type not in ("epsilon", "v_prediction"):

@@ -14,6 +14,7 @@ from .bpe import write_tokenizer
 from .config import ModelConfig, preset
 from .ddim import DDIM
 from .loading import VidRDModel, build, find_weights, load_official, read_state_dict, to
+from .outputs import check_target
 from .text import load_tokenizer
 
 CKPT_NAMES = ("ModelT2V.safetensors", "ModelT2V.pth")
@@ -80,8 +81,7 @@ def _save(obj, path: Path, safetensors: bool) -> None:
 def _publish(tmp: Path, out: Path, force: bool) -> None:
     """Move a finished folder into place; an existing output is replaced only with force."""
     if out.exists():
-        if not force:
-            raise FileExistsError(f"{out} exists; pass --force to replace it")
+        check_target(out, force, "model")  # only a model folder, and only with force
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
         os.replace(out, old / out.name)
         os.replace(tmp, out)
@@ -100,8 +100,7 @@ def write_official(model: VidRDModel, out: Path, *, safetensors: bool = False, f
     Tensors are saved in the model's dtype.
     """
     out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    check_target(out, force, "model", parent_may_be_missing=True)  # --force replaces a model folder, nothing else
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     umask = os.umask(0)
@@ -141,6 +140,7 @@ def write_official(model: VidRDModel, out: Path, *, safetensors: bool = False, f
 
 def init_random(name: str, out: Path, seed: int = DEFAULT_SEED, *, force: bool = False) -> Path:
     """`vidrd init-random`: a seeded random-weight model of preset `name`, written in the official layout."""
+    check_target(out, force, "model", parent_may_be_missing=True)  # before the model is built
     return write_official(random_model(name, seed), out, force=force)
 
 
@@ -163,6 +163,7 @@ def load_dir(weights_dir: Path, **kw) -> VidRDModel:
 
 def convert(sd_dir, ckpt_path, vae_dir, out: Path, *, force: bool = False) -> Path:
     """Rewrite a released model as safetensors (same layout, no pickles): checked by loading it first."""
+    check_target(out, force, "model", parent_may_be_missing=True)  # before the released model loads
     model = load_official(sd_dir, ckpt_path, vae_dir)
     sd_vae = read_state_dict(find_weights(Path(sd_dir) / "vae", "vae")) if vae_dir is not None else None
     return write_official(model, out, safetensors=True, force=force, sd_vae=sd_vae,

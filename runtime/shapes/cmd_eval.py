@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vidrd.ref.sampler import SamplerSettings
+from vidrd.ref.outputs import check_target
+from vidrd.ref.sampler import SamplerSettings, check_seed
 
 from ..model_args import add_model_args, check_model_args
 from ..options import REFERENCE, RuntimeOptions, add_runtime_args, add_sampler_args, runtime_options, sampler_settings
@@ -151,6 +152,8 @@ def parse_seeds(text: str) -> list[int]:
         seeds = [int(t) for t in text.split(",")]
     except ValueError:
         raise ValueError(f"--seeds {text!r} must be comma-separated integers, e.g. 0,1,2") from None
+    for seed in seeds:
+        check_seed(seed, "--seeds")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds {text!r} repeats a seed")
     return seeds
@@ -168,11 +171,8 @@ def run(args) -> int:
     check_model_args(args)
     options = runtime_options(args)
     out = Path(args.out) if args.out else None
-    if out is not None:
-        if out.exists() and not args.force:
-            raise FileExistsError(f"{out} exists; --force overwrites it")
-        if not out.parent.is_dir():
-            raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
+    if out is not None:  # before any work: a report that cannot be written is an error now, not after the run
+        check_target(out, args.force, "file")
     s, options, quality = apply_args(args, s, options)  # --quality; options resolved (device, dtype checked)
     model, what, _ = load_model(args, dtype=options.torch_dtype, device=options.device)
     print(f"model: {what} on {options.device} ({options.dtype})", file=sys.stderr)

@@ -42,6 +42,9 @@ def run(args) -> int:
     except ValueError as e:
         print(f"vidrd train-shapes: {e}", file=sys.stderr)
         return 2
+    if args.stop_after is not None and not 0 < args.stop_after < float("inf"):
+        print(f"vidrd train-shapes: --stop-after={args.stop_after} must be a number of minutes > 0", file=sys.stderr)
+        return 2
     if args.threads is not None:
         if args.threads < 1:
             print(f"vidrd train-shapes: --threads={args.threads} must be >= 1", file=sys.stderr)

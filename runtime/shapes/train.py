@@ -19,7 +19,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from vidrd.ref.bpe import write_tokenizer
 from vidrd.ref.config import preset
 from vidrd.ref.ddim import DDIM, alphas_cumprod
 from vidrd.ref.loading import VidRDModel, build
+from vidrd.ref.sampler import check_seed
 from vidrd.ref.text import load_tokenizer, tokenize
 from vidrd.ref.unet_blocks import TemporalConv
 
@@ -75,9 +76,25 @@ class TrainConfig:
     ship: str = "raw"
 
     def validate(self) -> None:
-        for name in ("vae_steps", "unet_steps", "dir_steps"):
+        """ValueError naming the first bad setting: every number finite and in its range, before any work."""
+        for f in fields(self):
+            v, want = getattr(self, f.name), (int,) if isinstance(f.default, int) else (int, float)
+            if isinstance(f.default, str):
+                continue
+            if isinstance(v, bool) or not isinstance(v, want) or not math.isfinite(v):
+                raise ValueError(f"{f.name}={v!r} must be a finite {type(f.default).__name__}")
+        check_seed(self.seed)
+        for name in ("vae_lr", "unet_lr", "dir_lr", "min_snr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        for name in ("vae_steps", "unet_steps", "dir_steps", "warmup", "dir_switch", "offset_noise_from", "kl_weight",
+                     "object_weight", "offset_noise", "dir_weight", "dir_weight_late", "dir_margin", "dir_t_min"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.dir_t_min >= 1000:
+            raise ValueError(f"dir_t_min={self.dir_t_min} must be below the 1000 training timesteps")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema={self.ema} must be in [0, 1) (the EMA's decay per step)")
         for name in ("vae_batch", "unet_batch", "scale_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
