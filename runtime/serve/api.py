@@ -1,4 +1,5 @@
-"""The service's HTTP API (FastAPI): request validation, routes, API key, body size limit.
+"""The service's HTTP API (FastAPI): request validation, routes, API key, body and header size limits, per-client
+submission rate, download cap and send timeout.
 
 `make_app(backend, config)` serves one backend: worker.LocalService (`vidrd serve`) or ray.RayBackend
 (`vidrd serve --ray`); both answer the same async calls, so both serve exactly this API. The request's sampler
@@ -7,19 +8,21 @@ fields are SamplerSettings' own (name, type, default, help, choices).
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import secrets
+import time
 from dataclasses import asdict, fields
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Literal, Optional
 
-from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, Response, Security
+from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from vidrd.ref.sampler import SamplerSettings, check_text
+from vidrd.ref.sampler import SEED_MAX, SEED_MIN, SamplerSettings, check_prompt, check_text, shorten
 
 from .. import shapes
 from ..options import OFFICIAL_NEGATIVE
@@ -63,7 +66,7 @@ VideoRequest = create_model(
                                                  "official sampler), balanced (DPM-Solver++ at 0.6x the steps, feature "
                                                  "and guidance reuse), fast (0.4x the steps, more reuse); the "
                                                  "service's dtype stands (README, Quality presets)")),
-    seed=(int, Field(42, ge=0, le=2**63 - 1)),
+    seed=(int, Field(42, ge=SEED_MIN, le=SEED_MAX)),
     format=(Literal["mp4", "gif"], "mp4"),
     fps=(float, Field(8.0, ge=min(lo for lo, _ in FPS_RANGE.values()), le=max(hi for _, hi in FPS_RANGE.values()),
                       description="gif: at most 100 (GIF delays are whole centiseconds)")),
@@ -113,9 +116,10 @@ def to_spec(req: VideoRequest, config: ServeConfig) -> dict:
         for i, text in enumerate(texts):
             if len(text) > config.max_prompt_chars:
                 raise _field_error((name, i), f"{len(text)} characters exceed {config.max_prompt_chars}")
-            try:
-                check_text(f"{name}[{i}]", text)
-            except ValueError as e:  # a lone surrogate: it would fail the job, and its status could not be JSON
+            try:  # an empty prompt (the CLI refuses it too); a lone surrogate would fail the job, and its status
+                # could not be JSON. Negative prompts may be empty (the official default is "").
+                (check_prompt if name == "prompts" else check_text)(f"{name}[{i}]", text)
+            except ValueError as e:
                 raise _field_error((name, i), str(e)) from None
     given = {k: getattr(req, k) for k in SETTINGS}
     fill = {**asdict(SamplerSettings()), **dict(config.defaults)}
@@ -139,6 +143,10 @@ def to_spec(req: VideoRequest, config: ServeConfig) -> dict:
         if getattr(s, name) > most:
             raise _field_error(name, f"{name}={getattr(s, name)} exceeds this service's limit ({name} <= {most})",
                                getattr(s, name))
+    most = dict(config.max_steps_by_spacing).get(s.spacing)
+    if most is not None and s.steps > most:  # the model's schedule has no room (leading spacing: 999 of 1000)
+        raise _field_error("steps", f"steps={s.steps} does not fit this service's model with {s.spacing} spacing "
+                           f"(at most {most})", s.steps)
     for field, check in (("fps", lambda: check_fps(req.format, req.fps)),
                          ("width", lambda: check_frame_size(req.format, s.height, s.width))):
         try:  # what the video writer would refuse mid-job
@@ -159,7 +167,8 @@ def _settings_error(e: ValueError, req) -> RequestValidationError:
 
 class Guard:
     """ASGI middleware in front of every route: the API key (401) before anything of the body is read, then the
-    body size (413, declared by Content-Length or streamed) and its read time (408 for a client that stalls)."""
+    body's type (415 unless JSON), size (413, declared by Content-Length or streamed) and read time (408 for a
+    client that stalls)."""
 
     def __init__(self, app, max_bytes: int, read_timeout_s: float, api_key: str | None):
         self.app, self.max_bytes, self.read_timeout_s, self.api_key = app, max_bytes, read_timeout_s, api_key
@@ -172,6 +181,10 @@ class Guard:
             return await _reply(scope, receive, send, 401, UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
         if scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
             return await self.app(scope, receive, send)
+        kind = headers.get(b"content-type")
+        if kind is not None and not _is_json(kind):
+            return await _reply(scope, receive, send, 415, f"Content-Type {shorten(kind.decode('latin-1'))!r} is not "
+                                "JSON: send Content-Type: application/json", {"Connection": "close"})
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await self._too_large(scope, receive, send)
@@ -207,6 +220,32 @@ class Guard:
                      {"Connection": "close"})
 
 
+def _is_json(content_type: bytes) -> bool:
+    """application/json or application/*+json, with any parameters (FastAPI's own rule for parsing a body)."""
+    kind = content_type.split(b";", 1)[0].strip().lower()
+    return kind == b"application/json" or (kind.startswith(b"application/") and kind.endswith(b"+json"))
+
+
+class Throttle:
+    """Submissions per client address: a token bucket of `burst` tokens refilled at `rate` per second."""
+
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst = rate, burst
+        self.buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, when counted)
+
+    def take(self, client: str, now: float) -> float:
+        """0 and one token taken, or the seconds until the client has a token."""
+        tokens, then = self.buckets.get(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        if len(self.buckets) > 4096:  # forget clients whose bucket is full again: the same as never seen
+            self.buckets = {k: (n, t) for k, (n, t) in self.buckets.items() if n + (now - t) * self.rate < self.burst}
+        if tokens >= 1:
+            self.buckets[client] = (tokens - 1, now)
+            return 0.0
+        self.buckets[client] = (tokens, now)
+        return (1 - tokens) / self.rate
+
+
 UNAUTHORIZED = "missing or wrong API key (Authorization: Bearer KEY or X-API-Key: KEY)"
 
 
@@ -223,27 +262,75 @@ async def _reply(scope, receive, send, status: int, detail: str, headers: dict |
     await JSONResponse({"detail": detail}, status_code=status, headers=headers)(scope, receive, send)
 
 
-def http_protocol(header_timeout_s: float):
-    """uvicorn's HTTP protocol class, closing a connection whose request headers have not arrived within
-    `header_timeout_s` of it opening or of its previous response (slow clients holding connections); bodies are
-    timed by Guard. uvicorn itself times only idle keep-alive connections."""
+def http_protocol(config: ServeConfig):
+    """uvicorn's HTTP protocol class with the limits uvicorn lacks, all before any route (and the API key) runs:
+    - request headers must arrive within read_timeout_s of the connection opening or of its previous response, or
+      the connection is closed (slow clients holding connections); bodies are timed by Guard;
+    - request headers larger than max_header_bytes get 431 and the connection closed: counted while they arrive
+      (httptools buffers them all, with no limit of its own) and measured once parsed;
+    - a response the client does not read for send_timeout_s (its socket buffers full) is cut off: otherwise a
+      stalled download holds its connection, file and buffers forever.
+    uvicorn itself times only idle keep-alive connections."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
-    except ImportError:  # httptools is optional for uvicorn
+    except ImportError:  # httptools is optional for uvicorn; h11 refuses headers over 16 KiB itself (400)
         from uvicorn.protocols.http.h11_impl import H11Protocol as Base
+    limit, too_large = config.max_header_bytes, f"request headers larger than {config.max_header_bytes} bytes"
+    body = ('{"detail": "%s"}' % too_large).encode()
+    refusal = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+               b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
 
-    class HeaderTimeout(Base):
+    async def refuse(scope, receive, send):
+        await _reply(scope, receive, send, 431, too_large, {"Connection": "close"})
+
+    class Limited(Base):
         def connection_made(self, transport):
             super().connection_made(transport)
-            self._header_timer = self.loop.call_later(header_timeout_s, self._headers_late)
+            self._header_bytes, self._send_timer = 0, None
+            self._header_timer = self.loop.call_later(config.read_timeout_s, self._headers_late)
+
+        def data_received(self, data):
+            cycle = self.cycle
+            super().data_received(data)
+            if self.cycle is not cycle or self.transport.is_closing():
+                self._header_bytes = 0  # a request's headers completed
+            elif cycle is None or cycle.response_complete:  # still waiting for the headers
+                self._header_bytes += len(data)
+                if self._header_bytes > limit:
+                    self.transport.write(refusal)
+                    self.transport.close()
+
+        def on_headers_complete(self):  # httptools: headers that came in one piece, measured as parsed
+            if len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers) > limit:
+                app, self.app = self.app, refuse
+                try:
+                    super().on_headers_complete()
+                finally:
+                    self.app = app
+            else:
+                super().on_headers_complete()
 
         def on_response_complete(self):
             super().on_response_complete()
+            self._header_bytes = 0
             self._header_timer.cancel()  # the next request on this connection gets its own time
-            self._header_timer = self.loop.call_later(header_timeout_s, self._headers_late)
+            self._header_timer = self.loop.call_later(config.read_timeout_s, self._headers_late)
+
+        def pause_writing(self):  # the client's socket and our write buffer are full: it has to read on
+            super().pause_writing()
+            if self._send_timer is None:
+                self._send_timer = self.loop.call_later(config.send_timeout_s, self._send_stalled)
+
+        def resume_writing(self):
+            super().resume_writing()
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+                self._send_timer = None
 
         def connection_lost(self, exc):
             self._header_timer.cancel()
+            if self._send_timer is not None:
+                self._send_timer.cancel()
             super().connection_lost(exc)
 
         def _headers_late(self):
@@ -251,7 +338,11 @@ def http_protocol(header_timeout_s: float):
             if idle and not self.transport.is_closing():
                 self.transport.close()
 
-    return HeaderTimeout
+        def _send_stalled(self):
+            self._send_timer = None
+            self.transport.abort()  # close() would wait for the unread buffer to drain, which never happens
+
+    return Limited
 
 
 def _auth_dependency(key: str):
@@ -276,7 +367,8 @@ def make_app(backend, config: ServeConfig) -> FastAPI:
     """The HTTP API over `backend` (LocalService or RayBackend) with `config`'s limits and API key."""
     app = FastAPI(title="vidrd", version=_package_version(),
                   description="Long text-to-video generation with Reuse and Diffuse: submit a job, follow its "
-                  "progress, play its clips while later ones are still being generated, fetch the whole video.")
+                  "progress, play its clips while later ones are still being generated, fetch the whole video. Request "
+                  f"headers over {config.max_header_bytes} bytes get 431 on any route.")
     app.add_middleware(Guard, max_bytes=config.max_body_bytes, read_timeout_s=config.read_timeout_s,
                        api_key=config.api_key)
     app.add_exception_handler(RequestValidationError, _invalid)
@@ -286,7 +378,11 @@ def make_app(backend, config: ServeConfig) -> FastAPI:
     not_found = {404: {"model": Error, "description": "no such job (or it expired), clip or video"}}
     not_yet = {409: {"model": Error, "description": "the job has not produced it (yet: see Retry-After, or it "
                      "ended without it)"}}
-    file_ok = {200: {"content": {m: {} for m in MEDIA.values()}, "description": "the video file"}}
+    retry_after = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds to wait before retrying"}}
+    file_ok = {200: {"content": {m: {} for m in MEDIA.values()}, "description": "the video file"},
+               503: {"model": Error, "description": f"{config.max_downloads} downloads in progress",
+                     "headers": retry_after}}
+    throttle, downloads = Throttle(config.submit_rate, config.submit_burst), Downloads(config.max_downloads)
 
     async def job(job_id: str) -> dict:
         st = await backend.status(job_id)
@@ -300,17 +396,26 @@ def make_app(backend, config: ServeConfig) -> FastAPI:
                              + (" (try again later)" if open_ else ""), headers={"Retry-After": "1"} if open_ else None)
 
     @v1.post("/videos", status_code=202, response_model=JobStatus, summary="Submit a video job",
-             responses={400: {"model": Error, "description": "body not parseable as JSON (e.g. nested too deeply)"},
+             responses={400: {"model": Error, "description": "body not parseable as JSON (truncated, nested too "
+                             "deeply)"},
                         408: {"model": Error, "description": "request body not received in time"},
                         413: {"model": Error, "description": "request body too large"},
-                        429: {"model": Error, "description": "queue full", "headers": {"Retry-After": {
-                            "schema": {"type": "integer"}, "description": "seconds to wait before retrying"}}}})
-    async def submit(req: VideoRequest, response: Response):
+                        415: {"model": Error, "description": "Content-Type is not application/json"},
+                        429: {"model": Error, "description": "queue or job records full, or this client's submission "
+                              f"rate over {config.submit_rate:g}/s (burst {config.submit_burst})",
+                              "headers": retry_after}})
+    async def submit(req: VideoRequest, request: Request, response: Response):
         spec = to_spec(req, config)
-        job_id, retry = await backend.submit(spec)
+        # valid submissions only count: they are what holds queue places and records
+        wait_s = throttle.take(request.client.host if request.client else "", time.monotonic())
+        if wait_s:
+            raise HTTPException(429, f"too many submissions from this client (at most {config.submit_rate:g} per "
+                                f"second, {config.submit_burst} at once); retry later",
+                                headers={"Retry-After": str(math.ceil(wait_s))})
+        job_id, refused = await backend.submit(spec)
         if job_id is None:
-            raise HTTPException(429, f"the queue is full ({config.queue_size} jobs waiting); retry later",
-                                headers={"Retry-After": str(retry)})
+            retry, why = refused
+            raise HTTPException(429, f"{why}; retry later", headers={"Retry-After": str(retry)})
         response.headers["Location"] = f"/v1/videos/{job_id}"
         return await backend.status(job_id)
 
@@ -326,8 +431,8 @@ def make_app(backend, config: ServeConfig) -> FastAPI:
             raise HTTPException(404, f"job {job_id} has clips 0..{st['clips'] - 1} of videos 0..{st['videos'] - 1}")
         if k >= st["clips_done"]:
             raise pending(st, f"clip {k}")
-        return _file(clip_path(config.results, job_id, k, video, st["format"]), st["format"],
-                     f"{job_id}-clip{k}-{video}.{st['format']}")
+        return downloads.file(clip_path(config.results, job_id, k, video, st["format"]), st["format"],
+                              f"{job_id}-clip{k}-{video}.{st['format']}")
 
     @v1.get("/videos/{job_id}/file", response_class=FileResponse, responses={**file_ok, **not_found, **not_yet},
             summary="The whole video, once the job is done")
@@ -337,8 +442,8 @@ def make_app(backend, config: ServeConfig) -> FastAPI:
             raise HTTPException(404, f"job {job_id} has videos 0..{st['videos'] - 1}")
         if st["state"] != "done":
             raise pending(st, "the video")
-        return _file(video_path(config.results, job_id, video, st["format"]), st["format"],
-                     f"{job_id}-{video}.{st['format']}")
+        return downloads.file(video_path(config.results, job_id, video, st["format"]), st["format"],
+                              f"{job_id}-{video}.{st['format']}")
 
     @v1.delete("/videos/{job_id}", response_model=JobStatus, summary="Cancel a job",
                responses={202: {"model": JobStatus, "description": "running: it stops after its current step"},
@@ -354,7 +459,8 @@ def make_app(backend, config: ServeConfig) -> FastAPI:
 
     app.include_router(v1)
 
-    @app.get("/healthz", summary="Liveness", responses={503: {"description": "no worker is alive"}})
+    @app.get("/healthz", summary="Liveness and storage", responses={503: {"description": "no worker is alive, or "
+             f"the results folder is missing or has under {config.min_free_bytes} bytes free (status says which)"}})
     async def healthz():
         h = await backend.health()
         return JSONResponse(h, status_code=200 if h["status"] == "ok" else 503)
@@ -368,12 +474,47 @@ def make_app(backend, config: ServeConfig) -> FastAPI:
 
 
 async def _invalid(request, exc: RequestValidationError) -> JSONResponse:
-    """422 naming each bad field; the input is not echoed (it may be huge, or NaN, which JSON cannot carry)."""
-    detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+    """400 for a body that is not JSON at all; else 422 naming each bad field. The input is not echoed (it may be
+    huge, or NaN, which JSON cannot carry), and names and messages from the request are shortened."""
+    errors = exc.errors()
+    bad = next((e for e in errors if e["type"] == "json_invalid"), None)
+    if bad is not None:
+        why, at = bad.get("ctx", {}).get("error", "JSON decode error"), bad["loc"][-1]
+        return JSONResponse({"detail": shorten(f"body is not valid JSON: {why} (at character {at})", 300)},
+                            status_code=400)
+    detail = [{"loc": [shorten(x) if isinstance(x, str) else x for x in e["loc"]], "msg": shorten(e["msg"], 300),
+               "type": e["type"]} for e in errors]
     return JSONResponse({"detail": detail}, status_code=422)
 
 
-def _file(path, fmt: str, name: str) -> FileResponse:
-    if not path.is_file():  # deleted by the janitor between the status read and now
-        raise HTTPException(404, f"{name} is gone (expired)")
-    return FileResponse(path, media_type=MEDIA[fmt], filename=name)
+class Downloads:
+    """Clip and video downloads in progress, at most `most` (503 + Retry-After past it); the protocol's send
+    timeout ends a stalled one, which frees its place."""
+
+    def __init__(self, most: int):
+        self.most, self.active = most, 0
+
+    def file(self, path, fmt: str, name: str) -> FileResponse:
+        if not path.is_file():  # deleted by the janitor between the status read and now
+            raise HTTPException(404, f"{name} is gone (expired)")
+        if self.active >= self.most:
+            raise HTTPException(503, f"{self.most} downloads in progress; retry later", headers={"Retry-After": "1"})
+        self.active += 1  # handlers and responses run on the one event loop: no lock
+        return _Counted(path, media_type=MEDIA[fmt], filename=name, on_end=self._end)
+
+    def _end(self) -> None:
+        self.active -= 1
+
+
+class _Counted(FileResponse):
+    """A FileResponse that says when it has ended, however (sent, client gone, cut off)."""
+
+    def __init__(self, *args, on_end, **kw):
+        super().__init__(*args, **kw)
+        self._on_end = on_end
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_end()

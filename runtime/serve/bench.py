@@ -34,11 +34,12 @@ def serving(model, config, options=None):
     from .api import http_protocol, make_app
     from .worker import LocalService
 
+    config = config.for_model(model)  # as `vidrd serve` does
     service = LocalService(open_runtime(model, options or RuntimeOptions(), config.limits()), config)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(make_app(service, config), log_level="warning",
-                                           http=http_protocol(config.read_timeout_s)))
+                                           http=http_protocol(config)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="vidrd-uvicorn")
     thread.start()
     while not server.started:
@@ -148,7 +149,8 @@ def main(argv=None) -> int:
             "steps": args.steps, "clips": args.clips, "overlap": min(2, args.frames - 1), "format": args.format}
     with tempfile.TemporaryDirectory() as tmp:
         config = ServeConfig(results=tmp, queue_size=args.queue, height=args.size, width=args.size,
-                             frames=args.frames, steps=args.steps, clips=args.clips, overlap=min(2, args.frames - 1))
+                             frames=args.frames, steps=args.steps, clips=args.clips, overlap=min(2, args.frames - 1),
+                             submit_rate=1e9, submit_burst=10**9)  # every client is 127.0.0.1: no per-client rate
         with serving(random_model(args.preset, 0), config) as (base, _):
             results, wall = load(base, args.clients, body, args.cancel_every)
     row = {"bench": "vidrd.serve", "clients": args.clients, "queue": args.queue, "cancel_every": args.cancel_every,

@@ -5,6 +5,7 @@ import ipaddress
 import os
 import signal
 import sys
+import tempfile
 from dataclasses import replace
 
 from .. import shapes
@@ -32,6 +33,11 @@ def register(sub) -> None:
     j = p.add_argument_group("jobs and limits (the runtime's buffers are sized from the limits)")
     j.add_argument("--results", default=D.results, help="folder of job results (shared storage under --ray)")
     j.add_argument("--queue-size", type=int, default=D.queue_size, help="jobs waiting before 429")
+    j.add_argument("--max-records", type=int, default=D.max_records,
+                   help="job records held (open, and finished until their TTL) before 429")
+    j.add_argument("--submit-rate", type=float, default=D.submit_rate,
+                   help="submissions per second per client address, sustained, before 429 + Retry-After")
+    j.add_argument("--submit-burst", type=int, default=D.submit_burst, help="... and at once")
     j.add_argument("--ttl", type=float, default=D.ttl_s, help="seconds a finished job's files are kept")
     for name in ("batch", "frames", "height", "width", "steps", "clips", "overlap"):
         j.add_argument(f"--max-{name}", type=int, default=getattr(D, name), help=f"largest {name} of a request")
@@ -40,6 +46,14 @@ def register(sub) -> None:
     j.add_argument("--read-timeout", type=float, default=D.read_timeout_s,
                    help="seconds a client has to send a request's headers, and then its body (slow clients: 408 or "
                    "the connection closed)")
+    j.add_argument("--max-header-bytes", type=int, default=D.max_header_bytes,
+                   help="larger request headers get 431 and the connection closed")
+    j.add_argument("--send-timeout", type=float, default=D.send_timeout_s,
+                   help="seconds a client may read nothing of a response (a stalled download) before it is cut off")
+    j.add_argument("--max-downloads", type=int, default=D.max_downloads,
+                   help="clip and video downloads in progress at once; more get 503 + Retry-After")
+    j.add_argument("--min-free-mb", type=float, default=D.min_free_bytes / 2**20,
+                   help="/healthz answers 503 'low disk space' when the results folder has less free")
     x = p.add_argument_group("execution (under --ray: of every replica; on a cluster without GPUs, --threads "
                              "defaults to --replica-cpus)")
     add_runtime_args(x)
@@ -58,6 +72,9 @@ def config_from(args) -> ServeConfig:
                     frames=args.max_frames, height=args.max_height, width=args.max_width, steps=args.max_steps,
                     clips=args.max_clips, overlap=args.max_overlap, max_prompt_chars=args.max_prompt_chars,
                     max_body_bytes=args.max_body_bytes, read_timeout_s=args.read_timeout, api_key=args.api_key or None,
+                    max_records=args.max_records, submit_rate=args.submit_rate, submit_burst=args.submit_burst,
+                    max_header_bytes=args.max_header_bytes, send_timeout_s=args.send_timeout,
+                    max_downloads=args.max_downloads, min_free_bytes=int(args.min_free_mb * 2**20),
                     feature_reuse_off=feature_reuse_blocker(runtime_options(args)))
     if is_default_model(args):  # requests that leave a setting out get the embedded model's own
         c = replace(c, defaults=tuple(shapes.SETTINGS.items()), negative_prompt=shapes.NEGATIVE)
@@ -78,7 +95,20 @@ def check(args) -> RuntimeOptions:
     if not loopback and not args.api_key:
         print(f"warning: listening on {args.host} without --api-key: anyone who reaches it can submit jobs",
               file=sys.stderr)
+    check_writable(args.results)
     return options
+
+
+def check_writable(results: str) -> None:
+    """ValueError unless a file can be created in `results` (made if missing): a read-only folder would otherwise
+    pass /healthz and fail every job."""
+    try:
+        os.makedirs(results, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".vidrd-write-check-", dir=results)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"--results {results} is not writable: {e.strerror or e}") from None
 
 
 def run(args) -> int:
@@ -98,21 +128,32 @@ def run_local(args, config: ServeConfig, options: RuntimeOptions) -> int:
     from .worker import LocalService
 
     model, what, _ = load_model(args, dtype=options.torch_dtype, device=options.device)
-    config.check_model(model)
+    config = config.for_model(model)
     service = LocalService(open_runtime(model, options, config.limits()), config)
     print(f"serving {what} ({options.backend} on {options.device}) at http://{args.host}:{args.port} (docs at "
           "/docs)", file=sys.stderr)
-    # SIGTERM (docker stop, systemd) as SIGINT: uvicorn shuts down gracefully on either, then re-raises it; without
-    # this the re-raised SIGTERM would kill the process before the finally below cancels jobs and drops temp files
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    stop_once()
     try:
         uvicorn.run(make_app(service, config), host=args.host, port=args.port, log_level=args.log_level,
-                    http=http_protocol(config.read_timeout_s))
+                    http=http_protocol(config))
     except KeyboardInterrupt:
         pass  # a stop request: shut down cleanly
     finally:
+        stop_once(ignore=True)  # a second signal must not interrupt the cleanup below
         service.close()
     return 0
+
+
+def stop_once(ignore: bool = False) -> None:
+    """SIGINT and SIGTERM (docker stop, systemd) raise KeyboardInterrupt once; any later one is ignored, so that
+    the shutdown (cancel the running job, drop its temporary files, free the runtime) runs to its end. uvicorn
+    handles both while it serves and re-raises the first after its own graceful shutdown."""
+    def handler(sig, frame):
+        stop_once(ignore=True)
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN if ignore else handler)
 
 
 def run_ray(args, config: ServeConfig, options: RuntimeOptions) -> int:
@@ -121,18 +162,24 @@ def run_ray(args, config: ServeConfig, options: RuntimeOptions) -> int:
 
     from .ray import build, start_registry, stop_registry
 
+    from ..model_args import load_model
+
+    model, _, _ = load_model(args, dtype=options.torch_dtype)  # once, on CPU: its schedule bounds requests' steps
+    config = config.for_model(model)
+    del model
     ray.init(address=args.ray_address, include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
     start_registry(config)
     app = build(config, {k: getattr(args, k) for k in MODEL_FLAGS}, options, min_replicas=args.min_replicas,
                 max_replicas=args.max_replicas, replica_cpus=args.replica_cpus)
     print(f"serving on Ray Serve at http://{args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM as Ctrl-C: the finally below runs
+    stop_once()  # SIGTERM as Ctrl-C: the finally below runs, once
     try:
         serve.run(app, name="vidrd", route_prefix="/", blocking=True)
     except KeyboardInterrupt:
         pass
     finally:
+        stop_once(ignore=True)
         serve.shutdown()
         stop_registry()  # job records go with the service, as without --ray (files expire by TTL)
     return 0

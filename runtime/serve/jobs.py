@@ -1,4 +1,5 @@
-"""The service's job registry: bounded admission, states and progress, cancel flags, TTL janitor, Prometheus metrics.
+"""The service's job registry: bounded admission and records, states and progress, cancel flags, TTL janitor,
+storage health, Prometheus metrics.
 
 One Registry holds every job of a service. `vidrd serve` keeps it in-process; `vidrd serve --ray` runs the same
 class as one named Ray actor that every replica talks to, so any replica can answer for any job. Its methods take
@@ -6,15 +7,19 @@ and return plain, picklable values (job ids, dicts, numbers) for that reason.
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 import re
 import secrets
 import shutil
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from vidrd.ref.ddim import SPACINGS
 
 from ..loop import Limits
 
@@ -23,6 +28,10 @@ FINISHED = ("done", "failed", "cancelled")
 FORMATS = ("mp4", "gif")
 ID_PATTERN = r"^[0-9a-f]{32}$"  # secrets.token_hex(16): the only request-derived part of any path
 _ID = re.compile(ID_PATTERN)
+# a job cancelled before it started has no files: its record (GET says "cancelled") is kept this long at most, and
+# is the first to go when the records are at --max-records, so submit-then-cancel cannot hold records until the TTL
+CANCELLED_GRACE_S = 60.0
+log = logging.getLogger("vidrd.serve")
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,9 @@ class ServeConfig:
     """What a service accepts and keeps: per-request limits (the runtime's buffers are sized from them), queue, TTL."""
     results: str = "vidrd-results"  # job folders live here (shared by all replicas under Ray)
     queue_size: int = 8  # jobs waiting for a runtime; one more gets 429
+    max_records: int = 2000  # job records held (open, and finished until their TTL); one more submission gets 429
+    submit_rate: float = 5.0  # submissions per second per client address, sustained (token bucket); more get 429
+    submit_burst: int = 20  # ... and at once
     ttl_s: float = 3600.0  # a finished job's files and record are deleted this long after it ends
     batch: int = 1
     frames: int = 8
@@ -41,6 +53,10 @@ class ServeConfig:
     max_prompt_chars: int = 1000
     max_body_bytes: int = 65536
     read_timeout_s: float = 30.0  # a client must send a request's headers, and then its body, within this time
+    max_header_bytes: int = 16384  # request headers larger than this get 431 and the connection closed
+    send_timeout_s: float = 30.0  # a client that reads nothing of a response for this long is disconnected
+    max_downloads: int = 32  # clip and video downloads in progress at once; one more gets 503 + Retry-After
+    min_free_bytes: int = 64 << 20  # /healthz answers 503 "low disk space" when the results folder has less free
     api_key: str | None = None
     # what a request that leaves a setting out gets: (name, value) pairs over the official defaults (the embedded
     # model's own settings, runtime/shapes), and the negative prompt
@@ -49,10 +65,13 @@ class ServeConfig:
     # why the runtime's UNet cannot reuse features (an exported graph, --compile: quality.feature_reuse_blocker), so
     # requests asking for it are refused and quality presets leave it off; None: it can
     feature_reuse_off: str | None = None
+    # (spacing, most steps) pairs of the model's schedule (for_model): a request with more steps than its spacing
+    # allows is a 422; empty: not known (only `steps` bounds requests)
+    max_steps_by_spacing: tuple = ()
 
     def validate(self) -> None:
         for name in ("queue_size", "batch", "frames", "height", "width", "steps", "clips", "max_prompt_chars",
-                     "max_body_bytes"):
+                     "max_body_bytes", "max_records", "submit_burst", "max_header_bytes", "max_downloads"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be an integer >= 1")
@@ -60,18 +79,26 @@ class ServeConfig:
             raise ValueError(f"height={self.height}, width={self.width} limits must be multiples of 8")
         if not 0 <= self.overlap < self.frames:
             raise ValueError(f"overlap={self.overlap} limit must be in [0, frames={self.frames})")
-        for name in ("ttl_s", "read_timeout_s"):
+        if not isinstance(self.min_free_bytes, int) or self.min_free_bytes < 0:
+            raise ValueError(f"min_free_bytes={self.min_free_bytes!r} must be an integer >= 0")
+        if not (isinstance(self.submit_rate, (int, float)) and 0 < self.submit_rate < float("inf")):
+            raise ValueError(f"submit_rate={self.submit_rate!r} must be a number of submissions per second > 0")
+        for name in ("ttl_s", "read_timeout_s", "send_timeout_s"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0 < v < float("inf")):
                 raise ValueError(f"{name}={v!r} must be a number of seconds > 0")
         if self.api_key is not None and len(self.api_key) < 8:
             raise ValueError("the API key must have at least 8 characters")
 
-    def check_model(self, model) -> None:
-        """ValueError unless the model's scheduler has the timesteps for the steps limit (--max-steps)."""
-        if self.steps > model.scheduler.cfg.num_train_timesteps:
-            raise ValueError(f"--max-steps {self.steps} exceeds the model's {model.scheduler.cfg.num_train_timesteps}"
-                             " training timesteps")
+    def for_model(self, model) -> ServeConfig:
+        """This config with the model's schedule limits (max_steps_by_spacing); ValueError unless the steps limit
+        (--max-steps) fits the schedule of at least one spacing, so that a request at the limit can run."""
+        most = tuple((spacing, model.scheduler.max_steps(spacing)) for spacing in SPACINGS)
+        if all(self.steps > n for _, n in most):
+            raise ValueError(f"--max-steps {self.steps} exceeds what the model's schedule of "
+                             f"{model.scheduler.cfg.num_train_timesteps} training timesteps allows ("
+                             + ", ".join(f"{n} with {spacing} spacing" for spacing, n in most) + ")")
+        return replace(self, max_steps_by_spacing=most)
 
     def limits(self) -> Limits:
         """The runtime's buffer sizes: the largest request this service accepts."""
@@ -99,6 +126,22 @@ def video_path(results, job_id: str, video: int, fmt: str) -> Path:
     return job_dir(results, job_id) / f"video-{video}.{fmt}"
 
 
+def storage_health(config: ServeConfig) -> tuple[str | None, dict]:
+    """(problem or None, disk) of the results folder for /healthz: missing, not a folder, or under min_free_bytes
+    free (a job would fail writing its files). Never recreates the folder: a vanished mount must show, not be
+    papered over by a folder on another disk."""
+    disk = {"results": str(config.results), "free_bytes": None, "min_free_bytes": config.min_free_bytes}
+    if not os.path.isdir(config.results):
+        return f"results folder {config.results} is missing", disk
+    try:
+        disk["free_bytes"] = shutil.disk_usage(config.results).free
+    except OSError as e:
+        return f"results folder {config.results} unusable: {e.strerror or e}", disk
+    if disk["free_bytes"] < config.min_free_bytes:
+        return "low disk space", disk
+    return None, disk
+
+
 @dataclass
 class Job:
     """A job's record; `spec` is the validated request (see api.to_spec)."""
@@ -117,6 +160,13 @@ class Job:
     worker: str | None = None
     attempts: int = 0
 
+    def expires(self, ttl_s: float) -> float | None:
+        """When the record (and its files) go: TTL after the end; sooner for a job cancelled before it started."""
+        if self.finished is None:
+            return None
+        unstarted = self.state == "cancelled" and self.started is None
+        return self.finished + (min(ttl_s, CANCELLED_GRACE_S) if unstarted else ttl_s)
+
     def status(self, ttl_s: float) -> dict:
         s = self.spec["settings"]
         return {"id": self.id, "state": self.state, "error": self.error, "cancel_requested": self.cancel,
@@ -124,7 +174,7 @@ class Job:
                 "clips_done": self.clips_done, "steps_per_clip": s["steps"], "steps_done": self.steps_done,
                 "steps_total": s["clips"] * s["steps"], "worker": self.worker, "attempts": self.attempts,
                 "created": self.created, "started": self.started, "finished": self.finished,
-                "expires": None if self.finished is None else self.finished + ttl_s, "request": self.spec}
+                "expires": self.expires(ttl_s), "request": self.spec}
 
 
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -172,16 +222,24 @@ class Registry:
 
     # ------------------------------------------------------------------------------------------ clients
 
-    def submit(self, job_id: str, spec: dict) -> int:
-        """Queue a job: 0, or the Retry-After seconds when the queue is full (the job is not recorded)."""
+    def submit(self, job_id: str, spec: dict) -> tuple[int, str] | None:
+        """Queue a job: None, or (Retry-After seconds, why) when the queue or the records are full (the job is not
+        recorded). At the records bound, jobs cancelled before they started are forgotten first, oldest first."""
         with self._lock:
             if job_id in self.jobs:
                 raise ValueError(f"job id {job_id} already exists")
             if self._depth() >= self.config.queue_size:
                 self.rejected += 1
-                return self._retry_after()
+                return self._retry_after(), f"the queue is full ({self.config.queue_size} jobs waiting)"
+            if len(self.jobs) >= self.config.max_records:
+                self._forget_unstarted(len(self.jobs) - self.config.max_records + 1)
+            if len(self.jobs) >= self.config.max_records:
+                self.rejected += 1
+                ends = [j.expires(self.config.ttl_s) for j in self.jobs.values() if j.finished is not None]
+                retry = math.ceil(min(ends) - time.time()) if ends else self._retry_after()
+                return max(1, retry), f"the service holds {self.config.max_records} job records"
             self.jobs[job_id] = Job(job_id, spec, time.time())
-            return 0
+            return None
 
     def status(self, job_id: str) -> dict | None:
         with self._lock:
@@ -269,12 +327,12 @@ class Registry:
         """Delete finished jobs past their TTL, and job folders nobody knows about that are older than the TTL."""
         now = time.time() if now is None else now
         ttl, root = self.config.ttl_s, Path(self.config.results)
-        with self._lock:
-            gone = [j.id for j in self.jobs.values() if j.finished is not None and j.finished + ttl < now]
+        with self._lock:  # records first: they expire even when the folder below cannot be read
+            gone = [j.id for j in self.jobs.values() if j.finished is not None and j.expires(ttl) < now]
             for job_id in gone:
                 del self.jobs[job_id]
             known = set(self.jobs)
-        for path in root.iterdir():
+        for path in root.iterdir():  # OSError when the folder is gone: the janitor logs it and tries again
             if not valid_id(path.name) or path.name in known:
                 continue  # never touch anything that is not a job folder
             try:
@@ -286,8 +344,16 @@ class Registry:
         return gone
 
     def _janitor_loop(self, period: float) -> None:
+        """Sweep every `period`; an error is logged (once until it changes) and the next sweep tries again."""
+        last = None
         while not self._stop.wait(period):
-            self.sweep()
+            try:
+                self.sweep()
+                last = None
+            except Exception as e:  # noqa: BLE001 - one bad sweep (results folder removed, I/O error) must not end it
+                if repr(e) != last:
+                    log.warning("janitor: sweep failed (retrying every %.3g s): %s: %s", period, type(e).__name__, e)
+                last = repr(e)
 
     def close(self) -> None:
         self._stop.set()
@@ -306,7 +372,7 @@ class Registry:
                      "# HELP vidrd_jobs Jobs known to the service, by state (finished ones until their TTL).",
                      "# TYPE vidrd_jobs gauge"]
             lines += [f'vidrd_jobs{{state="{s}"}} {states.get(s, 0)}' for s in STATES]
-            lines += ["# HELP vidrd_jobs_rejected_total Submissions refused with 429 (queue full).",
+            lines += ["# HELP vidrd_jobs_rejected_total Submissions refused with 429 (queue or job records full).",
                       "# TYPE vidrd_jobs_rejected_total counter", f"vidrd_jobs_rejected_total {self.rejected}",
                       "# HELP vidrd_stage_seconds Latency per stage: queue_wait, first_clip (start to first clip "
                       "published), denoise_step, run (start to end), total (submit to end).",
@@ -325,6 +391,13 @@ class Registry:
 
     def _depth(self) -> int:
         return sum(j.state == "queued" for j in self.jobs.values())
+
+    def _forget_unstarted(self, n: int) -> None:
+        """Drop the records of up to `n` jobs cancelled before they started (no files), oldest first."""
+        unstarted = sorted((j for j in self.jobs.values() if j.state == "cancelled" and j.started is None),
+                           key=lambda j: j.finished)
+        for job in unstarted[:n]:
+            del self.jobs[job.id]
 
     def _retry_after(self) -> int:
         """Seconds until a queue slot is likely free: one mean job run time (1 s before any job finished)."""

@@ -25,7 +25,7 @@ from ray import serve
 
 from ..options import RuntimeOptions
 from .api import make_app
-from .jobs import Registry, ServeConfig, new_id
+from .jobs import Registry, ServeConfig, new_id, storage_health
 from .worker import execute, worker_name
 
 log = logging.getLogger("vidrd.serve")
@@ -78,7 +78,7 @@ class Generator:
 
         options = options.resolved()  # the replica's device: cuda when it has a GPU
         model, what, _ = load_model(argparse.Namespace(**model_args), dtype=options.torch_dtype, device=options.device)
-        config.check_model(model)
+        assert config.for_model(model) == config, "the driver's model schedule differs from this replica's"
         self.rt = open_runtime(model, options, config.limits())
         self.config, self.name = config, worker_name()
         self.registry = _Blocking(ray.get_actor(REGISTRY, namespace=NAMESPACE))
@@ -92,7 +92,7 @@ class Generator:
         spec = self.registry.take(job_id, self.name)
         if spec is None:  # cancelled while queued
             return "skipped"
-        return execute(self.rt, self.config.results, job_id, spec, self.registry)
+        return execute(self.rt, self.config, job_id, spec, self.registry)
 
     def __del__(self):
         if getattr(self, "rt", None) is not None:
@@ -102,19 +102,19 @@ class Generator:
 class RayBackend:
     """api.make_app's backend on Ray: registry calls awaited, jobs dispatched to Generator replicas."""
 
-    def __init__(self, registry, generator):
-        self.registry, self.generator = registry, generator
+    def __init__(self, registry, generator, config: ServeConfig):
+        self.registry, self.generator, self.config = registry, generator, config
         self._dispatches: set[asyncio.Task] = set()
 
-    async def submit(self, spec: dict) -> tuple[str | None, int]:
+    async def submit(self, spec: dict) -> tuple[str | None, tuple[int, str] | None]:
         job_id = new_id()
-        retry = await self.registry.submit.remote(job_id, spec)
-        if retry:
-            return None, retry
+        refused = await self.registry.submit.remote(job_id, spec)
+        if refused:
+            return None, refused
         task = asyncio.get_running_loop().create_task(self._dispatch(job_id))
         self._dispatches.add(task)
         task.add_done_callback(self._dispatches.discard)
-        return job_id, 0
+        return job_id, None
 
     async def _dispatch(self, job_id: str) -> None:
         try:
@@ -134,8 +134,9 @@ class RayBackend:
         return await self.registry.metrics.remote()
 
     async def health(self) -> dict:
-        return {"status": "ok", "queue_depth": await self.registry.depth.remote(),
-                "dispatched": len(self._dispatches)}
+        problem, disk = storage_health(self.config)  # the shared results folder, as this node sees it
+        return {"status": problem or "ok", "queue_depth": await self.registry.depth.remote(),
+                "dispatched": len(self._dispatches), "disk": disk}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -145,7 +146,7 @@ class Ingress:
 
     def __init__(self, generator, config: ServeConfig):
         self.config = config
-        self.backend = RayBackend(ray.get_actor(REGISTRY, namespace=NAMESPACE), generator)
+        self.backend = RayBackend(ray.get_actor(REGISTRY, namespace=NAMESPACE), generator, config)
 
     def __serve_build_asgi_app__(self):
         return make_app(self.backend, self.config)
