@@ -31,7 +31,8 @@ def serving(model, config, options=None):
     import uvicorn
 
     from ..options import RuntimeOptions, open_runtime
-    from .api import http_protocol, make_app
+    from .api import make_app
+    from .limits import http_protocol
     from .worker import LocalService
 
     config = config.for_model(model)  # as `vidrd serve` does

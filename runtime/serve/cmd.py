@@ -124,7 +124,8 @@ def run_local(args, config: ServeConfig, options: RuntimeOptions) -> int:
 
     from ..model_args import load_model
     from ..options import open_runtime
-    from .api import http_protocol, make_app
+    from .api import make_app
+    from .limits import http_protocol
     from .worker import LocalService
 
     model, what, _ = load_model(args, dtype=options.torch_dtype, device=options.device)
