@@ -78,7 +78,7 @@ class Generator:
 
         options = options.resolved()  # the replica's device: cuda when it has a GPU
         model, what, _ = load_model(argparse.Namespace(**model_args), dtype=options.torch_dtype, device=options.device)
-        assert config.for_model(model) == config, "the driver's model schedule differs from this replica's"
+        config.for_model(model)  # ValueError unless --max-steps fits this model's schedule
         self.rt = open_runtime(model, options, config.limits())
         self.config, self.name = config, worker_name()
         self.registry = _Blocking(ray.get_actor(REGISTRY, namespace=NAMESPACE))
