@@ -57,8 +57,9 @@ def main(argv=None) -> int:
     try:
         return _run(args)
     finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+        if all(signal.getsignal(sig) is _on_signal for sig in handlers):  # no signal came: put them back
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
 
 
 def _run(args) -> int:

@@ -91,7 +91,7 @@ class VideoWriter:
         check_output(path, force, fps=fps)
         self.path, self.kind, self.force, self.fps = Path(path), output_kind(path), force, Fraction(fps).limit_denominator(1001)
         self.frames_written = 0
-        self._container = self._stream = None
+        self._container = self._stream = self._file = None
         if self.kind == "png":
             self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
         else:
@@ -101,7 +101,9 @@ class VideoWriter:
 
     def _open(self, h: int, w: int) -> None:
         import av
-        self._container = av.open(str(self._tmp), mode="w", format=self.kind)
+        # our own file object: when ffmpeg fails to write (a full disk), it may keep its descriptor; ours we close
+        self._file = open(self._tmp, "wb")
+        self._container = av.open(self._file, mode="w", format=self.kind)
         if self.kind == "mp4":
             if h % 2 or w % 2:
                 raise ValueError(f"H.264 needs even frame sizes, got {w}x{h}")
@@ -152,6 +154,8 @@ class VideoWriter:
                 self._container.mux(packet)
             self._container.close()
             self._container = None
+            self._file.close()
+            self._file = None
         _publishable(self._tmp)
         if self.kind == "png" and self.path.exists():  # only with force, and only a folder of frames (check_target)
             check_target(self.path, self.force, "frames")  # still only frames: nothing foreign was added meanwhile
@@ -165,13 +169,18 @@ class VideoWriter:
     def abort(self) -> None:
         """Drop the partial output; what was at `path` before stays untouched. Never raises: closing a container on
         a full disk raises the write error again, and the temporary output must go whatever close says."""
-        container, self._container = self._container, None
+        container, self._container, file, self._file = self._container, None, self._file, None
         try:
             if container is not None:
                 container.close()
         except Exception:  # noqa: BLE001 - the error that made us abort has been raised already
             pass
         finally:
+            if file is not None:
+                try:
+                    file.close()  # flushing a full disk's buffer raises again; the descriptor is closed anyway
+                except OSError:
+                    pass
             if self._tmp.is_dir():
                 shutil.rmtree(self._tmp, ignore_errors=True)
             else:

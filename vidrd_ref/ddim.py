@@ -40,6 +40,11 @@ class DDIM:
         self.check_steps(steps, spacing)
         return self._timesteps(steps, spacing)
 
+    def levels(self, steps: int, spacing: str = "leading") -> list[int]:
+        """The `steps` timesteps as numbers, unchecked: the official windows' noise levels for another schedule
+        (SamplerSettings.pinned), where leading's first of 1000 steps, t=1000, is a level, not an index."""
+        return self._timesteps(steps, spacing).tolist()
+
     def _timesteps(self, steps: int, spacing: str) -> torch.Tensor:
         n = self.cfg.num_train_timesteps
         if spacing == "leading":

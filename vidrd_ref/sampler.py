@@ -161,7 +161,7 @@ class SamplerSettings:
         o, t = self.overlap, self.steps
         if self.spacing == "leading":
             return [sum(self.guided(i, k) for k in range(o)) for i in range(t)]
-        lead, own = scheduler.timesteps(t).tolist(), scheduler.timesteps(t, self.spacing).tolist()
+        lead, own = scheduler.levels(t), scheduler.timesteps(t, self.spacing).tolist()
         free = []  # per frame: the first leading timestep it is not pinned at (never pinned: above every timestep)
         for k in range(o):
             n = sum(self.guided(i, k) for i in range(t))  # the official window: steps 0..n-1
