@@ -53,21 +53,29 @@ def _kernels():
     return flash
 
 
+def device_reason(t, interpreted):
+    """Why Triton kernels (interpreted or not) cannot run on t's device, or None when they can."""
+    if t.device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1" or not interpreted:
+            return "CPU tensors need TRITON_INTERPRET=1 set before triton kernels are imported"
+    elif t.device.type != "cuda":
+        return f"device type {t.device.type}"
+    elif not interpreted:
+        if torch.version.hip is not None:
+            return "ROCm GPUs (configs and compile checks cover NVIDIA only)"
+        if torch.cuda.get_device_capability(t.device) < (8, 0):
+            return "CUDA GPUs older than sm_80"
+    return None
+
+
 def _unsupported(q, k, v):
     """Why the Triton path cannot run these valid inputs, or None when it can."""
     kern = _kernels()
     if kern is None:
         return "triton is not importable"
-    if q.device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1" or not kern.INTERPRETED:
-            return "CPU tensors need TRITON_INTERPRET=1 set before triton kernels are imported"
-    elif q.device.type != "cuda":
-        return f"device type {q.device.type}"
-    elif not kern.INTERPRETED:
-        if torch.version.hip is not None:
-            return "ROCm GPUs (configs and compile checks cover NVIDIA only)"
-        if torch.cuda.get_device_capability(q.device) < (8, 0):
-            return "CUDA GPUs older than sm_80"
+    reason = device_reason(q, kern.INTERPRETED)
+    if reason is not None:
+        return reason
     if q.dtype not in DTYPES:
         return f"dtype {q.dtype}"
     if q.shape[3] > MAX_HEAD_D:
