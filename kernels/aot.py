@@ -1,6 +1,7 @@
 """Compile every kernel plan in configs.json for sm_80 / sm_90 without a GPU (triton.compile + GPUTarget).
 
-Run as `python -m vidrd.kernels.aot [--json]` with TRITON_INTERPRET unset: under the interpreter even
+Run as `python -m vidrd.kernels.aot [--json]` (`--fused 90`: the fused GroupNorm+SiLU and GEGLU kernels instead)
+with TRITON_INTERPRET unset: under the interpreter even
 triton.language helpers (tl.max, tl.cdiv) are interpreted functions that the compiler cannot lower.
 Compiles through Triton's whole NVIDIA pipeline (ttir, ttgir, llir, ptx, cubin via its bundled ptxas)
 and checks the shared memory each kernel needs against the GPUs that entry can run on.
@@ -79,6 +80,30 @@ def _compile_until(src, target, opts, stop):
     return metadata
 
 
+def specialize(fn, values, consts):
+    """(signature, constexprs, attrs) for triton.compile, mimicking the launcher's specialization of `values`
+    (argument name -> '*fp16'-style pointer type, float or int): ints equal to 1 become constants, pointers and
+    multiples of 16 get tt.divisibility 16."""
+    sig, attrs = {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        v = values.get(arg)
+        if arg in consts:
+            sig[arg] = "constexpr"
+        elif isinstance(v, str):
+            sig[arg] = v
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[arg] = "fp32"
+        elif v == 1:
+            sig[arg] = "constexpr"
+            consts = dict(consts, **{arg: 1})
+        else:
+            sig[arg] = "i32"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
 def compile_case(case, stop="cubin"):
     """Compile one case through stage `stop` ('cubin': all of triton.compile; 'llir': through
     shared-memory allocation and LLVM IR); the case plus ok, shared (bytes), smem_limit, seconds, error."""
@@ -92,24 +117,8 @@ def compile_case(case, stop="cubin"):
         name, consts, opts = plan(case["key"], DTYPES[case["dtype"]], case["d"], case["lq"], case["lk"])
         fn = flash.compilable(getattr(flash, name))
         values = _arg_values(name, 2, 5, case["lq"], case["lk"], case["d"])
-        # Mimic the launcher's specialization: ints equal to 1 become constants, multiples of 16
-        # and pointers get tt.divisibility 16.
-        sig, attrs = {}, {}
-        for i, arg in enumerate(fn.arg_names):
-            if arg in consts:
-                sig[arg] = "constexpr"
-            elif arg in ("Q", "K", "V", "O"):
-                sig[arg] = "*" + case["dtype"]
-                attrs[(i,)] = [["tt.divisibility", 16]]
-            elif arg == "qk_scale":
-                sig[arg] = "fp32"
-            elif values[arg] == 1:
-                sig[arg] = "constexpr"
-                consts = dict(consts, **{arg: 1})
-            else:
-                sig[arg] = "i32"
-                if values[arg] % 16 == 0:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
+        values.update({p: "*" + case["dtype"] for p in ("Q", "K", "V", "O")}, qk_scale=0.125)
+        sig, consts, attrs = specialize(fn, values, consts)
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
         target = GPUTarget("cuda", case["arch"], 32)
         if stop == "cubin":
@@ -141,6 +150,96 @@ def compile_all(full=False, stop="cubin", workers=None):
         return list(pool.map(_run, jobs))
 
 
+# The fused kernels (kernels/fused.py) on SD2.1 video UNet shapes: GroupNorm + SiLU on a 256px level-0 block
+# (B=2, C=320, G=32, F=8, 32x32) in the frame-major layout a per-frame conv returns, channels-last-3d and contiguous;
+# GEGLU on its feed-forward (B F h w = 16384 rows, I = 1280). fp16 covers every variant, bf16 and fp32 the main one.
+GN_SHAPE = (2, 320, 8, 32, 32)
+GEGLU_SHAPE = (16384, 2 * 1280)
+
+
+def fused_cases(arch=90):
+    """Every (kernel, dtype, layout, with temb / bias) of the fused kernels to compile for sm_<arch>."""
+    out = []
+    for dtype in DTYPES:
+        variants = [("frame-major", True)]
+        if dtype == "fp16":
+            variants += [("channels-last", False), ("contiguous", True)]
+        for layout, temb in variants:
+            for kernel in ("gn_stats", "gn_apply"):
+                out.append(dict(arch=arch, dtype=dtype, kernel=kernel, layout=layout, extra=temb))
+        for bias in (True, False) if dtype == "fp16" else (True,):
+            out.append(dict(arch=arch, dtype=dtype, kernel="geglu_fwd", layout="rows", extra=bias))
+    return out
+
+
+def _fused_values(case):
+    """(kernel module name, keyword arguments) of one fused case, built by the wrapper from meta tensors."""
+    from . import fused
+    dtype = DTYPES[case["dtype"]]
+    meta = dict(dtype=dtype, device="meta")
+    if case["kernel"] == "geglu_fwd":
+        x = torch.empty(GEGLU_SHAPE, **meta)
+        bias = torch.empty(GEGLU_SHAPE[1], **meta) if case["extra"] else None
+        return "geglu", fused.geglu_args(x, bias, torch.empty(GEGLU_SHAPE[0], GEGLU_SHAPE[1] // 2, **meta))[1]
+    b, c, f, h, w = GN_SHAPE
+    if case["layout"] == "frame-major":  # (B,F,C,h,w) memory seen as (B,C,F,h,w)
+        x = torch.empty(b, f, c, h, w, **meta).transpose(1, 2)
+    elif case["layout"] == "channels-last":
+        x = torch.empty(GN_SHAPE, **meta).contiguous(memory_format=torch.channels_last_3d)
+    else:
+        x = torch.empty(GN_SHAPE, **meta)
+    weight, bias = torch.empty(c, **meta), torch.empty(c, **meta)
+    temb = torch.empty(b, c, **meta) if case["extra"] else None
+    _, stats, apply, _ = fused.gn_args(x, weight, bias, 32, 1e-5, temb, torch.empty_like(x))
+    return "groupnorm", dict(stats if case["kernel"] == "gn_stats" else apply, PART=torch.empty(1, **meta))
+
+
+def compile_fused_case(case, stop="cubin"):
+    """Compile one fused case like compile_case: the case plus ok, shared, smem_limit, seconds, error."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from .flash import compilable
+    from .fused import NUM_WARPS
+    t0 = time.time()
+    row = dict(case, stop=stop)
+    try:
+        module, kwargs = _fused_values(case)
+        fn = compilable(getattr(importlib.import_module(f".{module}", __package__), case["kernel"]))
+        pointer = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+        values = {k: pointer[v.dtype] if k != "PART" else "*fp32" for k, v in kwargs.items()
+                  if isinstance(v, torch.Tensor)}
+        values.update({k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)})
+        consts = {k: values[k] for k, p in zip(fn.arg_names, fn.params) if p.is_constexpr}
+        sig, consts, attrs = specialize(fn, values, consts)
+        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+        target, opts = GPUTarget("cuda", case["arch"], 32), dict(num_warps=NUM_WARPS)
+        if stop == "cubin":
+            kernel = triton.compile(src, target=target, options=opts)
+            shared, done = kernel.metadata.shared, "cubin" in kernel.asm
+        else:
+            shared, done = _compile_until(src, target, opts, stop)["shared"], True
+        limit = SMEM[f"sm_{case['arch']}"]
+        row.update(shared=shared, smem_limit=limit, ok=done and shared <= limit, error=None)
+    except Exception as e:  # report, do not stop the sweep
+        row.update(ok=False, error=f"{type(e).__name__}: {str(e)[-2000:]}")
+    row["seconds"] = round(time.time() - t0, 2)
+    return row
+
+
+def _run_fused(job):
+    return compile_fused_case(*job)
+
+
+def compile_fused(arch=90, stop="cubin", workers=None):
+    """compile_fused_case over fused_cases(arch), in parallel processes. A list of result rows."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(_run_fused, [(c, stop) for c in fused_cases(arch)]))
+
+
 def main(argv=None):
     """CLI: print one row per case (JSON with --json); exit 1 if any failed."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -149,10 +248,15 @@ def main(argv=None):
     p.add_argument("--stop", default="cubin", choices=["ttgir", "llir", "ptx", "cubin", "auto"],
                    help="last stage to run (default cubin: the whole of triton.compile)")
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--fused", type=int, metavar="ARCH", choices=ARCHES, default=None,
+                   help="compile the fused GroupNorm+SiLU and GEGLU kernels for sm_ARCH instead (stop 'auto': cubin)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("vidrd.kernels.aot: unset TRITON_INTERPRET (the interpreter cannot compile kernels)")
-    rows = compile_all(args.full, args.stop, args.workers)
+    if args.fused:
+        rows = compile_fused(args.fused, "cubin" if args.stop == "auto" else args.stop, args.workers)
+    else:
+        rows = compile_all(args.full, args.stop, args.workers)
     if args.json:
         print(json.dumps(rows))
     else:
