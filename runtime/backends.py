@@ -17,7 +17,7 @@ import math
 import torch
 
 from vidrd.export.spec import LATENT, ComponentSpec
-from vidrd.ref.attention import CrossKV, set_attention
+from vidrd.ref.attention import Attention, CrossKV, set_attention
 
 from . import fast_ops as fast_ops_module
 
@@ -41,6 +41,9 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def __call__(self, *buffers) -> None:
         """Read the inputs and write the outputs, all caller-owned buffers."""
+
+    def new_context(self) -> None:
+        """The caller wrote a new text context into its buffer (a new request): drop anything derived from the old."""
 
 
 class Graph(abc.ABC):
@@ -74,15 +77,20 @@ class TorchUNet(Backend):
     def __init__(self, model, dtype: torch.dtype, device: torch.device, compile: str | None = None,
                  attention: str = "sdpa", fast_ops: bool = False):
         self.dtype, self.device = dtype, device
-        self.net = set_attention(model.unet, attention)
+        self.net = model.unet
+        if any(isinstance(m, Attention) and m.backend != attention for m in self.net.modules()):
+            self.net = set_attention(fast_ops_module.shared_copy(self.net), attention)  # the caller's stays as is
         if fast_ops:  # a copy sharing the weights (runtime/fast_ops.py); chunked attention is eager-only
             self.net = fast_ops_module.apply(self.net, chunked_attention=compile is None)
         self.fn = self.net if compile is None else _compiled(self.net, compile, device)
         # A compiled graph takes tensors only; a FeatureCache holds a tensor between calls (see README, presets).
         self.feature_cache = compile is None
         # eager: cross-attention keys/values of the request's context and, under guidance reuse, of its conditional
-        # half (a view of it), keyed on where and when the context was written: the runtime writes it once a request
+        # half (a view of it), keyed on the view; new_context() drops them when a request writes a new context
         self.cross_kv: dict[tuple, CrossKV] = {}
+
+    def new_context(self) -> None:
+        self.cross_kv.clear()
 
     @torch.no_grad()
     def __call__(self, sample, timestep, context, out, cache=None):
@@ -90,20 +98,19 @@ class TorchUNet(Backend):
             assert cache is None, "the compiled UNet takes no FeatureCache"
             out.copy_(self.fn(sample, timestep, context))
             return
-        written = (context.untyped_storage().data_ptr(), context._version)  # views share their base's version
-        key = (*written, context.data_ptr(), tuple(context.shape))
+        key = (context.data_ptr(), tuple(context.shape), tuple(context.stride()))
         kv = self.cross_kv.get(key)
         if kv is None:
-            self.cross_kv = {k: v for k, v in self.cross_kv.items() if k[:2] == written}  # drop stale requests'
             kv = self.cross_kv[key] = CrossKV(self.net, context)
         out.copy_(self.net(sample, timestep, kv, cache=cache))  # cache None: the plain forward
 
 
 def _compiled(fn, mode: str, device: torch.device):
-    """torch.compile for inference; on the CPU with freezing (weights as constants: prepacked oneDNN kernels)."""
+    """torch.compile for inference; on the CPU with freezing (weights as constants: prepacked oneDNN kernels), set
+    for this graph only: the mode's own inductor options plus freezing, not the process-wide inductor config."""
     if device.type == "cpu":
-        import torch._inductor.config as inductor
-        inductor.freezing = True
+        from torch._inductor import list_mode_options
+        return torch.compile(fn, options={**list_mode_options(mode, dynamic=False), "freezing": True}, dynamic=False)
     return torch.compile(fn, mode=mode, dynamic=False)
 
 

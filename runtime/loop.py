@@ -67,6 +67,10 @@ class Cancelled(Exception):
     """Raised by an on_step callback to stop a generation after the current step."""
 
 
+class Superseded(RuntimeError):
+    """A generation resumed after another one took over the runtime's buffers."""
+
+
 class NonFiniteOutput(RuntimeError):
     """The VAE decoder wrote NaN or inf (the SD VAE overflows in float16): the clip would be silently black."""
 
@@ -334,7 +338,9 @@ class Runtime:
         for be in (text, unet, vae):  # engines with fixed profiles say now if the largest request cannot run
             assert isinstance(be, Backend), f"{type(be).__name__} does not implement runtime.backends.Backend"
             _check_setup(be, lim)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the owner: which generation may use the buffers
+        self._owner, self._computing = None, False
+        self._inflight: Future | None = None  # the last clip submitted to the decode thread
         # On a GPU the VAE decodes a clip on its own thread and CUDA stream while the next clip denoises. On the CPU
         # both would share the same cores (and OpenMP pools spin against each other), so decoding is inline there.
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="vidrd-decode") if dev.type == "cuda" else None
@@ -382,14 +388,53 @@ class Runtime:
     # -------------------------------------------------------------------------------------------- generation
 
     def generate(self, request: Request, on_step: Callable[[int, int], None] | None = None) -> Iterator[Clip]:
-        """Yield each clip as soon as it is decoded. Closing the generator, or on_step raising Cancelled, stops it."""
+        """Validate `request` now (ValueError before any generator exists), then return an iterator that yields each
+        clip as soon as it is decoded. Closing it, or on_step raising Cancelled, stops it.
+
+        One generation at a time owns the buffers. A generation waiting at a yield (its caller paused, or dropped it
+        without close()) is superseded by the next one: resuming it raises Superseded. A generation that is
+        computing (in another thread) makes the next one raise RuntimeError."""
         prompts, negatives, s = self.check(request)
-        if not self._lock.acquire(blocking=False):
-            raise RuntimeError("this runtime is already generating; one request at a time per runtime")
+        return self._stream(prompts, negatives, s, request, on_step)
+
+    def _stream(self, prompts, negatives, s, request, on_step):
+        token = object()
+        self._claim(token)
         try:
-            yield from self._run(self.prepare(prompts, negatives, s, request), on_step)
+            clips = self._run(self.prepare(prompts, negatives, s, request), on_step)
+            for clip in clips:
+                self._pause(token)
+                yield clip
+                self._resume(token, clips)
         finally:
-            self._lock.release()
+            self._release(token)
+
+    def _claim(self, token) -> None:
+        with self._lock:
+            if self._computing:
+                raise RuntimeError("this runtime is already generating; one request at a time per runtime")
+            self._owner, self._computing = token, True
+        if self._inflight is not None:  # a superseded generation's clip may still be decoding into our buffers
+            self._inflight.exception()
+            self._inflight = None
+
+    def _pause(self, token) -> None:
+        with self._lock:
+            if self._owner is token:
+                self._computing = False
+
+    def _resume(self, token, clips) -> None:
+        with self._lock:
+            if self._owner is token:
+                self._computing = True
+                return
+        clips.close()
+        raise Superseded("another generation started on this runtime while this one waited; its buffers are gone")
+
+    def _release(self, token) -> None:
+        with self._lock:
+            if self._owner is token:
+                self._owner, self._computing = None, False
 
     @torch.no_grad()
     def prepare(self, prompts, negatives, s: SamplerSettings, request: Request) -> Generation:
@@ -402,6 +447,7 @@ class Runtime:
         self.text(job.ids, job.ctx)
         if job.ctx_unet is not job.ctx:
             job.ctx_unet.copy_(job.ctx)
+        self.unet.new_context()
         self.history.start(job.shape, s, self.scheduler)
         timesteps = self.scheduler.timesteps(s.steps, s.spacing).tolist()
         rows = []
@@ -438,7 +484,7 @@ class Runtime:
                 if pending is not None:  # the previous clip's decode must finish before dec_in is reused
                     yield pending.result()
                 if self._decoder is not None:
-                    pending = self._decoder.submit(self._decode, job, c, *job.handoff())
+                    pending = self._inflight = self._decoder.submit(self._decode, job, c, *job.handoff())
                 else:
                     clip = self._decode(job, c, *job.handoff())  # first: a failed decode leaves no unset Future
                     pending = Future()

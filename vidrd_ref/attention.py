@@ -1,8 +1,6 @@
 """The one attention switch of the reference model: `sdpa` (default), `math`, `chunked`, or `triton` (vidrd.kernels)."""
 from __future__ import annotations
 
-import threading
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -11,7 +9,6 @@ BACKENDS = ("sdpa", "math", "chunked", "triton")
 # `chunked` computes one (Lq,Lk) score matrix at a time where both sequences are at least this long (the spatial
 # self-attention of the largest levels); shorter ones go to SDPA, which is as fast there.
 CHUNKED_MIN_LEN = 256
-_FPMATH = threading.Lock()  # `chunked` changes oneDNN's process-wide fpmath mode for its score products
 # CUDA SDPA kernels put the batch in a grid dimension limited to 65,535 blocks; temporal attention has batch
 # (2B h w): eight 512 px prompts under guidance reach 2*8*64*64 = 65,536. Larger batches run in slices.
 SDPA_MAX_BATCH = 65535
@@ -47,13 +44,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, back
 
 
 def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """bf16 attention on the CPU over long sequences, one (batch, head) at a time: the scores as bf16 dot products
-    with float32 results (oneDNN fpmath bf16: exact products of the bf16 inputs, float32 sums) in one float32 (Lq,Lk)
-    buffer (4 MiB at 1024 tokens: no fresh pages, stays in cache), softmax in float32, bf16 weights times v. About
-    2x faster than the CPU flash kernel at 1024 tokens with the same accuracy (BENCHMARKS.md). Float32 inputs, short
-    sequences and CUDA tensors go to SDPA (no faster this way). oneDNN's fpmath mode is process-wide: float32 matrix
-    products that other threads run meanwhile also take bf16 inputs (vidrd's runtime runs its CPU networks on one
-    thread). q (N,H,Lq,Dh), k/v (N,H,Lk,Dh)."""
+    """bf16 attention on the CPU over long sequences, one (batch, head) at a time: the scores as float32 products of
+    the bf16 values (exact: a product of two bf16 numbers fits float32's mantissa; float32 sums) in one float32
+    (Lq,Lk) buffer (4 MiB at 1024 tokens: no fresh pages, stays in cache), softmax in float32, bf16 weights times v.
+    Nothing process-wide changes (oneDNN's bf16 fpmath mode would be faster on bf16 units, but it applies to every
+    thread's float32 products). Float32 inputs, short sequences and CUDA tensors go to SDPA (no faster this way).
+    q (N,H,Lq,Dh), k/v (N,H,Lk,Dh)."""
     n, heads, lq, _ = q.shape
     lk = k.shape[2]
     if q.device.type != "cpu" or q.dtype != torch.bfloat16 or min(lq, lk) < CHUNKED_MIN_LEN:
@@ -62,17 +58,11 @@ def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> 
     scores = torch.empty(lq, lk, dtype=torch.float32)  # (Lq,Lk), reused by every (batch, head)
     weights = torch.empty(lq, lk, dtype=q.dtype)  # (Lq,Lk)
     qf, kf = q.float(), k.float()  # (N,H,L,Dh): the bf16 values exactly
-    mm = torch.backends.mkldnn.matmul
-    with _FPMATH:  # the setting is process-wide: callers in other threads take turns, so it is always put back
-        before, mm.fp32_precision = mm.fp32_precision, "bf16"
-        try:
-            for i in range(n):
-                for j in range(heads):
-                    torch.addmm(scores, qf[i, j], kf[i, j].T, beta=0, alpha=scale, out=scores)  # (Lq,Lk)
-                    weights.copy_(torch.softmax(scores, -1))  # (Lq,Lk)
-                    torch.mm(weights, v[i, j], out=out[i, j])  # (Lq,Dh)
-        finally:
-            mm.fp32_precision = before
+    for i in range(n):
+        for j in range(heads):
+            torch.addmm(scores, qf[i, j], kf[i, j].T, beta=0, alpha=scale, out=scores)  # (Lq,Lk)
+            weights.copy_(torch.softmax(scores, -1))  # (Lq,Lk)
+            torch.mm(weights, v[i, j], out=out[i, j])  # (Lq,Dh)
     return out
 
 
