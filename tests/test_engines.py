@@ -13,7 +13,7 @@ from vidrd.export.engines import EngineMismatch, Shapes, TensorRTUnavailable, bu
 from vidrd.export.onnx_export import FORMAT, file_sha256
 from vidrd.export.spec import component_specs
 from vidrd.ref.config import preset
-from vidrd.runtime import trt_backend
+from vidrd.runtime.backends import trt as trt_backend
 from vidrd.runtime.cli import main
 
 ENV = {"tensorrt": "10.15.1.29", "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}}
@@ -315,7 +315,7 @@ def tiny_export(tmp_path_factory):
 
 @pytest.mark.gpu
 def test_tiny_engines_match_onnxruntime(tiny_export, tmp_path):
-    from vidrd.runtime import ort_backend
+    from vidrd.runtime.backends import ort as ort_backend
 
     onnx_dir, _ = tiny_export
     shapes = Shapes(batch=(1, 1, 2), frames=(8, 8, 8), size=(256, 256, 256))

@@ -11,7 +11,7 @@ from vidrd.ref import attention as attn
 from vidrd.ref.sampler import SamplerSettings
 from vidrd.ref.unet_blocks import TemporalConv
 from vidrd.ref.weights import random_model
-from vidrd.runtime import fast_ops
+from vidrd.runtime.backends import fast_ops
 from vidrd.runtime.loop import Limits, Request
 from vidrd.runtime.options import RuntimeOptions, open_runtime
 

@@ -21,7 +21,10 @@ from tolerances import (BENCH_FP16_PSNR_DB, BENCH_FP32_PSNR_DB, FP16_GPU_VIDEO, 
                         UNET_SDPA_SLICES)
 from vidrd.ref.sampler import SamplerSettings
 from vidrd.ref.weights import random_model
-from vidrd.runtime import backends, bench, ort_backend, trt_backend
+from vidrd.runtime import backends
+from vidrd.runtime.backends import ort as ort_backend
+from vidrd.runtime.backends import trt as trt_backend
+from vidrd.runtime.bench import runtime as bench
 from vidrd.runtime.loop import Limits, NonFiniteOutput, Request, Runtime
 from vidrd.runtime.options import RuntimeOptions, open_runtime
 
@@ -325,7 +328,7 @@ def test_gpu_check_without_cuda_says_so_in_one_line():
 
 
 def test_gpu_check_report_table():
-    from vidrd.runtime import gpu_check
+    import gpu_check
 
     row = {"workload": "sd21-base", "config": {"dtype": "fp16"}, "s_per_frame": 0.05, "reference_s_per_frame": 0.5,
            "speedup": 10.0, "psnr_db": 35.2, "latents_rel_err": 0.01, "peak_cuda_mb": 9000.0}

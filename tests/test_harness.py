@@ -8,7 +8,7 @@ import torch
 from vidrd.runtime.cli import main
 from vidrd.runtime.options import RuntimeOptions
 from vidrd.runtime.shapes import data
-from vidrd.runtime.shapes.cmd_eval import EVAL_SETTINGS, evaluate, prompt_set
+from vidrd.runtime.shapes.evaluate import EVAL_SETTINGS, evaluate, prompt_set
 from vidrd.runtime.shapes.harness import OPPOSITE, clip_lengths, score_videos
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -14,7 +14,7 @@ from vidrd.ref.reuse import PRESETS as REUSE
 from vidrd.ref.sampler import SamplerSettings, generate
 from vidrd.ref.weights import random_model
 from vidrd.runtime import precision
-from vidrd.runtime.bench import WORKLOADS, ssim
+from vidrd.runtime.bench.runtime import WORKLOADS, ssim
 from vidrd.runtime.cli import main
 from vidrd.runtime.loop import Limits, Request
 from vidrd.runtime.options import RuntimeOptions, open_runtime
@@ -302,7 +302,7 @@ def test_service_with_an_exported_unet_leaves_feature_reuse_off():
 
     from vidrd.runtime.cli import parser
     from vidrd.runtime.serve.api import VideoRequest, to_spec
-    from vidrd.runtime.serve.cmd import config_from
+    from vidrd.runtime.cli.serve import config_from
     config = config_from(parser().parse_args(["serve", "--preset", "tiny", "--unet-backend", "onnxruntime", "--onnx",
                                               "x", "--max-steps", "50"]))
     assert config.feature_reuse_off.startswith("the onnxruntime UNet is an exported graph")

@@ -21,7 +21,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from tolerances import SERVICE_VS_CLI_MP4_MEAN  # noqa: E402
 from vidrd.ref.weights import random_model  # noqa: E402
 from vidrd.runtime.cli import main  # noqa: E402
-from vidrd.runtime.serve import bench as serve_bench  # noqa: E402
+from vidrd.runtime.bench import service as serve_bench  # noqa: E402
 from vidrd.runtime.serve.jobs import Registry, ServeConfig, job_dir  # noqa: E402
 from vidrd.runtime.video_io import read_video  # noqa: E402
 

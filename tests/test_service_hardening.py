@@ -151,7 +151,7 @@ def test_read_only_results_folder_is_refused_at_start(tmp_path, monkeypatch, cap
 
         def loaded(*a, **kw):
             raise AssertionError("the model was loaded before --results was checked")
-        monkeypatch.setattr("vidrd.runtime.model_args.load_model", loaded)
+        monkeypatch.setattr("vidrd.runtime.cli.model_args.load_model", loaded)
         assert main(["serve", "--preset", "tiny", "--results", str(results), "--port", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not writable: Read-only file system" in err[0], err

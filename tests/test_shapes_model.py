@@ -6,7 +6,7 @@ import torch
 
 from tolerances import LATENT_SCALE_REL
 from vidrd.runtime.shapes import MODEL_DIR, data
-from vidrd.runtime.shapes.cmd_eval import evaluate
+from vidrd.runtime.shapes.evaluate import evaluate
 from vidrd.runtime.shapes.harness import score_videos
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -94,7 +94,7 @@ def test_direction_phase_continues_a_run_from_before_it_existed(tmp_path):
 
 def test_export_is_fp16_official_layout_and_loads(tmp_path):
     from vidrd.ref.weights import load_dir
-    from vidrd.runtime.shapes.cmd_train import export
+    from vidrd.runtime.cli.train_shapes import export
 
     trainer = Trainer(tmp_path / "run", TINY_RUN, log=lambda m: None, bf16=False)
     trainer.run()

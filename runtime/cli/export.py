@@ -5,7 +5,7 @@ from pathlib import Path
 
 from vidrd.export.spec import COMPONENTS, PRECISIONS
 
-from .model_args import add_model_args, load_model
+from vidrd.runtime.cli.model_args import add_model_args, load_model
 
 
 def register(sub) -> None:

@@ -7,7 +7,7 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from .train import TrainConfig
+from vidrd.runtime.shapes.train import TrainConfig
 
 
 def register(sub) -> None:
@@ -34,7 +34,7 @@ def register(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from .train import Trainer, log_stderr
+    from vidrd.runtime.shapes.train import Trainer, log_stderr
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     try:
@@ -73,7 +73,7 @@ def export(trainer, out: Path) -> Path:
     from vidrd.ref.loading import to
     from vidrd.ref.weights import write_official
 
-    from .train import tokenizer_folder
+    from vidrd.runtime.shapes.train import tokenizer_folder
 
     model = to(trainer.trained_model(), dtype=torch.float16)  # fp16 at rest; the loader casts back to float32
     with tempfile.TemporaryDirectory() as tmp:

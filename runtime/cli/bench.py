@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .bench import WORKLOADS
-from .options import add_runtime_args, runtime_options
-from .quality import add_quality_arg, explicit_args
+from vidrd.runtime.bench.runtime import WORKLOADS
+from vidrd.runtime.options import add_runtime_args, runtime_options
+from vidrd.runtime.quality import add_quality_arg, explicit_args
 
 
 def register(sub) -> None:
@@ -22,8 +22,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from .bench import run as bench
-    from .bench import strict_json
+    from vidrd.runtime.bench.runtime import run as bench
+    from vidrd.runtime.bench.runtime import strict_json
     if args.repeats < 1:
         raise ValueError(f"--repeats {args.repeats} must be >= 1")
     row = bench(args.workload, runtime_options(args), repeats=args.repeats, with_reference=not args.no_reference,

@@ -1,6 +1,6 @@
 """Load benchmark of `vidrd serve`: N concurrent HTTP clients over a bounded queue; prints one JSON row.
 
-    python -m vidrd.runtime.serve.bench --clients 24 --queue 3 --threads 1
+    python -m vidrd.runtime.bench.service --clients 24 --queue 3 --threads 1
 
 Protocol: one in-process service (uvicorn on 127.0.0.1, an ephemeral port) on a random-weight preset; every client
 submits one job at the same moment, on each 429 waits 50-100% of its Retry-After (spread by client) and retries
@@ -30,10 +30,10 @@ def serving(model, config, options=None):
     127.0.0.1:<ephemeral>, in a thread; yields (url, service)."""
     import uvicorn
 
-    from ..options import RuntimeOptions, open_runtime
-    from .api import make_app
-    from .limits import http_protocol
-    from .worker import LocalService
+    from vidrd.runtime.options import RuntimeOptions, open_runtime
+    from vidrd.runtime.serve.api import make_app
+    from vidrd.runtime.serve.limits import http_protocol
+    from vidrd.runtime.serve.worker import LocalService
 
     config = config.for_model(model)  # as `vidrd serve` does
     service = LocalService(open_runtime(model, options or RuntimeOptions(), config.limits()), config)
@@ -124,7 +124,7 @@ def machine() -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vidrd.runtime.serve.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m vidrd.runtime.bench.service", description=__doc__.split("\n")[0])
     p.add_argument("--clients", type=int, default=24)
     p.add_argument("--queue", type=int, default=3)
     p.add_argument("--preset", default="tiny")
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
 
     from vidrd.ref.weights import random_model
 
-    from .jobs import ServeConfig
+    from vidrd.runtime.serve.jobs import ServeConfig
 
     torch.set_num_threads(args.threads)
     body = {"prompts": ["a boat sailing on a lake"], "height": args.size, "width": args.size, "frames": args.frames,

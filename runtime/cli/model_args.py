@@ -41,7 +41,7 @@ def load_model(args, dtype=torch.float32, device="cpu"):
     from vidrd.ref.loading import load_official
     from vidrd.ref.weights import load_dir, random_model
 
-    from .shapes import MODEL_DIR, NAME
+    from vidrd.runtime.shapes import MODEL_DIR, NAME
 
     check_model_args(args)
     if args.weights:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from vidrd.ref.sampler import check_prompt, check_seed, check_text, shorten
 
-from . import shapes
-from .model_args import add_model_args, check_model_args, is_default_model
-from .options import (OFFICIAL_NEGATIVE, REFERENCE, add_runtime_args, add_sampler_args, runtime_options,
+from vidrd.runtime import shapes
+from vidrd.runtime.cli.model_args import add_model_args, check_model_args, is_default_model
+from vidrd.runtime.options import (OFFICIAL_NEGATIVE, REFERENCE, add_runtime_args, add_sampler_args, runtime_options,
                       sampler_settings)
-from .quality import add_quality_arg, apply_args
+from vidrd.runtime.quality import add_quality_arg, apply_args
 
 
 def register(sub) -> None:
@@ -65,7 +65,7 @@ def run(args) -> int:
 
     from vidrd.ref.sampler import generate
 
-    from .video_io import VideoWriter, check_output, to_uint8
+    from vidrd.runtime.video_io import VideoWriter, check_output, to_uint8
 
     prompts = ([args.prompt] if args.prompt is not None else []) + args.prompts
     if not prompts:
@@ -83,7 +83,7 @@ def run(args) -> int:
         check_output(path, args.force, height=s.height, width=s.width, fps=args.fps)
     s, options, _ = apply_args(args, s, options)  # --quality; options resolved (device, dtype checked)
 
-    from .model_args import load_model
+    from vidrd.runtime.cli.model_args import load_model
     t0 = time.perf_counter()
     model, what, random = load_model(args, dtype=options.torch_dtype, device=options.device)
     print(f"model: {what} on {options.device} ({options.dtype}), loaded in {time.perf_counter() - t0:.1f} s",
@@ -93,7 +93,7 @@ def run(args) -> int:
               "--weights DIR or --sd/--ckpt/--vae for real weights, or no model flag for the embedded model.",
               file=sys.stderr)
     if is_default_model(args):
-        from .shapes.data import TEMPLATE, out_of_vocabulary
+        from vidrd.runtime.shapes.data import TEMPLATE, out_of_vocabulary
         for text in prompts:
             unknown = out_of_vocabulary(text)
             if unknown:
@@ -113,15 +113,15 @@ def run(args) -> int:
             writers.append(VideoWriter(path, fps=args.fps, force=args.force))
         on_step = (lambda c, i: bar.update(1)) if bar else None
         if options.backend == REFERENCE:
-            from .options import prepare_reference
+            from vidrd.runtime.options import prepare_reference
             prepare_reference(model, options)
             video, _ = generate(model, prompts, negatives, s, torch.Generator().manual_seed(args.seed),
                                 callback=on_step)
             for w, v in zip(writers, video):
                 w.write(to_uint8(v))
         else:
-            from .loop import Limits, Request
-            from .options import open_runtime
+            from vidrd.runtime.loop import Limits, Request
+            from vidrd.runtime.options import open_runtime
             rt = open_runtime(model, options, Limits.of(s, len(prompts)))
             try:
                 request = Request(tuple(prompts), tuple(negatives), s, args.seed)

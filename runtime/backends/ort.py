@@ -15,7 +15,8 @@ import torch
 
 from vidrd.export.spec import ComponentSpec, read_specs
 
-from .backends import Backend, Graph, GraphBackend, GraphVAE
+from .base import Backend, Graph
+from .graphs import GraphBackend, GraphVAE
 
 log = logging.getLogger("vidrd.runtime")
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}

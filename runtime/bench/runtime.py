@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from vidrd.ref.reuse import FeatureCache
 from vidrd.ref.sampler import SamplerSettings, generate
 
-from .backends import Backend
-from .loop import Limits, Request
-from .options import RuntimeOptions, open_runtime
+from vidrd.runtime.backends import Backend
+from vidrd.runtime.loop import Limits, Request
+from vidrd.runtime.options import RuntimeOptions, open_runtime
 
 WORKLOADS = {
     # the issue's CPU workload: small preset, one prompt, 256x256, 8 frames x 3 clips, 10 steps, guidance 10
@@ -152,8 +152,8 @@ def run(workload: str = "small", options: RuntimeOptions = RuntimeOptions(), *, 
     settings and `options` with the names in `explicit` ("dtype") kept; its line goes to stderr."""
     from vidrd.ref.weights import random_model
 
-    from .quality import resolve
-    from .video_io import VideoWriter
+    from vidrd.runtime.quality import resolve
+    from vidrd.runtime.video_io import VideoWriter
 
     can_write = importlib.util.find_spec("av") is not None
     if not can_write:
@@ -308,7 +308,7 @@ def _accuracy(clips, ref) -> dict:
 
 def _cpu() -> dict:
     """What a CPU row depends on: the vector flags, ATen's dispatch level, oneDNN's ISA cap and the bf16 verdict."""
-    from .precision import cpu_bf16, probe_cpu
+    from vidrd.runtime.precision import cpu_bf16, probe_cpu
 
     p = probe_cpu()
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16")

@@ -1,6 +1,6 @@
 """`./dev gpu-check`: every GPU path of vidrd on one CUDA machine, in one command: a JSON report and a Markdown table.
 
-    python -m vidrd.runtime.gpu_check [--out DIR] [--only parity,kernels,...] [--budget-min 19]
+    python tests/gpu_check.py [--out DIR] [--only parity,kernels,...] [--budget-min 19]
 
 Sections (SECTIONS, in this order): the fixture parity cases on CUDA in float32; the GPU tests of tests/
 (pytest -m gpu); the Triton kernels against SDPA; the UNet with Triton attention against SDPA; bf16 and fp16 against fp32 (quality
@@ -31,13 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]  # the checkout (tests/ and the fixtu
 
 
 def tolerances():
-    """The suite's one table of tolerances (tests/tolerances.py), where this check's bounds are written with their
-    reasons (GPU_NETWORKS, GPU_PIPELINES, ...)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("vidrd_tolerances", ROOT / "tests" / "tolerances.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The suite's one table of tolerances (tests/tolerances.py, beside this file), where this check's bounds are
+    written with their reasons (GPU_NETWORKS, GPU_PIPELINES, ...)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import tolerances as table
+    return table
 
 
 class Skip(Exception):
@@ -85,8 +85,8 @@ def _bench_row(summary: dict) -> dict:
 
 def _bench(workload: str, repeats: int = 1, with_reference: bool = True, quality: str | None = None,
            **options) -> dict:
-    from .bench import run
-    from .options import RuntimeOptions
+    from vidrd.runtime.bench.runtime import run
+    from vidrd.runtime.options import RuntimeOptions
     summary = run(workload, RuntimeOptions(device="cuda", **options), repeats=repeats, with_reference=with_reference,
                   log=lambda *a: print(*a, flush=True), quality=quality, explicit=tuple(options))
     row = _bench_row(summary)
@@ -111,8 +111,8 @@ def parity() -> dict:
     from vidrd.ref.sampler import SamplerSettings
     from vidrd.ref.text import tokenize
 
-    from .loop import Limits, Request
-    from .options import open_runtime
+    from vidrd.runtime.loop import Limits, Request
+    from vidrd.runtime.options import open_runtime
 
     fx = fixtures_dir()
     if fx is None:
@@ -239,7 +239,7 @@ def triton_unet() -> dict:
 
 def precision() -> dict:
     """bf16 and fp16 runtimes against the float32 reference on the `small` workload: PSNR and latent error."""
-    from .loop import NonFiniteOutput
+    from vidrd.runtime.loop import NonFiniteOutput
 
     rows = []
     for cfg in ({"dtype": "fp32"}, {"dtype": "bf16"}, {"dtype": "fp16"}, {"dtype": "fp16", "vae_dtype": "fp16"}):
@@ -289,8 +289,8 @@ def _runtime_video(model, backend: str, dtype="fp32", **options):
     from vidrd.ref.loading import to
     from vidrd.ref.sampler import SamplerSettings
 
-    from .loop import Limits, Request
-    from .options import RuntimeOptions, open_runtime
+    from vidrd.runtime.loop import Limits, Request
+    from vidrd.runtime.options import RuntimeOptions, open_runtime
 
     s = SamplerSettings(height=256, width=256, frames=8, steps=3, clips=2, overlap=4)
     rt = open_runtime(to(model, device="cuda"), RuntimeOptions(backend, dtype=dtype, device="cuda", **options),
@@ -392,7 +392,7 @@ def run_section(name: str, result: Path) -> int:
         traceback.print_exc()
         res = {"status": "fail", "error": f"{type(e).__name__}: {e}"[:2000]}
     res["seconds"] = round(time.perf_counter() - t0, 1)
-    from .bench import strict_json
+    from vidrd.runtime.bench.runtime import strict_json
     result.write_text(strict_json(res, indent=1, default=str))
     return 0
 
@@ -520,7 +520,7 @@ def main(argv=None) -> int:
                 log.write(f"\n===== {name} =====\n")
                 log.flush()
                 try:
-                    proc = subprocess.run([sys.executable, "-m", "vidrd.runtime.gpu_check", "--section", name,
+                    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--section", name,
                                            "--result", str(res_file)], cwd=ROOT, env=env, stdout=log,
                                           stderr=subprocess.STDOUT, timeout=limit)
                     res = json.loads(res_file.read_text()) if res_file.is_file() else \
@@ -533,7 +533,7 @@ def main(argv=None) -> int:
         print(f"[gpu-check] {name}: {res['status']} ({res['seconds']} s) {_gist(name, res)}", flush=True)
     report["total_s"] = round(time.monotonic() - t0, 1)
     report["skipped"] = {n: r.get("reason") for n, r in report["sections"].items() if r["status"] == "skipped"}
-    from .bench import strict_json
+    from vidrd.runtime.bench.runtime import strict_json
     (out / "gpu-check.json").write_text(strict_json(report, indent=1, default=str))
     md = markdown(report)
     (out / "gpu-check.md").write_text(md)

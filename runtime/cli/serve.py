@@ -8,11 +8,11 @@ import sys
 import tempfile
 from dataclasses import replace
 
-from .. import shapes
-from ..model_args import add_model_args, check_model_args, is_default_model
-from ..options import RuntimeOptions, add_runtime_args, runtime_options
-from ..quality import feature_reuse_blocker
-from .jobs import ServeConfig
+from vidrd.runtime import shapes
+from vidrd.runtime.cli.model_args import add_model_args, check_model_args, is_default_model
+from vidrd.runtime.options import RuntimeOptions, add_runtime_args, runtime_options
+from vidrd.runtime.quality import feature_reuse_blocker
+from vidrd.runtime.serve.jobs import ServeConfig
 
 D = ServeConfig()
 MODEL_FLAGS = ("weights", "sd", "ckpt", "vae", "preset", "weights_seed")
@@ -122,11 +122,11 @@ def run(args) -> int:
 def run_local(args, config: ServeConfig, options: RuntimeOptions) -> int:
     import uvicorn
 
-    from ..model_args import load_model
-    from ..options import open_runtime
-    from .api import make_app
-    from .limits import http_protocol
-    from .worker import LocalService
+    from vidrd.runtime.cli.model_args import load_model
+    from vidrd.runtime.options import open_runtime
+    from vidrd.runtime.serve.api import make_app
+    from vidrd.runtime.serve.limits import http_protocol
+    from vidrd.runtime.serve.worker import LocalService
 
     model, what, _ = load_model(args, dtype=options.torch_dtype, device=options.device)
     config = config.for_model(model)
@@ -161,9 +161,9 @@ def run_ray(args, config: ServeConfig, options: RuntimeOptions) -> int:
     import ray
     from ray import serve
 
-    from .ray import build, start_registry, stop_registry
+    from vidrd.runtime.serve.ray import build, start_registry, stop_registry
 
-    from ..model_args import load_model
+    from vidrd.runtime.cli.model_args import load_model
 
     model, _, _ = load_model(args, dtype=options.torch_dtype)  # once, on CPU: its schedule bounds requests' steps
     config = config.for_model(model)

@@ -9,15 +9,15 @@ import threading
 
 # (module, what it registers): each module has `register(subparsers)` adding its subcommands with `func` set.
 COMMANDS = (
-    "vidrd.runtime.cmd_info",
-    "vidrd.runtime.cmd_model",
-    "vidrd.runtime.cmd_export",
-    "vidrd.runtime.cmd_engines",
-    "vidrd.runtime.cmd_generate",
-    "vidrd.runtime.cmd_bench",
-    "vidrd.runtime.serve.cmd",
-    "vidrd.runtime.shapes.cmd_train",
-    "vidrd.runtime.shapes.cmd_eval",
+    "vidrd.runtime.cli.info",
+    "vidrd.runtime.cli.model",
+    "vidrd.runtime.cli.export",
+    "vidrd.runtime.cli.engines",
+    "vidrd.runtime.cli.generate",
+    "vidrd.runtime.cli.bench",
+    "vidrd.runtime.cli.serve",
+    "vidrd.runtime.cli.train_shapes",
+    "vidrd.runtime.cli.eval",
 )
 
 
@@ -84,6 +84,3 @@ def _run(args) -> int:
         print("vidrd: terminated", file=sys.stderr)
         return 143
 
-
-if __name__ == "__main__":
-    sys.exit(main())

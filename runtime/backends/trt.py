@@ -21,7 +21,8 @@ import torch
 from vidrd.export import engines
 from vidrd.export.spec import ComponentSpec
 
-from .backends import Backend, Graph, GraphBackend, GraphVAE
+from .base import Backend, Graph
+from .graphs import GraphBackend, GraphVAE
 
 log = logging.getLogger("vidrd.runtime")
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
