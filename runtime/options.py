@@ -1,19 +1,17 @@
-"""The two option sets every command shares, each with the one function that adds its flags and the one that reads
-them back: SamplerSettings (what to generate: vidrd.ref.sampler) and RuntimeOptions (how to run it), plus
-`open_runtime`, the one way to build a Runtime.
+"""How a runtime runs (RuntimeOptions: backends, dtypes, compilation, attention, device, threads and the on/off
+execution options a quality preset may turn on) and `open_runtime`, the one way to build a Runtime.
 
-`vidrd generate`, `bench`, `eval`, `serve` and the Ray deployment all take their execution flags from
-`add_runtime_args` and open their runtime with `open_runtime`, so every execution flag works everywhere.
+Each option is declared once, as a field with its help, choices and command-line spelling: `vidrd.runtime.cli.args`
+makes every command's flags from the fields, `vidrd.runtime.quality` turns the toggles on by their metadata, and the
+backends act on them. A new execution option is a field here, its use in a backend, and its test.
 """
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
 from vidrd.ref.attention import BACKENDS as ATTENTION
-from vidrd.ref.sampler import SamplerSettings
 
 from .backends import BACKENDS, COMPONENTS
 from .loop import Limits, Runtime
@@ -25,32 +23,31 @@ REFERENCE = "reference"  # --backend reference: the readable reference sampler i
 OFFICIAL_NEGATIVE = "watermark"  # the official evaluator hard-codes this negative prompt (SPEC §4.14)
 
 
-# ------------------------------------------------------------------------------------------ sampler settings
-
-def add_sampler_args(group, defaults: SamplerSettings = SamplerSettings(), alternative: dict | None = None,
-                     alternative_name: str = "the embedded model") -> None:
-    """One flag per SamplerSettings field (--noise-recycle for noise_recycle), its help and choices from the field.
-
-    Flags default to None (unset), so `sampler_settings` can tell what was given; the help names `defaults` and,
-    for the fields in `alternative`, the value `alternative_name` uses instead."""
-    alternative = alternative or {}
-    for f in fields(SamplerSettings):
-        flag, value, meta = f"--{f.name.replace('_', '-')}", getattr(defaults, f.name), f.metadata
-        if isinstance(value, bool):
-            group.add_argument(flag, action="store_true", default=None, help=f"{meta['help']} (default off)")
-            continue
-        alt = alternative.get(f.name, value)
-        note = f"default {value}" + (f"; {alt} for {alternative_name}" if alt != value else "")
-        group.add_argument(flag, type=type(value), choices=meta["choices"], default=None,
-                           help=f"{meta['help']} ({note})")
+NAMES = {"text": "text encoder", "unet": "UNet", "vae": "VAE decoder"}
 
 
-def sampler_settings(args, defaults: SamplerSettings = SamplerSettings(), base: dict | None = None) -> SamplerSettings:
-    """The settings of the flags of add_sampler_args (validated: ValueError names the bad value). A flag left out
-    takes its value from `base` (e.g. the embedded model's settings), else from `defaults`."""
-    base = base or {}
-    given = {f.name: getattr(args, f.name) for f in fields(SamplerSettings)}
-    return SamplerSettings(**{k: v if v is not None else base.get(k, getattr(defaults, k)) for k, v in given.items()})
+@dataclass(frozen=True)
+class Toggle:
+    """An on/off option a quality preset may turn on: it acts where one of `needs` runs on torch; `on`/`off` name
+    it in a preset's line, `gain` says what it buys."""
+    needs: tuple
+    on: str
+    off: str
+    gain: str
+
+
+def _option(default, help: str, *, choices=None, flag: str | None = None, metavar: str | None = None, kind=None,
+            toggle: Toggle | None = None, preset: bool = False):
+    """A RuntimeOptions field: default, help, choices and command-line flag (default --the-name), in one place.
+    preset: a quality preset may choose it where it was not given (toggles always may)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "metavar": metavar,
+                                            "kind": kind, "toggle": toggle, "preset": preset or toggle is not None})
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of an option or setting: export_dir -> --onnx, fast_ops -> --fast-ops."""
+    f = next((f for f in fields(RuntimeOptions) if f.name == name), None)
+    return (f.metadata["flag"] if f is not None and f.metadata["flag"] else None) or "--" + name.replace("_", "-")
 
 
 # ----------------------------------------------------------------------------------------- runtime options
@@ -59,21 +56,37 @@ def sampler_settings(args, defaults: SamplerSettings = SamplerSettings(), base: 
 class RuntimeOptions:
     """How a runtime runs: a backend per component, dtypes, compilation, attention kernels, the export and engine
     folders, device and threads. Validated on construction (ValueError naming the flag)."""
-    backend: str = "torch"  # every component, unless named below; "reference": the reference sampler, no runtime
-    text_backend: str | None = None
-    unet_backend: str | None = None
-    vae_backend: str | None = None
-    dtype: str = "fp32"  # the networks'; latents, guidance and the DDIM update stay float32
-    vae_dtype: str | None = None  # None: dtype, but fp32 for fp16 (the SD VAE decoder overflows in float16)
-    compile: str | None = None  # torch.compile mode of the torch UNet and VAE decoder
-    attention: str = "sdpa"  # attention kernels of the torch UNet (and of the reference sampler)
-    export_dir: str | None = None  # `vidrd export` folder, for onnxruntime
-    engine_dir: str | None = None  # `vidrd build-engines` folder, for tensorrt
-    device: str | None = None  # None: cuda when available, else cpu (resolved); open_runtime: the model's device
-    threads: int | None = None  # torch CPU threads (None: torch's choice)
-    allow_slow_dtype: bool = False  # run bf16/fp16 where runtime.precision says it is slower than float32
-    vae_channels_last: bool = False  # the torch VAE decoder's 2-D convolutions in channels-last (not bit-exact)
-    fast_ops: bool = False  # the torch UNet's and VAE decoder's faster kernels (runtime/fast_ops.py; not bit-exact)
+    backend: str = _option("torch", "torch (default), onnxruntime (--onnx), tensorrt (--engines) run the lean runtime; "
+                           "reference runs the readable reference sampler", choices=BACKENDS + (REFERENCE,))
+    text_backend: str | None = _option(None, "another backend for the text encoder only", choices=BACKENDS)
+    unet_backend: str | None = _option(None, "another backend for the UNet only", choices=BACKENDS)
+    vae_backend: str | None = _option(None, "another backend for the VAE decoder only", choices=BACKENDS)
+    export_dir: str | None = _option(None, "exported ONNX files (`vidrd export`), for onnxruntime", flag="--onnx",
+                                     metavar="DIR")
+    engine_dir: str | None = _option(None, "TensorRT engines (`vidrd build-engines`), for tensorrt", flag="--engines",
+                                     metavar="DIR")
+    compile: str | None = _option(None, "torch.compile the UNet and VAE decoder (torch backend); reduce-overhead uses "
+                                  "CUDA graphs on a GPU", choices=COMPILE_MODES)
+    attention: str = _option("sdpa", "attention kernels of the torch UNet and the reference sampler (triton needs a "
+                             "GPU)", choices=ATTENTION)
+    dtype: str = _option("fp32", "the networks' dtype (default fp32; bf16 under --quality balanced/fast where it is "
+                         "fast); latents and the DDIM update stay float32", choices=tuple(DTYPES), preset=True)
+    vae_dtype: str | None = _option(None, "the VAE decoder's dtype (default: --dtype; fp32 for --dtype fp16, the SD "
+                                    "VAE overflows in fp16)", choices=tuple(DTYPES))
+    allow_slow_dtype: bool = _option(False, "run a --dtype/--vae-dtype this device runs slower than fp32 (bf16 on a "
+                                     "CPU without bf16 units) instead of refusing it")
+    vae_channels_last: bool = _option(
+        False, "run the torch VAE decoder's 2-D convolutions in channels-last memory format: about 1.2x faster "
+        "decoding on CPU, not bit-exact (within 1e-4) (default off; on under --quality balanced/fast with the torch "
+        "VAE decoder)",
+        toggle=Toggle(("vae",), "channels-last VAE", "default-layout VAE", "about 1.2x faster on CPU, within 1e-4"))
+    fast_ops: bool = _option(
+        False, "faster kernels for the torch UNet and VAE decoder, not bit-exact (within float rounding): temporal "
+        "convolutions as 2-D ones, bf16 CPU attention in chunks with float32 scores, the CPU VAE decode a frame per "
+        "call (default off; on under --quality balanced/fast)",
+        toggle=Toggle(("unet", "vae"), "fast ops", "default ops", "faster kernels within float rounding"))
+    device: str | None = _option(None, "cpu or cuda (default: cuda when available)")
+    threads: int | None = _option(None, "torch CPU threads (default: torch's choice)", kind=int)
 
     def __post_init__(self):
         for name in ("export_dir", "engine_dir"):  # plain strings: the options are JSON rows in bench summaries
@@ -100,9 +113,9 @@ class RuntimeOptions:
             if value is not None and value not in choices:
                 raise ValueError(f"--{name} {value!r}: choose one of {', '.join(choices)}")
         if self.compile and self.attention == "chunked":
-            raise ValueError("--attention chunked loops over (batch, head) in Python around a process-wide oneDNN "
-                             "setting, which torch.compile cannot trace: drop --compile or use --attention sdpa (with "
-                             "--compile, --fast-ops keeps SDPA)")
+            raise ValueError("--attention chunked loops over (batch, head) in Python, which torch.compile does not "
+                             "trace as one graph: drop --compile or use --attention sdpa (with --compile, --fast-ops "
+                             "keeps SDPA)")
         if self.compile and self.backend == REFERENCE:
             raise ValueError("--compile applies to the torch backend, not --backend reference")
         for c, used in (("unet", self.compile or self.attention != "sdpa"), ("vae", self.compile)):
@@ -113,18 +126,25 @@ class RuntimeOptions:
             raise ValueError(f"--threads {self.threads} must be >= 1")
         if not isinstance(self.allow_slow_dtype, bool):
             raise ValueError(f"--allow-slow-dtype {self.allow_slow_dtype!r} must be True or False")
-        if not isinstance(self.vae_channels_last, bool):
-            raise ValueError(f"--vae-channels-last {self.vae_channels_last!r} must be True or False")
-        if not isinstance(self.fast_ops, bool):
-            raise ValueError(f"--fast-ops {self.fast_ops!r} must be True or False")
-        if self.fast_ops and "torch" not in (self.kind("unet"), self.kind("vae")):
-            what = ("--backend reference (the reference sampler runs as written)" if self.backend == REFERENCE else
-                    f"exported graphs (the UNet: {self.kind('unet')}, the VAE decoder: {self.kind('vae')})")
-            raise ValueError(f"--fast-ops applies to the torch UNet and VAE decoder, not {what}")
-        if self.vae_channels_last and self.kind("vae") != "torch":
-            what = ("--backend reference (the reference sampler's VAE)" if self.kind("vae") == REFERENCE else
-                    f"the {self.kind('vae')} VAE decoder (an exported graph keeps the layout it was exported with)")
-            raise ValueError(f"--vae-channels-last applies to the torch VAE decoder, not {what}")
+        for name, t in TOGGLES.items():
+            value, spelled = getattr(self, name), flag(name)
+            if not isinstance(value, bool):
+                raise ValueError(f"{spelled} {value!r} must be True or False")
+            if value and not self.torch_parts(t.needs):
+                raise ValueError(f"{spelled} applies to the torch {' and '.join(NAMES[c] for c in t.needs)}, not "
+                                 f"{self._elsewhere(t.needs)}")
+
+    def torch_parts(self, components) -> list[str]:
+        """Those of `components` that run on the torch backend."""
+        return [c for c in components if self.kind(c) == "torch"]
+
+    def _elsewhere(self, components) -> str:
+        """Where `components` run instead of torch, in words."""
+        if self.backend == REFERENCE:
+            return "--backend reference (the reference sampler runs as written)"
+        if len(components) == 1:
+            return f"the {self.kind(components[0])} {NAMES[components[0]]}"
+        return "exported graphs (" + ", ".join(f"the {NAMES[c]}: {self.kind(c)}" for c in components) + ")"
 
     def kind(self, component: str) -> str:
         """The backend of `component` ('text', 'unet' or 'vae')."""
@@ -159,48 +179,7 @@ class RuntimeOptions:
         return replace(self, device=device)
 
 
-def add_runtime_args(o, reference: bool = False) -> None:
-    """The execution flags of RuntimeOptions on parser or group `o`; `reference` offers --backend reference."""
-    kinds = BACKENDS + ((REFERENCE,) if reference else ())
-    o.add_argument("--backend", choices=kinds, default="torch",
-                   help="torch (default), onnxruntime (--onnx), tensorrt (--engines) run the lean runtime"
-                   + ("; reference runs the readable reference sampler" if reference else ""))
-    for c, what in (("text", "the text encoder"), ("unet", "the UNet"), ("vae", "the VAE decoder")):
-        o.add_argument(f"--{c}-backend", choices=BACKENDS, help=f"another backend for {what} only")
-    o.add_argument("--onnx", metavar="DIR", help="exported ONNX files (`vidrd export`), for onnxruntime")
-    o.add_argument("--engines", metavar="DIR", help="TensorRT engines (`vidrd build-engines`), for tensorrt")
-    o.add_argument("--compile", choices=COMPILE_MODES,
-                   help="torch.compile the UNet and VAE decoder (torch backend); reduce-overhead uses CUDA graphs on "
-                   "a GPU")
-    o.add_argument("--attention", choices=ATTENTION, default="sdpa",
-                   help="attention kernels of the torch UNet" + (" and the reference sampler" if reference else "")
-                   + " (triton needs a GPU)")
-    o.add_argument("--dtype", choices=tuple(DTYPES),
-                   help="the networks' dtype (default fp32; bf16 under --quality balanced/fast where it is fast); "
-                   "latents and the DDIM update stay float32")
-    o.add_argument("--vae-dtype", choices=tuple(DTYPES),
-                   help="the VAE decoder's dtype (default: --dtype; fp32 for --dtype fp16, the SD VAE overflows in "
-                   "fp16)")
-    o.add_argument("--allow-slow-dtype", action="store_true",
-                   help="run a --dtype/--vae-dtype this device runs slower than fp32 (bf16 on a CPU without bf16 "
-                   "units) instead of refusing it")
-    o.add_argument("--vae-channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the torch VAE decoder's 2-D convolutions in channels-last memory format: about 1.2x "
-                   "faster decoding on CPU, not bit-exact (within 1e-4) (default off; on under --quality "
-                   "balanced/fast with the torch VAE decoder)")
-    o.add_argument("--fast-ops", action=argparse.BooleanOptionalAction, default=None,
-                   help="faster kernels for the torch UNet and VAE decoder, not bit-exact (within float rounding): "
-                   "temporal convolutions as 2-D ones, bf16 CPU attention in chunks with float32 scores, the CPU VAE "
-                   "decode a frame per call (default off; on under --quality balanced/fast)")
-    o.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    o.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-
-
-def runtime_options(args) -> RuntimeOptions:
-    """The RuntimeOptions of the flags of add_runtime_args (validated)."""
-    return RuntimeOptions(args.backend, args.text_backend, args.unet_backend, args.vae_backend, args.dtype or "fp32",
-                          args.vae_dtype, args.compile, args.attention, args.onnx, args.engines, args.device,
-                          args.threads, args.allow_slow_dtype, bool(args.vae_channels_last), bool(args.fast_ops))
+TOGGLES = {f.name: f.metadata["toggle"] for f in fields(RuntimeOptions) if f.metadata["toggle"] is not None}
 
 
 # ------------------------------------------------------------------------------------------------ opening

@@ -21,7 +21,6 @@ so), and an explicit --vae-channels-last is refused (RuntimeOptions); --fast-ops
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass, fields, replace
 
 from vidrd.ref.reuse import PRESETS as REUSE
@@ -29,7 +28,7 @@ from vidrd.ref.reuse import ReuseSettings
 from vidrd.ref.sampler import SamplerSettings
 
 from .backends import COMPONENTS
-from .options import REFERENCE, RuntimeOptions
+from .options import NAMES, REFERENCE, TOGGLES, RuntimeOptions, flag
 
 QUALITIES = ("exact", "balanced", "fast")
 MIN_STEPS = 4
@@ -38,29 +37,22 @@ REUSE_FIELDS = tuple(f.name for f in fields(ReuseSettings))
 
 @dataclass(frozen=True)
 class Preset:
-    """What a quality preset sets where the request did not: solver (None: keep), steps as a fraction of the
-    requested steps, the reuse settings, whether the networks run in bf16 where it is fast, and whether the torch
-    VAE decoder runs its 2-D convolutions in channels-last (RuntimeOptions.vae_channels_last), and whether the torch
-    backends run their faster kernels (RuntimeOptions.fast_ops)."""
+    """What a quality preset sets where the request did not: solver and spacing (None: keep), steps as a fraction
+    of the requested steps, the reuse settings, whether the networks run in bf16 where it is fast, and which on/off
+    execution options (options.TOGGLES) it turns on where they apply."""
     solver: str | None
     spacing: str | None
     step_fraction: float
     reuse: ReuseSettings
     bf16: bool
-    vae_channels_last: bool
-    fast_ops: bool
+    toggles: frozenset = frozenset()
 
 
 PRESETS = {
-    "exact": Preset(None, None, 1.0, REUSE["exact"], False, False, False),
-    "balanced": Preset("dpmpp-2m", "trailing", 0.6, REUSE["balanced"], True, True, True),
-    "fast": Preset("dpmpp-2m", "trailing", 0.4, REUSE["fast"], True, True, True),
+    "exact": Preset(None, None, 1.0, REUSE["exact"], False),
+    "balanced": Preset("dpmpp-2m", "trailing", 0.6, REUSE["balanced"], True, frozenset(TOGGLES)),
+    "fast": Preset("dpmpp-2m", "trailing", 0.4, REUSE["fast"], True, frozenset(TOGGLES)),
 }
-
-
-def flag(name: str) -> str:
-    """The command-line spelling of a setting: cache_interval -> --cache-interval."""
-    return "--" + name.replace("_", "-")
 
 
 def feature_reuse_blocker(options: RuntimeOptions) -> str | None:
@@ -106,13 +98,11 @@ class Resolved:
                 f", refreshed every {s.guidance_refresh}" if s.guidance_refresh else "")
         else:
             guidance = "no guidance reuse"
-        vae = ""  # said where the preset or the user chose it
-        if self.options is not None and (self.options.vae_channels_last or "vae_channels_last" in self.why):
-            vae = ", " + ("channels-last VAE" if self.options.vae_channels_last else "default-layout VAE") + (
-                f" ({self.why['vae_channels_last']})" if "vae_channels_last" in self.why else "")
-        if self.options is not None and (self.options.fast_ops or "fast_ops" in self.why):
-            vae += ", " + ("fast ops" if self.options.fast_ops else "default ops") + (
-                f" ({self.why['fast_ops']})" if "fast_ops" in self.why else "")
+        vae = ""  # each toggle, where the preset or the user chose it
+        for name, t in TOGGLES.items():
+            if self.options is not None and (getattr(self.options, name) or name in self.why):
+                vae += ", " + (t.on if getattr(self.options, name) else t.off) + (
+                    f" ({self.why[name]})" if name in self.why else "")
         dtype = "the service's dtype" if self.options is None else self.options.dtype
         dtype += f" ({self.why['dtype']})" if "dtype" in self.why else ""
         official = " (the official sampler)" if self.quality == "exact" else ""
@@ -126,8 +116,7 @@ class Resolved:
                 "steps": self.settings.steps,
                 "requested_steps": self.requested_steps, **asdict(self.settings.reuse()),
                 "dtype": None if o is None else o.dtype,
-                "vae_channels_last": None if o is None else o.vae_channels_last,
-                "fast_ops": None if o is None else o.fast_ops, "why": dict(self.why)}
+                **{name: None if o is None else getattr(o, name) for name in TOGGLES}, "why": dict(self.why)}
 
 
 def resolve(quality: str, settings: SamplerSettings, options: RuntimeOptions | None = None, explicit=(), *,
@@ -156,8 +145,8 @@ def resolve(quality: str, settings: SamplerSettings, options: RuntimeOptions | N
                                  f"{spell('quality')} balanced|fast")
         check_reuse(settings, blocker, spell)
         if options is not None:
-            options = _vae_channels_last(p, options, "vae_channels_last" in explicit, why)
-            options = _fast_ops(p, options, "fast_ops" in explicit, why)
+            for name in TOGGLES:
+                options = _toggle(name, p, options, name in explicit, why)
         return Resolved(quality, settings, options, settings.steps, why)
 
     change = {name: getattr(p.reuse, name) for name in REUSE_FIELDS if name not in explicit}
@@ -175,50 +164,32 @@ def resolve(quality: str, settings: SamplerSettings, options: RuntimeOptions | N
     resolved = replace(settings, **change)  # validates: an explicit value that contradicts the preset's is named
     check_reuse(resolved, blocker, spell)
     if options is not None:
-        options = _vae_channels_last(p, options, "vae_channels_last" in explicit, why)
-        options = _fast_ops(p, options, "fast_ops" in explicit, why)
+        for name in TOGGLES:
+            options = _toggle(name, p, options, name in explicit, why)
         options = _dtype(p, options, "dtype" in explicit, why)
     return Resolved(quality, resolved, options, settings.steps, why)
 
 
-def _given(name: str, options: RuntimeOptions, why: dict) -> RuntimeOptions:
-    """An on/off execution option the user gave (--name or --no-name): kept as given, and said so."""
-    why[name] = f"{'--' if getattr(options, name) else '--no-'}{name.replace('_', '-')} given"
-    return options
-
-
-def _vae_channels_last(p: Preset, options: RuntimeOptions, given: bool, why: dict) -> RuntimeOptions:
-    """The VAE layout of preset `p`: channels-last 2-D convolutions where the VAE decoder is the torch one."""
+def _toggle(name: str, p: Preset, options: RuntimeOptions, given: bool, why: dict) -> RuntimeOptions:
+    """On/off option `name` under preset `p`: as given (said so), else on where the preset turns it on and one of
+    the components it needs runs on torch; why[name] says which."""
     if given:
-        return _given("vae_channels_last", options, why)
-    if not p.vae_channels_last:
+        why[name] = f"{flag(name) if getattr(options, name) else '--no-' + flag(name)[2:]} given"
         return options
-    kind = options.kind("vae")
-    if kind == REFERENCE:
-        why["vae_channels_last"] = "kept: the reference sampler's VAE runs as written"
+    if name not in p.toggles:
         return options
-    if kind != "torch":
-        why["vae_channels_last"] = f"kept: the {kind} VAE decoder is an exported graph"
-        return options
-    why["vae_channels_last"] = "torch VAE decoder: about 1.2x faster on CPU, within 1e-4"
-    return replace(options, vae_channels_last=True)
-
-
-def _fast_ops(p: Preset, options: RuntimeOptions, given: bool, why: dict) -> RuntimeOptions:
-    """The kernels of preset `p`: runtime/fast_ops.py where the UNet or the VAE decoder is a torch one."""
-    if given:
-        return _given("fast_ops", options, why)
-    if not p.fast_ops:
-        return options
+    t = TOGGLES[name]
     if options.backend == REFERENCE:
-        why["fast_ops"] = "kept: the reference sampler runs as written"
+        why[name] = "kept: the reference sampler runs as written"
         return options
-    torch_parts = [c for c in ("unet", "vae") if options.kind(c) == "torch"]
-    if not torch_parts:
-        why["fast_ops"] = "kept: the UNet and the VAE decoder are exported graphs"
+    parts = options.torch_parts(t.needs)
+    if not parts:
+        why[name] = ("kept: the " + " and the ".join(NAMES[c] for c in t.needs) + " are exported graphs"
+                     if len(t.needs) > 1 else f"kept: the {options.kind(t.needs[0])} {NAMES[t.needs[0]]} is an "
+                     "exported graph")
         return options
-    why["fast_ops"] = f"torch {' and '.join(torch_parts)}: faster kernels within float rounding"
-    return replace(options, fast_ops=True)
+    why[name] = f"torch {' and '.join(NAMES[c] for c in parts)}: {t.gain}"
+    return replace(options, **{name: True})
 
 
 def _dtype(p: Preset, options: RuntimeOptions, given: bool, why: dict) -> RuntimeOptions:
@@ -240,35 +211,3 @@ def _dtype(p: Preset, options: RuntimeOptions, given: bool, why: dict) -> Runtim
     fast, reason = bf16_support(options.device)
     why["dtype"] = reason if fast else f"bf16 is not fast here: {reason}"
     return replace(options, dtype="bf16" if fast else "fp32").resolved()
-
-
-# ------------------------------------------------------------------------------------------- command line
-
-def add_quality_arg(group) -> None:
-    """--quality on a command's parser or group."""
-    group.add_argument("--quality", choices=QUALITIES,
-                       help="exact: the official sampler; balanced: DPM-Solver++ on trailing timesteps at 0.6x the "
-                       "steps, guidance reuse in the last 30%%, bf16 where fast; fast: the same at 0.4x the steps "
-                       "without reuse. Settings given explicitly win (README, Quality presets)")
-
-
-def explicit_args(args) -> frozenset:
-    """The settings given on the command line: sampler flags not left unset, --dtype, --[no-]vae-channels-last and
-    --[no-]fast-ops."""
-    names = {f.name for f in fields(SamplerSettings) if getattr(args, f.name, None) is not None}
-    return frozenset(names | {name for name in ("dtype", "vae_channels_last", "fast_ops")
-                              if getattr(args, name, None) is not None})
-
-
-def apply_args(args, settings: SamplerSettings, options: RuntimeOptions,
-               log=lambda line: print(line, file=sys.stderr)) -> tuple[SamplerSettings, RuntimeOptions,
-                                                                       Resolved | None]:
-    """A command's --quality -> (settings, options, the Resolved or None), options resolved (device decided, dtype
-    checked). Without --quality the settings and options stand (feature reuse checked against the UNet); with it,
-    the preset's, and its line is logged."""
-    if args.quality is None:
-        check_reuse(settings, feature_reuse_blocker(options))
-        return settings, options.resolved(), None
-    q = resolve(args.quality, settings, options, explicit_args(args))
-    log(q.line())
-    return q.settings, q.options, q

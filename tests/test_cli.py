@@ -207,7 +207,7 @@ def test_vae_channels_last(tmp_path, torch_frames, temporal):
                          ids=lambda c: c[0])
 def test_vae_channels_last_is_an_execution_flag_everywhere(command):
     from vidrd.runtime.cli import parser
-    from vidrd.runtime.options import runtime_options
+    from vidrd.runtime.cli.args import runtime_options
 
     p = parser()
     for flags, value in (([], False), (["--vae-channels-last"], True), (["--no-vae-channels-last"], False)):

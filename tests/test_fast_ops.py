@@ -148,8 +148,8 @@ def test_fast_ops_and_chunked_attention_refused_where_they_cannot_apply(options,
                          ids=lambda c: c[0])
 def test_fast_ops_is_an_execution_flag_everywhere(command):
     from vidrd.runtime.cli import parser
-    from vidrd.runtime.options import runtime_options
-    from vidrd.runtime.quality import explicit_args
+    from vidrd.runtime.cli.args import runtime_options
+    from vidrd.runtime.cli.args import explicit_args
 
     p = parser()
     for flags, value in (([], False), (["--fast-ops"], True), (["--no-fast-ops"], False)):

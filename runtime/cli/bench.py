@@ -4,8 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vidrd.runtime.bench.runtime import WORKLOADS
-from vidrd.runtime.options import add_runtime_args, runtime_options
-from vidrd.runtime.quality import add_quality_arg, explicit_args
+from vidrd.runtime.cli.args import add_quality_arg, add_runtime_args, explicit_args, runtime_options
 
 
 def register(sub) -> None:

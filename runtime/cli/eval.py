@@ -9,8 +9,8 @@ from pathlib import Path
 from vidrd.ref.outputs import check_target
 from vidrd.ref.sampler import check_seed
 from vidrd.runtime.cli.model_args import add_model_args, check_model_args
-from vidrd.runtime.options import add_runtime_args, add_sampler_args, runtime_options, sampler_settings
-from vidrd.runtime.quality import add_quality_arg, apply_args
+from vidrd.runtime.cli.args import (add_quality_arg, add_runtime_args, add_sampler_args, apply_args, runtime_options,
+                                   sampler_settings)
 from vidrd.runtime.shapes.evaluate import EVAL_SETTINGS, NEGATIVE, evaluate, prompt_set, write_atomic
 
 

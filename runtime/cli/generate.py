@@ -9,9 +9,9 @@ from vidrd.ref.sampler import check_prompt, check_seed, check_text, shorten
 
 from vidrd.runtime import shapes
 from vidrd.runtime.cli.model_args import add_model_args, check_model_args, is_default_model
-from vidrd.runtime.options import (OFFICIAL_NEGATIVE, REFERENCE, add_runtime_args, add_sampler_args, runtime_options,
-                      sampler_settings)
-from vidrd.runtime.quality import add_quality_arg, apply_args
+from vidrd.runtime.cli.args import (add_quality_arg, add_runtime_args, add_sampler_args, apply_args, runtime_options,
+                                   sampler_settings)
+from vidrd.runtime.options import OFFICIAL_NEGATIVE, REFERENCE
 
 
 def register(sub) -> None:

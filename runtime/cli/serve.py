@@ -10,7 +10,8 @@ from dataclasses import replace
 
 from vidrd.runtime import shapes
 from vidrd.runtime.cli.model_args import add_model_args, check_model_args, is_default_model
-from vidrd.runtime.options import RuntimeOptions, add_runtime_args, runtime_options
+from vidrd.runtime.cli.args import add_runtime_args, runtime_options
+from vidrd.runtime.options import RuntimeOptions
 from vidrd.runtime.quality import feature_reuse_blocker
 from vidrd.runtime.serve.jobs import ServeConfig
 
