@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -25,18 +24,9 @@ from vidrd.ref.weights import random_model
 from .onnx_export import export, versions
 from .ort import make_session, session_provider
 from .rewrite import example_inputs
+from vidrd.runtime.precision import cpu_name
+
 from .spec import read_specs
-
-
-def cpu_name() -> str:
-    """The CPU model as lscpu reports it (`model name` in /proc/cpuinfo)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(fn, warmup: int, runs: int) -> list[float]:

@@ -12,9 +12,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vidrd.ref.config import ModelConfig
+from vidrd.ref.config import LATENT_FACTOR, ModelConfig
 
-LATENT = 8  # pixels per latent cell (the VAE's down-sampling): h = height / 8
+LATENT = LATENT_FACTOR  # pixels per latent cell (the VAE's down-sampling): h = height / 8
 F_MAX = 32  # longest clip the exported UNet and temporal VAE accept: size of the precomputed frame-embedding table
 TEXT_TOKENS = 77
 PRECISIONS = {"fp32": "float32", "fp16": "float16"}  # precision -> dtype of the float tensors of every component

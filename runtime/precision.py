@@ -11,6 +11,7 @@ convolutions. Measured on an AMD EPYC (Zen 4, AVX512-BF16), one thread, `small` 
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,18 @@ class CpuProbe:
     flags: frozenset | None  # /proc/cpuinfo flags (avx2, avx512f, avx512_bf16, amx_bf16, ...); None where unreadable
     capability: str  # torch.backends.cpu.get_cpu_capability(): ATen's dispatch, lowered by ATEN_CPU_CAPABILITY
     onednn_isa: str | None  # ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA): a cap on oneDNN's instructions
+
+
+def cpu_name() -> str:
+    """The CPU model as lscpu names it (`model name` in /proc/cpuinfo), else what platform says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def probe_cpu() -> CpuProbe:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -26,6 +25,8 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+
+from vidrd.runtime.bench.metrics import psnr
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout (tests/ and the fixtures are found from here)
 
@@ -303,11 +304,6 @@ def _runtime_video(model, backend: str, dtype="fp32", **options):
         rt.close()
 
 
-def _psnr(a, b) -> float:
-    mse = ((a - b) ** 2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
-
-
 def onnxruntime() -> dict:
     """The onnxruntime backend on CUDA (CUDA or TensorRT execution provider) against the torch backend."""
     try:
@@ -321,9 +317,9 @@ def onnxruntime() -> dict:
         model, onnx_dir = _tiny_export(Path(tmp))
         ref, t_ref = _runtime_video(model, "torch")
         got, t_ort = _runtime_video(model, "onnxruntime", export_dir=onnx_dir)
-    psnr = _psnr(got, ref)
-    return {"status": "ok" if psnr > tolerances().GPU_BACKEND_PSNR_DB else "fail", "providers": providers,
-            "psnr_db_vs_torch": psnr,
+    db = psnr(got, ref)
+    return {"status": "ok" if db > tolerances().GPU_BACKEND_PSNR_DB else "fail", "providers": providers,
+            "psnr_db_vs_torch": db,
             "seconds": {"torch": t_ref, "onnxruntime": t_ort}}
 
 
@@ -348,7 +344,7 @@ def tensorrt() -> dict:
         out["build_s"] = time.perf_counter() - t0
         got, t32 = _runtime_video(model, "tensorrt", engine_dir=Path(tmp) / "fp32")
         half, t16 = _runtime_video(model, "torch", "fp16", unet_backend="tensorrt", engine_dir=Path(tmp) / "fp16")
-    out.update(psnr_db_fp32_vs_torch=_psnr(got, ref), psnr_db_fp16_static_unet_vs_torch=_psnr(half, ref),
+    out.update(psnr_db_fp32_vs_torch=psnr(got, ref), psnr_db_fp16_static_unet_vs_torch=psnr(half, ref),
                seconds={"torch": t_ref, "tensorrt_fp32": t32, "tensorrt_fp16_static_unet": t16})
     return {"status": "ok" if out["psnr_db_fp32_vs_torch"] > tolerances().GPU_BACKEND_PSNR_DB else "fail", **out}
 
@@ -392,7 +388,7 @@ def run_section(name: str, result: Path) -> int:
         traceback.print_exc()
         res = {"status": "fail", "error": f"{type(e).__name__}: {e}"[:2000]}
     res["seconds"] = round(time.perf_counter() - t0, 1)
-    from vidrd.runtime.bench.runtime import strict_json
+    from vidrd.runtime.bench.metrics import strict_json
     result.write_text(strict_json(res, indent=1, default=str))
     return 0
 
@@ -533,7 +529,7 @@ def main(argv=None) -> int:
         print(f"[gpu-check] {name}: {res['status']} ({res['seconds']} s) {_gist(name, res)}", flush=True)
     report["total_s"] = round(time.monotonic() - t0, 1)
     report["skipped"] = {n: r.get("reason") for n, r in report["sections"].items() if r["status"] == "skipped"}
-    from vidrd.runtime.bench.runtime import strict_json
+    from vidrd.runtime.bench.metrics import strict_json
     (out / "gpu-check.json").write_text(strict_json(report, indent=1, default=str))
     md = markdown(report)
     (out / "gpu-check.md").write_text(md)

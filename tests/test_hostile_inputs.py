@@ -20,7 +20,7 @@ from vidrd.ref.ddim import DDIM
 from vidrd.ref.dpmpp import DPMSolverPP2M
 from vidrd.ref.sampler import SEED_MAX, SamplerSettings, check_prompts, check_seed
 from vidrd.ref.weights import random_model
-from vidrd.runtime.bench.runtime import strict_json
+from vidrd.runtime.bench.metrics import strict_json
 from vidrd.runtime.cli import main
 from vidrd.runtime.video_io import VideoWriter
 

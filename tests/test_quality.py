@@ -14,7 +14,8 @@ from vidrd.ref.reuse import PRESETS as REUSE
 from vidrd.ref.sampler import SamplerSettings, generate
 from vidrd.ref.weights import random_model
 from vidrd.runtime import precision
-from vidrd.runtime.bench.runtime import WORKLOADS, ssim
+from vidrd.runtime.bench.metrics import ssim
+from vidrd.runtime.bench.runtime import WORKLOADS
 from vidrd.runtime.cli import main
 from vidrd.runtime.loop import Limits, Request
 from vidrd.runtime.options import RuntimeOptions, open_runtime
@@ -278,8 +279,9 @@ def test_service_request_quality():
     from fastapi.exceptions import RequestValidationError
 
     from vidrd.runtime.serve.api import VideoRequest, to_spec
+    from vidrd.runtime.loop import Limits
     from vidrd.runtime.serve.jobs import ServeConfig
-    config = ServeConfig(steps=50)
+    config = ServeConfig(limits=Limits(steps=50))
     spec = to_spec(VideoRequest(prompts=["a"], quality="balanced"), config)
     assert spec["settings"]["steps"] == 30 and spec["settings"]["solver"] == "dpmpp-2m"
     assert {k: spec["settings"][k] for k in REUSE_FIELDS} == asdict(REUSE["balanced"])
@@ -293,7 +295,7 @@ def test_service_request_quality():
             to_spec(VideoRequest(prompts=["a"], **body), config)
         assert e.value.errors()[0]["loc"] == ("body", field)
     with pytest.raises(RequestValidationError) as e:  # the resolved steps must fit the service's limit
-        to_spec(VideoRequest(prompts=["a"], quality="fast"), ServeConfig(steps=12))
+        to_spec(VideoRequest(prompts=["a"], quality="fast"), ServeConfig(limits=Limits(steps=12)))
     assert e.value.errors()[0]["loc"] == ("body", "steps") and "steps=20 exceeds" in e.value.errors()[0]["msg"]
 
 

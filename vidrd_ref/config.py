@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 # Keys of the released config.json files that do not change the network (SPEC §0, §4.9).
+# Pixels per latent cell: the SD VAE halves the frame size 3 times (h = H / 8), every model of this family
+LATENT_FACTOR = 8
 _IGNORED = {
     "_class_name", "_diffusers_version", "_name_or_path", "architectures", "sample_size", "mid_block_type",
     "center_input_sample", "dual_cross_attention", "downsample_padding", "only_cross_attention",
@@ -79,11 +81,6 @@ class UNetConfig:
             if c % h or c % self.norm_num_groups or c % 32:
                 raise ValueError(f"UNet config: channels {c} must divide by heads {h}, by norm_num_groups "
                                  f"{self.norm_num_groups} and by 32 (temporal conv GroupNorm)")
-
-    @property
-    def latent_factor(self) -> int:
-        """Pixels per latent cell: 8 for the SD VAE; the UNet itself halves the size len(blocks)-1 times."""
-        return 8
 
     @classmethod
     def from_dict(cls, raw: dict) -> "UNetConfig":

@@ -115,16 +115,11 @@ def _mark(fraction: float, steps: int) -> int:
     return math.floor(fraction * steps + 0.5)
 
 
-def guided_eps(eps_u: torch.Tensor, eps_c: torch.Tensor, g: float) -> torch.Tensor:
-    """Classifier-free guidance as the reference sampler computes it: eps_u + g (eps_c - eps_u). (B,C,F,h,w)."""
-    return eps_u + g * (eps_c - eps_u)
-
-
 def guided_eps_reuse(eps_c: torch.Tensor, d_last: torch.Tensor, g: float) -> torch.Tensor:
     """eps_c + (g - 1) d_last, with d_last = eps_c - eps_u of the last step that ran both branches. (B,C,F,h,w).
 
-    With a fresh d (same step) this is guided_eps up to float rounding: eps_c + (g-1)(eps_c - eps_u) =
-    eps_u + g (eps_c - eps_u).
+    With a fresh d (same step) this is the reference sampler's guidance up to float rounding:
+    eps_c + (g-1)(eps_c - eps_u) = eps_u + g (eps_c - eps_u).
     """
     return eps_c + (g - 1.0) * d_last
 

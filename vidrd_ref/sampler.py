@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+from .config import LATENT_FACTOR
 from .ddim import SPACINGS
 from .dpmpp import DPMSolverPP2M
 from .reuse import FeatureCache, ReuseSettings, StepPlan, guided_eps_reuse
@@ -80,8 +81,9 @@ class SamplerSettings:
         """Raise ValueError naming the first bad setting; weights become floats. Nothing expensive has run yet."""
         for name in ("height", "width"):
             v = getattr(self, name)
-            if not _is_int(v) or v <= 0 or v % 8:
-                raise ValueError(f"{name}={v!r} must be a positive multiple of 8 (the VAE's latent factor)")
+            if not _is_int(v) or v <= 0 or v % LATENT_FACTOR:
+                raise ValueError(f"{name}={v!r} must be a positive multiple of {LATENT_FACTOR} (the VAE's latent "
+                                 "factor)")
         for name in ("frames", "steps", "clips"):
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
@@ -280,7 +282,7 @@ def generate(model, prompts, negative_prompts=None, settings: SamplerSettings = 
     ctx = encode_prompts(model, prompts, negative_prompts, s.cfg)  # (2B or B,77,D)
     dtype, device = ctx.dtype, ctx.device
     b, f, o, r = len(prompts), s.frames, s.overlap, s.noise_recycle
-    shape = (b, model.unet.cfg.in_channels, f, s.height // 8, s.width // 8)  # (B,C,F,h,w)
+    shape = (b, model.unet.cfg.in_channels, f, s.height // LATENT_FACTOR, s.width // LATENT_FACTOR)  # (B,C,F,h,w)
     timesteps = model.scheduler.timesteps(s.steps, s.spacing).tolist()
     multistep = DPMSolverPP2M(model.config.scheduler, s.steps, s.spacing) if s.solver == "dpmpp-2m" else None
     ab = [model.scheduler.alphas(t, s.steps, s.spacing) for t in timesteps]  # (alpha_bar_t, alpha_bar_prev) per step

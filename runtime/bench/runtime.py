@@ -17,7 +17,6 @@ UNet FLOPs of a whole run counted per kind.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
 import platform
@@ -29,13 +28,14 @@ from collections import Counter
 from dataclasses import asdict
 
 import torch
-import torch.nn.functional as F
 
+from vidrd.ref.config import LATENT_FACTOR
 from vidrd.ref.reuse import FeatureCache
 from vidrd.ref.sampler import SamplerSettings, generate
 
 from vidrd.runtime.backends import Backend
 from vidrd.runtime.loop import Limits, Request
+from vidrd.runtime.bench.metrics import psnr, ssim, strict_json
 from vidrd.runtime.options import RuntimeOptions, open_runtime
 
 WORKLOADS = {
@@ -97,7 +97,8 @@ def unet_flops(model, settings: SamplerSettings, batch: int, device, *, cond_onl
     with cond_only), the full UNet, or a feature-reuse call (mode "reuse", after an uncounted "store")."""
     from torch.utils.flop_counter import FlopCounterMode
     n = batch * (2 if settings.cfg and not cond_only else 1)
-    shape = (n, model.config.unet.in_channels, settings.frames, settings.height // 8, settings.width // 8)
+    shape = (n, model.config.unet.in_channels, settings.frames, settings.height // LATENT_FACTOR,
+             settings.width // LATENT_FACTOR)
     x = torch.zeros(shape, dtype=model.dtype, device=device)  # (N,C,F,h,w)
     ctx = torch.zeros(n, 77, model.config.text.hidden_size, dtype=model.dtype, device=device)  # (N,77,D)
     t = torch.full((n,), 981.0, device=device)
@@ -116,27 +117,6 @@ def unet_calls(settings: SamplerSettings) -> Counter:
     """UNet calls of one generation by (unet mode, conditional-only) from the settings' reuse plan."""
     per_clip = Counter((p.unet, settings.cfg and p.guidance == "cond_reuse") for p in settings.plan())
     return Counter({k: v * settings.clips for k, v in per_clip.items()})
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean SSIM (Wang et al. 2004) of two videos (B,3,T,H,W) in [0,1]: per frame and channel, 11x11 gaussian
-    windows (sigma 1.5; frames smaller than 11 pixels: windows of their size) without padding, C1 = 0.01^2,
-    C2 = 0.03^2."""
-    bsz, c, t, h, w = a.shape
-    assert a.shape == b.shape, f"videos {tuple(a.shape)} and {tuple(b.shape)} differ in shape"
-    x = a.detach().to("cpu", torch.float64).transpose(1, 2).reshape(bsz * t * c, 1, h, w)  # ((B T 3),1,H,W)
-    y = b.detach().to("cpu", torch.float64).transpose(1, 2).reshape(bsz * t * c, 1, h, w)
-    k = min(11, h, w)
-    g = torch.exp(-((torch.arange(k, dtype=torch.float64) - (k - 1) / 2) ** 2) / (2 * 1.5 ** 2))
-    g = g / g.sum()
-    win = (g[:, None] * g[None, :])[None, None]  # (1,1,k,k)
-    mu_x, mu_y = F.conv2d(x, win), F.conv2d(y, win)
-    var_x = F.conv2d(x * x, win) - mu_x ** 2
-    var_y = F.conv2d(y * y, win) - mu_y ** 2
-    cov = F.conv2d(x * y, win) - mu_x * mu_y
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    m = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
-    return m.mean().item()
 
 
 def _peak_rss_mb() -> float:
@@ -270,28 +250,6 @@ def _summary(workload, wl, options, dev, model, s, rows, walls, refs, frames_out
     return out
 
 
-def strict_json(row: dict, **kw) -> str:
-    """`row` as standard JSON: a non-finite number (an infinite PSNR for identical videos, a time not measured)
-    becomes null, and `non_finite` says which and why, so every JSON parser reads the row."""
-    notes = {}
-
-    def clean(v, key):
-        if isinstance(v, float) and not math.isfinite(v):
-            notes[key] = ("inf: identical to the reference" if key.endswith("psnr_db") and v > 0 else
-                          "nan: not measured" if math.isnan(v) else repr(v))
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x, f"{key}.{k}" if key else str(k)) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x, f"{key}[{i}]") for i, x in enumerate(v)]
-        return v
-
-    out = clean(row, "")
-    if notes:
-        out["non_finite"] = notes
-    return json.dumps(out, allow_nan=False, **kw)
-
-
 def _accuracy(clips, ref) -> dict:
     """PSNR and SSIM of the video and relative error of the final latents against the float32 reference.
 
@@ -300,8 +258,7 @@ def _accuracy(clips, ref) -> dict:
     video = torch.cat([c.video for c in clips], dim=2).to("cpu", torch.float32)
     latents = torch.stack([c.latents for c in clips]).to("cpu", torch.float32)
     ref_video, ref_latents = (t.to("cpu", torch.float32) for t in ref)
-    mse = ((video - ref_video) ** 2).mean().item()
-    return {"psnr_db": math.inf if mse == 0 else 10 * math.log10(1.0 / mse), "ssim": ssim(video, ref_video),
+    return {"psnr_db": psnr(video, ref_video), "ssim": ssim(video, ref_video),
             "latents_rel_err": ((latents - ref_latents).norm() / ref_latents.norm()).item(),
             "latents_max_abs_rel": ((latents - ref_latents).abs().max() / ref_latents.abs().max()).item()}
 
@@ -317,12 +274,5 @@ def _cpu() -> dict:
 
 
 def _device_name(dev) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    from vidrd.runtime.precision import cpu_name
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{cpu_name()} ({os.cpu_count()} cores)"

@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import socket
 import threading
 import time
@@ -36,7 +35,7 @@ def serving(model, config, options=None):
     from vidrd.runtime.serve.worker import LocalService
 
     config = config.for_model(model)  # as `vidrd serve` does
-    service = LocalService(open_runtime(model, options or RuntimeOptions(), config.limits()), config)
+    service = LocalService(open_runtime(model, options or RuntimeOptions(), config.limits), config)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(make_app(service, config), log_level="warning",
@@ -116,10 +115,8 @@ def summarize(results: list[dict], wall: float) -> dict:
 
 def machine() -> dict:
     import torch
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), cpu)
-    return {"cpu": cpu, "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
+    from vidrd.runtime.precision import cpu_name
+    return {"cpu": cpu_name(), "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
@@ -143,14 +140,16 @@ def main(argv=None) -> int:
 
     from vidrd.ref.weights import random_model
 
+    from vidrd.runtime.loop import Limits
     from vidrd.runtime.serve.jobs import ServeConfig
 
     torch.set_num_threads(args.threads)
     body = {"prompts": ["a boat sailing on a lake"], "height": args.size, "width": args.size, "frames": args.frames,
             "steps": args.steps, "clips": args.clips, "overlap": min(2, args.frames - 1), "format": args.format}
     with tempfile.TemporaryDirectory() as tmp:
-        config = ServeConfig(results=tmp, queue_size=args.queue, height=args.size, width=args.size,
-                             frames=args.frames, steps=args.steps, clips=args.clips, overlap=min(2, args.frames - 1),
+        limits = Limits(height=args.size, width=args.size, frames=args.frames, steps=args.steps,
+                        overlap=min(2, args.frames - 1), clips=args.clips)
+        config = ServeConfig(results=tmp, queue_size=args.queue, limits=limits,
                              submit_rate=1e9, submit_burst=10**9)  # every client is 127.0.0.1: no per-client rate
         with serving(random_model(args.preset, 0), config) as (base, _):
             results, wall = load(base, args.clients, body, args.cancel_every)

@@ -22,7 +22,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from vidrd.runtime.bench.runtime import run as bench
-    from vidrd.runtime.bench.runtime import strict_json
+    from vidrd.runtime.bench.metrics import strict_json
     if args.repeats < 1:
         raise ValueError(f"--repeats {args.repeats} must be >= 1")
     row = bench(args.workload, runtime_options(args), repeats=args.repeats, with_reference=not args.no_reference,

@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from vidrd.ref.bpe import write_tokenizer
 from vidrd.ref.config import preset
@@ -406,10 +405,9 @@ def with_direction(caption: str, shift: int) -> str:
 
 
 def bf16_available(device: torch.device) -> bool:
-    """Whether bf16 is fast here: a CUDA GPU with bf16, or a CPU with bf16 units (oneDNN's check)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether bf16 is fast here (runtime.precision's one rule: bf16 tensor cores, or a CPU with bf16 units)."""
+    from vidrd.runtime.precision import bf16_support
+    return bf16_support(device)[0]
 
 
 def log_stderr(msg: str) -> None:
