@@ -1,4 +1,4 @@
-"""`--quality exact|balanced|fast`: one name for a speed/quality trade-off (issue 14), resolved here for `vidrd
+"""`--quality exact|balanced|fast`: one name for a speed/quality trade-off, resolved here for `vidrd
 generate`, `bench`, `eval`, the service's `quality` field and the Python API (`resolve`).
 
 exact     nothing changes: the official sampler (DDIM, no reuse) at the requested steps, the dtype asked for.

@@ -261,7 +261,7 @@ def compiled() -> dict:
 
 
 def presets() -> dict:
-    """The quality presets on the sd21-base workload (issue 14): same-run speed-up and PSNR/SSIM against the exact
+    """The quality presets on the sd21-base workload: same-run speed-up and PSNR/SSIM against the exact
     float32 reference at the workload's 50 requested steps; bf16 alone (exact schedule) for comparison, and `fast`
     without --fast-ops (what those kernels give on a GPU)."""
     rows = []

@@ -2,7 +2,7 @@
 
 Timestep spacing: "leading" is the official one (SD2.1-base's scheduler config: 0, T/steps, ... plus steps_offset, so
 the first step is at t = T - T/steps + 1, e.g. 901 for 10 steps, while the initial noise is pure noise); "trailing"
-(opt-in, issue 14) starts at t = T - 1 and steps down by T/steps (rounded), as in Lin et al. 2023 (arXiv 2305.08891):
+(opt-in) starts at t = T - 1 and steps down by T/steps (rounded), as in Lin et al. 2023 (arXiv 2305.08891):
 in few steps the first step then sees the noise level the initial noise has. Either way each step goes to the next
 timestep of its schedule, the last one to the final alpha_bar.
 """

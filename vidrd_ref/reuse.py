@@ -1,4 +1,4 @@
-"""Opt-in step skipping past bit-exactness (issue 14): UNet feature reuse and guidance-difference reuse, per step.
+"""Opt-in step skipping past bit-exactness: UNet feature reuse and guidance-difference reuse, per step.
 
 Feature reuse follows DeepCache (Ma et al. 2023, arXiv 2312.00858): the deep features entering the outermost up
 block(s) change slowly from one denoising step to the next, so a "store" step runs the whole UNet and keeps them,
@@ -14,11 +14,18 @@ settings (and PRESETS["exact"]) plan every step "full" + "both", which is the re
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 UNET_MODES = ("full", "store", "reuse")
+
+
+def setting(default, help: str, choices: tuple | None = None):
+    """A settings field: its default, the help text the CLI and the service show, its allowed values."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 GUIDANCE_MODES = ("both", "cond_reuse")
 
 
@@ -64,12 +71,17 @@ class ReuseSettings:
     guidance_refresh m: among those late steps every m-th runs both branches again to refresh d_last; 0 = never.
     A fraction f marks step floor(f * steps + 0.5). Under no guidance (guidance_scale <= 1) `guidance` is moot.
     """
-    cache_interval: int = 1
-    cache_from: float = 0.0
-    cache_until: float = 1.0
-    cache_depth: int = 1
-    guidance_reuse_after: float = 1.0
-    guidance_refresh: int = 0
+    cache_interval: int = setting(1, "UNet feature reuse (DeepCache): inside the cache window one full UNet step, "
+                                   "then interval-1 steps that reuse its deep features; 1 = off")
+    cache_from: float = setting(0.0, "start of the feature-reuse window, as a fraction of the steps")
+    cache_until: float = setting(1.0, "end of the feature-reuse window (exclusive), as a fraction of the steps")
+    cache_depth: int = setting(1, "up blocks a feature-reuse step runs (1 = the outermost: cheapest, furthest from "
+                                "the full UNet)")
+    guidance_reuse_after: float = setting(1.0, "fraction of the steps after which only the conditional branch runs, "
+                                           "with the last measured guidance difference; 1 = never")
+    guidance_refresh: int = setting(0, "among the guidance-reuse steps, every n-th runs both branches again to "
+                                     "refresh the difference; 0 = never")
+
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
 from .config import LATENT_FACTOR
 from .ddim import SPACINGS
 from .dpmpp import DPMSolverPP2M
-from .reuse import FeatureCache, ReuseSettings, StepPlan, guided_eps_reuse
+from .reuse import FeatureCache, ReuseSettings, StepPlan, guided_eps_reuse, setting
 from .text import dropped_words, tokenize
 
 ASSEMBLIES = ("official", "trim")
@@ -29,53 +29,44 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _setting(default, help: str, choices: tuple | None = None):
-    """A SamplerSettings field: its default, the help text the CLI and the service show, its allowed values."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What to generate and how to sample it, apart from the reuse options (vidrd.ref.reuse.ReuseSettings)."""
+    height: int = setting(256, "frame height in pixels, a multiple of 8")
+    width: int = setting(256, "frame width in pixels, a multiple of 8")
+    frames: int = setting(8, "frames per clip")
+    steps: int = setting(50, "denoising steps per clip")
+    clips: int = setting(1, "clips in total, 1 = no extension")
+    overlap: int = setting(4, "frames shared with the previous clip")
+    noise_recycle: float = setting(4.0, "weight of the previous clip's reversed noise in a new clip's noise")
+    denoise_guidance: float = setting(0.4, "fraction of steps during which overlap frames are pinned (staged "
+                                       "guidance)")
+    guidance_scale: float = setting(10.0, "classifier-free guidance scale (<= 1: no guidance)")
+    noise_prior: float = setting(0.0, "progressive noise prior (frame correlation); unit variance per frame")
+    temporal_decode: bool = setting(False, "decode with the temporal VAE layers (paper) instead of per frame "
+                                     "(official code)")
+    assembly: str = setting("official", "official: every clip whole; trim: later clips without their overlap "
+                             "frames", ASSEMBLIES)
+    continuation: str = setting("official", "official: a new clip replays the previous clip's end backwards (the "
+                                 "paper's reversed noise and overlap); forward: it continues in the same frame order "
+                                 "(use with --assembly trim)", CONTINUATIONS)
+    solver: str = setting("ddim", "ddim (official) or dpmpp-2m (DPM-Solver++(2M): similar quality in fewer steps)",
+                           SOLVERS)
+    spacing: str = setting("leading", "timestep spacing: leading (official: the first step at t = 1000 - 1000/steps + "
+                            "1) or trailing (the first step at t = 999, the initial noise's level: better colour in "
+                            "few steps)", SPACINGS)
 
 
 @dataclass(frozen=True)
-class SamplerSettings:
-    """Every setting of one generation, with the official defaults (configs/example.yaml + evaluator, SPEC §3.1).
+class SamplerSettings(ReuseSettings, GenerationSettings):
+    """Every setting of one generation, with the official defaults (configs/example.yaml + evaluator, SPEC §3.1):
+    GenerationSettings' fields, then ReuseSettings' (whose defaults reuse nothing: the official loop).
 
     The one description of a generation: `vidrd generate`'s flags, the service's request fields and the Ray
     deployment's job specs are made from these fields (name, default, help, choices), so a new setting is a new
-    field here and its use in the samplers. Construction validates (ValueError naming the first bad setting).
+    field in one of the two and its use in the samplers. Construction validates (ValueError naming the first bad
+    setting).
     """
-    height: int = _setting(256, "frame height in pixels, a multiple of 8")
-    width: int = _setting(256, "frame width in pixels, a multiple of 8")
-    frames: int = _setting(8, "frames per clip")
-    steps: int = _setting(50, "denoising steps per clip")
-    clips: int = _setting(1, "clips in total, 1 = no extension")
-    overlap: int = _setting(4, "frames shared with the previous clip")
-    noise_recycle: float = _setting(4.0, "weight of the previous clip's reversed noise in a new clip's noise")
-    denoise_guidance: float = _setting(0.4, "fraction of steps during which overlap frames are pinned (staged "
-                                       "guidance)")
-    guidance_scale: float = _setting(10.0, "classifier-free guidance scale (<= 1: no guidance)")
-    noise_prior: float = _setting(0.0, "progressive noise prior (frame correlation); unit variance per frame")
-    temporal_decode: bool = _setting(False, "decode with the temporal VAE layers (paper) instead of per frame "
-                                     "(official code)")
-    assembly: str = _setting("official", "official: every clip whole; trim: later clips without their overlap "
-                             "frames", ASSEMBLIES)
-    continuation: str = _setting("official", "official: a new clip replays the previous clip's end backwards (the "
-                                 "paper's reversed noise and overlap); forward: it continues in the same frame order "
-                                 "(use with --assembly trim)", CONTINUATIONS)
-    solver: str = _setting("ddim", "ddim (official) or dpmpp-2m (DPM-Solver++(2M): similar quality in fewer steps)",
-                           SOLVERS)
-    spacing: str = _setting("leading", "timestep spacing: leading (official: the first step at t = 1000 - 1000/steps + "
-                            "1) or trailing (the first step at t = 999, the initial noise's level: better colour in "
-                            "few steps)", SPACINGS)
-    # Opt-in step skipping (issue 14, vidrd.ref.reuse.ReuseSettings): the defaults reuse nothing (the official loop)
-    cache_interval: int = _setting(1, "UNet feature reuse (DeepCache): inside the cache window one full UNet step, "
-                                   "then interval-1 steps that reuse its deep features; 1 = off")
-    cache_from: float = _setting(0.0, "start of the feature-reuse window, as a fraction of the steps")
-    cache_until: float = _setting(1.0, "end of the feature-reuse window (exclusive), as a fraction of the steps")
-    cache_depth: int = _setting(1, "up blocks a feature-reuse step runs (1 = the outermost: cheapest, furthest from "
-                                "the full UNet)")
-    guidance_reuse_after: float = _setting(1.0, "fraction of the steps after which only the conditional branch runs, "
-                                           "with the last measured guidance difference; 1 = never")
-    guidance_refresh: int = _setting(0, "among the guidance-reuse steps, every n-th runs both branches again to "
-                                     "refresh the difference; 0 = never")
 
     def __post_init__(self):
         """Raise ValueError naming the first bad setting; weights become floats. Nothing expensive has run yet."""
@@ -270,7 +261,7 @@ def generate(model, prompts, negative_prompts=None, settings: SamplerSettings = 
 
     Mirrors the official SDVideoPipeline.__call__ (SPEC §3.5) step for step, including its random draws, so one
     seed gives the official video. `callback(clip, step)` is called after every denoising step. With reuse settings
-    (issue 14) each step follows `settings.plan()`: "store"/"reuse" steps run the UNet with a FeatureCache, and
+    each step follows `settings.plan()`: "store"/"reuse" steps run the UNet with a FeatureCache, and
     "cond_reuse" steps run it on the conditional half only, guided by the last measured eps_c - eps_u.
     """
     s = settings

@@ -11,7 +11,7 @@ from vidrd.export.spec import ComponentSpec
 class Backend(abc.ABC):
     """One component on one backend. `dtype`: the float dtype of its float inputs and outputs; `device`: where they
     live. Calls write into the caller's buffers (shapes in the module docstring). `feature_cache`: a UNet that takes
-    a vidrd.ref.reuse.FeatureCache after its buffers (UNet feature reuse, issue 14); exported graphs cannot."""
+    a vidrd.ref.reuse.FeatureCache after its buffers (UNet feature reuse); exported graphs cannot."""
     dtype: torch.dtype
     device: torch.device
     feature_cache: bool = False

@@ -1,5 +1,5 @@
 """--fast-ops: faster kernels for the torch UNet and VAE decoder that are not bit-exact, only within float rounding
-of the default (tests/tolerances.py), so opt-in and on under --quality balanced|fast (issue 14, BENCHMARKS.md).
+of the default (tests/tolerances.py), so opt-in and on under --quality balanced|fast (BENCHMARKS.md).
 
 - temporal convolutions (the official Conv3d with kernel (3,1,1)) as 2-D convolutions over (frames, h*w): the same
   sums, but oneDNN's kernels on every CPU, where a float32 Conv3d takes PyTorch's slow im2col path (18-19% of a

@@ -35,7 +35,7 @@ class TorchUNet(Backend):
         if fast_ops:  # a copy sharing the weights (runtime/fast_ops.py); chunked attention is eager-only
             self.net = fast_ops_module.apply(self.net, chunked_attention=compile is None)
         self.fn = self.net if compile is None else _compiled(self.net, compile, device)
-        # A compiled graph takes tensors only; a FeatureCache holds a tensor between calls (see README, presets).
+        # A compiled graph takes tensors only; a FeatureCache holds a tensor between calls (runtime/README.md, quality presets).
         self.feature_cache = compile is None
         # eager: cross-attention keys/values of the request's context and, under guidance reuse, of its conditional
         # half (a view of it), keyed on the view; new_context() drops them when a request writes a new context

@@ -75,7 +75,7 @@ def add_quality_arg(group) -> None:
     group.add_argument("--quality", choices=QUALITIES,
                        help="exact: the official sampler; balanced: DPM-Solver++ on trailing timesteps at 0.6x the "
                        "steps, guidance reuse in the last 30%%, bf16 where fast; fast: the same at 0.4x the steps "
-                       "without reuse. Settings given explicitly win (README, Quality presets)")
+                       "without reuse. Settings given explicitly win (runtime/README.md, quality presets)")
 
 
 def explicit_args(args) -> frozenset:
