@@ -29,19 +29,31 @@ from .history import History
 
 @dataclass(frozen=True)
 class Limits:
-    """The largest request a runtime serves: its buffers are sized from these."""
+    """The largest request a runtime serves (its buffers are sized from these) and a service accepts."""
     batch: int = 1
     frames: int = 8
     height: int = 256
     width: int = 256
     steps: int = 50
     overlap: int = 4
+    clips: int | None = None  # no buffer grows with the clips: None = any number
 
     @classmethod
     def of(cls, settings: SamplerSettings, batch: int) -> "Limits":
         """Buffers for exactly one request shape: `batch` prompts at `settings`."""
         s = settings
         return cls(batch, s.frames, s.height, s.width, s.steps, max(s.overlap, 1))
+
+    def check(self, settings: SamplerSettings, batch: int) -> None:
+        """ValueError "name=value exceeds the limit (name <= most)" when `batch` prompts at `settings` go over a
+        limit. The overlap counts only with more than one clip: a single clip reads no history."""
+        s = settings
+        for name, value, most in (("batch", batch, self.batch), ("frames", s.frames, self.frames),
+                                  ("height", s.height, self.height), ("width", s.width, self.width),
+                                  ("steps", s.steps, self.steps), ("clips", s.clips, self.clips),
+                                  ("overlap", s.overlap if s.clips > 1 else 0, self.overlap)):
+            if most is not None and value > most:
+                raise ValueError(f"{name}={value} exceeds the limit ({name} <= {most})")
 
 
 @dataclass(frozen=True)
@@ -352,18 +364,15 @@ class Runtime:
         """Validate a request against the sampler rules and this runtime's buffers, before any work."""
         s = request.settings
         check_seed(request.seed)
-        s.check_model(self.model)
         prompts, negatives = check_prompts(self.tokenizer, list(request.prompts),
                                            None if request.negative_prompts is None else list(request.negative_prompts))
-        lim = self.limits
-        for name, value, most in (("batch", len(prompts), lim.batch), ("frames", s.frames, lim.frames),
-                                  ("height", s.height, lim.height), ("width", s.width, lim.width),
-                                  ("steps", s.steps, lim.steps)):
-            if value > most:
-                raise ValueError(f"{name}={value} exceeds this runtime's buffers ({name} <= {most}); set up the "
-                                 f"runtime with larger limits")
-        if s.clips > 1 and s.overlap > lim.overlap:
-            raise ValueError(f"overlap={s.overlap} exceeds this runtime's buffers (overlap <= {lim.overlap})")
+        # limits, then the schedule: the order the service checks them in (api.to_spec), so both give one message
+        try:
+            self.limits.check(s, len(prompts))
+        except ValueError as e:
+            raise ValueError(f"{e} of this runtime (its buffers are sized from its limits); set up the runtime with "
+                             "larger limits") from None
+        s.check_model(self.model)
         for be in (self.text, self.unet, self.vae):  # exported graphs and engines: the request must fit their ranges
             be.check_shapes(len(prompts), s.frames, s.height, s.width, guidance=s.cfg, temporal=s.temporal_decode)
         self.check_reuse(len(prompts), s)

@@ -22,11 +22,12 @@ from tolerances import SERVICE_VS_CLI_MP4_MEAN  # noqa: E402
 from vidrd.ref.weights import random_model  # noqa: E402
 from vidrd.runtime.cli import main  # noqa: E402
 from vidrd.runtime.bench import service as serve_bench  # noqa: E402
+from vidrd.runtime.loop import Limits  # noqa: E402
 from vidrd.runtime.serve.jobs import Registry, ServeConfig, job_dir  # noqa: E402
 from vidrd.runtime.video_io import read_video  # noqa: E402
 
 TINY = {"height": 32, "width": 32, "frames": 4, "overlap": 2}  # 32x32 pixels, 4 frames per clip
-LIMITS = dict(queue_size=4, batch=2, frames=4, height=48, width=48, steps=12, clips=3, overlap=2,
+LIMITS = dict(queue_size=4, limits=Limits(batch=2, frames=4, height=48, width=48, steps=12, overlap=2, clips=3),
               max_prompt_chars=300, max_body_bytes=16384)
 FINISHED = ("done", "failed", "cancelled")
 
@@ -257,11 +258,40 @@ def test_bad_input_gets_its_4xx(server, what, method, path, body, status, field)
     assert set(service.registry.jobs) == jobs  # refused before a job was recorded
 
 
+def test_the_service_refuses_what_its_runtime_would_with_the_runtimes_message(model):
+    """One rule, one message: to_spec runs the runtime's own checks (Limits.check, the schedule's check_steps), so
+    its 422 names the field with the message the runtime's error starts with."""
+    from fastapi.exceptions import RequestValidationError
+
+    from vidrd.ref.sampler import SamplerSettings
+    from vidrd.runtime.loop import Request
+    from vidrd.runtime.options import open_runtime
+    from vidrd.runtime.serve.api import VideoRequest, to_spec
+    lim = Limits(batch=2, frames=4, height=32, width=32, steps=1000, overlap=2, clips=3)
+    config = ServeConfig(limits=lim).for_model(model)
+    rt = open_runtime(model, limits=config.limits)
+    small = dict(height=32, width=32, frames=4, steps=2, overlap=2)
+    for change, field in ((dict(frames=8), "frames"), (dict(width=40), "width"), (dict(clips=4), "clips"),
+                          (dict(clips=2, overlap=3), "overlap"), (dict(prompts=["a", "b", "c"]), "prompts"),
+                          (dict(steps=1000), "steps")):  # leading spacing: 999 of the 1000 training timesteps
+        body = {"prompts": ["a"], **small, **change}
+        with pytest.raises(RequestValidationError) as e:
+            to_spec(VideoRequest(**body), config)
+        err = e.value.errors()[0]
+        assert err["loc"] == ("body", field) and err["msg"].startswith(f"{field if field != 'prompts' else 'batch'}=")
+        prompts = body.pop("prompts")
+        with pytest.raises(ValueError) as refused:
+            rt.generate(Request(tuple(prompts), None, SamplerSettings(**body)))
+        assert str(refused.value).startswith(err["msg"]), (err["msg"], str(refused.value))
+    assert to_spec(VideoRequest(prompts=["a", "b"], **{**small, "clips": 3}), config)  # at the limits: accepted
+    rt.close()
+
+
 def test_frame_size_the_encoder_refuses_is_a_422_before_the_job():
     from fastapi.exceptions import RequestValidationError
 
     from vidrd.runtime.serve.api import VideoRequest, to_spec
-    config = ServeConfig(height=64, width=20000, frames=4, steps=2)
+    config = ServeConfig(limits=Limits(height=64, width=20000, frames=4, steps=2))
     assert to_spec(VideoRequest(prompts=["a"], height=8, width=16384, frames=4, steps=2), config)
     with pytest.raises(RequestValidationError) as e:
         to_spec(VideoRequest(prompts=["a"], height=8, width=16392, frames=4, steps=2), config)

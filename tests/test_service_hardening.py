@@ -23,6 +23,7 @@ from test_service import LIMITS, TINY, serving, submit, wait  # noqa: E402
 from vidrd.ref.sampler import SEED_MAX, SEED_MIN  # noqa: E402
 from vidrd.ref.weights import random_model  # noqa: E402
 from vidrd.runtime.cli import main  # noqa: E402
+from vidrd.runtime.loop import Limits  # noqa: E402
 from vidrd.runtime.serve import worker  # noqa: E402
 from vidrd.runtime.serve.jobs import CANCELLED_GRACE_S, Registry, ServeConfig, job_dir, video_path  # noqa: E402
 
@@ -226,10 +227,10 @@ def test_steps_the_models_schedule_has_no_room_for(model):
     from fastapi.exceptions import RequestValidationError
 
     from vidrd.runtime.serve.api import VideoRequest, to_spec
-    config = ServeConfig(steps=1000).for_model(model)
-    assert config.max_steps_by_spacing == (("leading", 999), ("trailing", 1000))
+    config = ServeConfig(limits=Limits(steps=1000)).for_model(model)
+    assert config.scheduler == model.scheduler.cfg
     with pytest.raises(ValueError, match="--max-steps 1001 exceeds"):
-        ServeConfig(steps=1001).for_model(model)
+        ServeConfig(limits=Limits(steps=1001)).for_model(model)
     assert to_spec(VideoRequest(prompts=["a"], steps=1000, spacing="trailing"), config)
     assert to_spec(VideoRequest(prompts=["a"], steps=999), config)
     with pytest.raises(RequestValidationError) as e:

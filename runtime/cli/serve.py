@@ -11,6 +11,7 @@ from dataclasses import replace
 from vidrd.runtime import shapes
 from vidrd.runtime.cli.model_args import add_model_args, check_model_args, is_default_model
 from vidrd.runtime.cli.args import add_runtime_args, runtime_options
+from vidrd.runtime.loop import Limits
 from vidrd.runtime.options import RuntimeOptions
 from vidrd.runtime.quality import feature_reuse_blocker
 from vidrd.runtime.serve.jobs import ServeConfig
@@ -41,7 +42,7 @@ def register(sub) -> None:
     j.add_argument("--submit-burst", type=int, default=D.submit_burst, help="... and at once")
     j.add_argument("--ttl", type=float, default=D.ttl_s, help="seconds a finished job's files are kept")
     for name in ("batch", "frames", "height", "width", "steps", "clips", "overlap"):
-        j.add_argument(f"--max-{name}", type=int, default=getattr(D, name), help=f"largest {name} of a request")
+        j.add_argument(f"--max-{name}", type=int, default=getattr(D.limits, name), help=f"largest {name} of a request")
     j.add_argument("--max-prompt-chars", type=int, default=D.max_prompt_chars)
     j.add_argument("--max-body-bytes", type=int, default=D.max_body_bytes, help="larger request bodies get 413")
     j.add_argument("--read-timeout", type=float, default=D.read_timeout_s,
@@ -69,9 +70,10 @@ def register(sub) -> None:
 
 
 def config_from(args) -> ServeConfig:
-    c = ServeConfig(results=args.results, queue_size=args.queue_size, ttl_s=args.ttl, batch=args.max_batch,
-                    frames=args.max_frames, height=args.max_height, width=args.max_width, steps=args.max_steps,
-                    clips=args.max_clips, overlap=args.max_overlap, max_prompt_chars=args.max_prompt_chars,
+    limits = Limits(batch=args.max_batch, frames=args.max_frames, height=args.max_height, width=args.max_width,
+                    steps=args.max_steps, overlap=args.max_overlap, clips=args.max_clips)
+    c = ServeConfig(results=args.results, queue_size=args.queue_size, ttl_s=args.ttl, limits=limits,
+                    max_prompt_chars=args.max_prompt_chars,
                     max_body_bytes=args.max_body_bytes, read_timeout_s=args.read_timeout, api_key=args.api_key or None,
                     max_records=args.max_records, submit_rate=args.submit_rate, submit_burst=args.submit_burst,
                     max_header_bytes=args.max_header_bytes, send_timeout_s=args.send_timeout,
@@ -131,7 +133,7 @@ def run_local(args, config: ServeConfig, options: RuntimeOptions) -> int:
 
     model, what, _ = load_model(args, dtype=options.torch_dtype, device=options.device)
     config = config.for_model(model)
-    service = LocalService(open_runtime(model, options, config.limits()), config)
+    service = LocalService(open_runtime(model, options, config.limits), config)
     print(f"serving {what} ({options.backend} on {options.device}) at http://{args.host}:{args.port} (docs at "
           "/docs)", file=sys.stderr)
     stop_once()

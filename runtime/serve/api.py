@@ -2,10 +2,8 @@
 
 `make_app(backend, config)` serves one backend: worker.LocalService (`vidrd serve`) or ray.RayBackend
 (`vidrd serve --ray`); both answer the same async calls, so both serve exactly this API. The request's sampler
-fields are SamplerSettings' own (name, type, default, help, choices).
+fields are SamplerSettings' own (name, type, default, help, choices); its limits are the runtime's (Limits.check).
 """
-from __future__ import annotations
-
 import math
 import re
 import secrets
@@ -20,9 +18,9 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from vidrd.ref.ddim import DDIM
 from vidrd.ref.sampler import SEED_MAX, SEED_MIN, SamplerSettings, check_prompt, check_text, shorten
 
-from .. import shapes
 from ..options import OFFICIAL_NEGATIVE
 from ..quality import QUALITIES, check_reuse, resolve
 from ..video_io import FPS_RANGE, check_fps, check_frame_size
@@ -34,18 +32,20 @@ JobId = Annotated[str, Path(pattern=ID_PATTERN, description="32 hex digits, as r
 ClipIndex = Annotated[int, Path(ge=0, description="clip number, from 0")]
 Video = Annotated[int, Query(ge=0, description="which prompt's video, for a batch")]
 SETTINGS = tuple(f.name for f in fields(SamplerSettings))
+QUALITY_HELP = ("a preset over the settings left out: exact (the official sampler), balanced (DPM-Solver++ at 0.6x the "
+                "steps, feature and guidance reuse), fast (0.4x the steps, more reuse); the service's dtype stands "
+                "(README, Quality presets)")
 
 
-def _setting_fields() -> dict:
+def _setting_fields(defaults: dict) -> dict:
     """Every SamplerSettings field as a request field: its type (its choices as a Literal), default and help. The
-    settings the embedded model has its own values for (runtime/shapes) default to None: to_spec fills them from
-    ServeConfig.defaults, else the official default."""
+    settings a service's model has its own values for (`defaults`) default to None: to_spec fills them."""
     out = {}
     for f in fields(SamplerSettings):
         default, meta = f.default, f.metadata
         kind = Literal[meta["choices"]] if meta["choices"] else type(default)
-        if f.name in shapes.SETTINGS:
-            alt = shapes.SETTINGS[f.name]
+        if f.name in defaults:
+            alt = defaults[f.name]
             note = f"default {default}" + (f"; {alt} for the embedded model" if alt != default else "")
             out[f.name] = (Optional[kind], Field(None, description=f"{meta['help']} ({note})"))
         else:
@@ -53,23 +53,29 @@ def _setting_fields() -> dict:
     return out
 
 
-VideoRequest = create_model(
-    "VideoRequest",
-    __doc__="A video request: the settings of `vidrd generate`, with its defaults; strict JSON types, no unknown keys.",
-    __config__=ConfigDict(extra="forbid", strict=True, allow_inf_nan=False),
-    prompts=(list[str], Field(min_length=1, description="one video per prompt (a batch)")),
-    negative_prompts=(Optional[list[str]], Field(None, description=f"one per prompt (default {OFFICIAL_NEGATIVE!r}; "
-                                                 f"{shapes.NEGATIVE!r} for the embedded model)")),
-    **_setting_fields(),
-    quality=(Optional[Literal[QUALITIES]], Field(None, description="a preset over the settings left out: exact (the "
-                                                 "official sampler), balanced (DPM-Solver++ at 0.6x the steps, feature "
-                                                 "and guidance reuse), fast (0.4x the steps, more reuse); the "
-                                                 "service's dtype stands (README, Quality presets)")),
-    seed=(int, Field(42, ge=SEED_MIN, le=SEED_MAX)),
-    format=(Literal["mp4", "gif"], "mp4"),
-    fps=(float, Field(8.0, ge=min(lo for lo, _ in FPS_RANGE.values()), le=max(hi for _, hi in FPS_RANGE.values()),
-                      description="gif: at most 100 (GIF delays are whole centiseconds)")),
-)
+def request_model(config: ServeConfig) -> type[BaseModel]:
+    """The request body of a service with `config`: its schema names the model's own defaults (config.defaults)."""
+    negative = f"default {OFFICIAL_NEGATIVE!r}" + (f"; {config.negative_prompt!r} for the embedded model"
+                                                   if config.defaults else "")
+    return create_model(
+        "VideoRequest",
+        __doc__="A video request: the settings of `vidrd generate`, with its defaults; strict JSON types, no unknown "
+        "keys.",
+        __config__=ConfigDict(extra="forbid", strict=True, allow_inf_nan=False),
+        prompts=(list[str], Field(min_length=1, description="one video per prompt (a batch)")),
+        negative_prompts=(Optional[list[str]], Field(None, description=f"one per prompt ({negative})")),
+        **_setting_fields(dict(config.defaults)),
+        quality=(Optional[Literal[QUALITIES]], Field(None, description=QUALITY_HELP)),
+        seed=(int, Field(42, ge=SEED_MIN, le=SEED_MAX)),
+        format=(Literal["mp4", "gif"], "mp4"),
+        fps=(float, Field(8.0, ge=min(lo for lo, _ in FPS_RANGE.values()),
+                          le=max(hi for _, hi in FPS_RANGE.values()),
+                          description="gif: at most 100 (GIF delays are whole centiseconds)")),
+    )
+
+
+# the request body with the official defaults; to_spec fills what a request leaves out from its config either way
+VideoRequest = request_model(ServeConfig())
 
 
 class JobStatus(BaseModel):
@@ -102,12 +108,11 @@ def _field_error(field: str, msg: str, value=None) -> RequestValidationError:
     return RequestValidationError([{"type": "value_error", "loc": loc, "msg": msg, "input": value}])
 
 
-def to_spec(req: VideoRequest, config: ServeConfig) -> dict:
-    """The validated job spec: the sampler's own rules (SamplerSettings) plus this service's limits, which are the
-    runtime's buffer sizes (Runtime.check). Raises a 422 that names the field."""
+def to_spec(req: BaseModel, config: ServeConfig) -> dict:
+    """The validated job spec of a request (VideoRequest, or make_app's request_model): the sampler's own rules
+    (SamplerSettings), this service's limits (the runtime's: Limits.check) and the model's schedule (the sampler's
+    DDIM.check_steps). Raises a 422 that names the field."""
     negatives = req.negative_prompts if req.negative_prompts is not None else [config.negative_prompt] * len(req.prompts)
-    if len(req.prompts) > config.batch:
-        raise _field_error("prompts", f"{len(req.prompts)} prompts exceed this service's batch limit ({config.batch})")
     if len(negatives) != len(req.prompts):
         raise _field_error("negative_prompts", f"{len(negatives)} negative prompts for {len(req.prompts)} prompts; "
                            "give one per prompt")
@@ -120,32 +125,27 @@ def to_spec(req: VideoRequest, config: ServeConfig) -> dict:
                 (check_prompt if name == "prompts" else check_text)(f"{name}[{i}]", text)
             except ValueError as e:
                 raise _field_error((name, i), str(e)) from None
-    given = {k: getattr(req, k) for k in SETTINGS}
-    fill = {**asdict(SamplerSettings()), **dict(config.defaults)}
+    # what the request left out (or sent as null) is the service's default: its model's own, else the official one
+    given = {k: getattr(req, k) for k in SETTINGS if k in req.model_fields_set and getattr(req, k) is not None}
     try:
-        s = SamplerSettings(**{k: fill[k] if v is None else v for k, v in given.items()})
+        s = SamplerSettings(**{**asdict(SamplerSettings()), **dict(config.defaults), **given})
     except ValueError as e:  # messages start with "name=value"
         raise _settings_error(e, req) from None
     quality = None
     try:
         if req.quality is not None:  # the preset fills what the request left out
-            explicit = {k for k, v in given.items() if v is not None and k in req.model_fields_set}
-            quality = resolve(req.quality, s, None, explicit, spell=lambda name: name,
+            quality = resolve(req.quality, s, None, set(given), spell=lambda name: name,
                               feature_reuse_off=config.feature_reuse_off)
             s = quality.settings
         check_reuse(s, config.feature_reuse_off, spell=lambda name: name)
     except ValueError as e:  # a contradiction names "quality", or the setting the preset or the runtime cannot take
         raise _settings_error(e, req) from None
-    limits = [("frames", config.frames), ("height", config.height), ("width", config.width),
-              ("steps", config.steps), ("clips", config.clips)] + ([("overlap", config.overlap)] if s.clips > 1 else [])
-    for name, most in limits:
-        if getattr(s, name) > most:
-            raise _field_error(name, f"{name}={getattr(s, name)} exceeds this service's limit ({name} <= {most})",
-                               getattr(s, name))
-    most = dict(config.max_steps_by_spacing).get(s.spacing)
-    if most is not None and s.steps > most:  # the model's schedule has no room (leading spacing: 999 of 1000)
-        raise _field_error("steps", f"steps={s.steps} does not fit this service's model with {s.spacing} spacing "
-                           f"(at most {most})", s.steps)
+    try:  # the runtime's own checks, before the job is queued
+        config.limits.check(s, len(req.prompts))
+        if config.scheduler is not None:  # the model's schedule has no room (leading spacing: 999 of 1000 steps)
+            DDIM(config.scheduler).check_steps(s.steps, s.spacing)
+    except ValueError as e:
+        raise _settings_error(e, req) from None
     for field, check in (("fps", lambda: check_fps(req.format, req.fps)),
                          ("width", lambda: check_frame_size(req.format, s.height, s.width))):
         try:  # what the video writer would refuse mid-job
@@ -158,9 +158,11 @@ def to_spec(req: VideoRequest, config: ServeConfig) -> dict:
 
 
 def _settings_error(e: ValueError, req) -> RequestValidationError:
-    """A settings ValueError as a 422 on the field its message starts with ("name=value ..." or "name value ...")."""
+    """A settings ValueError as a 422 on the field its message starts with ("name=value ..." or "name value ...");
+    "batch=N" (Limits.check) is the prompts field."""
     m = re.match(r"(\w+)[= ]", str(e))
-    field = m.group(1) if m and m.group(1) in SETTINGS + ("quality",) else "settings"
+    name = {"batch": "prompts"}.get(m.group(1), m.group(1)) if m else None
+    field = name if name in SETTINGS + ("quality", "prompts") else "settings"
     return _field_error(field, str(e), getattr(req, field, None))
 
 
@@ -202,6 +204,9 @@ def make_app(backend, config: ServeConfig) -> FastAPI:
                503: {"model": Error, "description": f"{config.max_downloads} downloads in progress",
                      "headers": retry_after}}
     throttle, downloads = Throttle(config.submit_rate, config.submit_burst), Downloads(config.max_downloads)
+    # this service's request body: its schema names the model's defaults. A local class works as the annotation
+    # below because this module does not postpone annotations (no `from __future__ import annotations`).
+    Body = request_model(config)
 
     async def job(job_id: str) -> dict:
         st = await backend.status(job_id)
@@ -223,7 +228,7 @@ def make_app(backend, config: ServeConfig) -> FastAPI:
                         429: {"model": Error, "description": "queue or job records full, or this client's submission "
                               f"rate over {config.submit_rate:g}/s (burst {config.submit_burst})",
                               "headers": retry_after}})
-    async def submit(req: VideoRequest, request: Request, response: Response):
+    async def submit(req: Body, request: Request, response: Response):
         spec = to_spec(req, config)
         # valid submissions only count: they are what holds queue places and records
         wait_s = throttle.take(request.client.host if request.client else "", time.monotonic())

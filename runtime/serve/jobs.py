@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from vidrd.ref.config import SchedulerConfig
 from vidrd.ref.ddim import SPACINGS
 
 from ..loop import Limits
@@ -36,20 +37,15 @@ log = logging.getLogger("vidrd.serve")
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """What a service accepts and keeps: per-request limits (the runtime's buffers are sized from them), queue, TTL."""
+    """What a service accepts and keeps: per-request limits (its runtime's, whose buffers are sized from them),
+    queue, TTL. Frozen dataclasses all the way down, so Ray can hand it to every replica."""
     results: str = "vidrd-results"  # job folders live here (shared by all replicas under Ray)
     queue_size: int = 8  # jobs waiting for a runtime; one more gets 429
     max_records: int = 2000  # job records held (open, and finished until their TTL); one more submission gets 429
     submit_rate: float = 5.0  # submissions per second per client address, sustained (token bucket); more get 429
     submit_burst: int = 20  # ... and at once
     ttl_s: float = 3600.0  # a finished job's files and record are deleted this long after it ends
-    batch: int = 1
-    frames: int = 8
-    height: int = 256
-    width: int = 256
-    steps: int = 50
-    clips: int = 8
-    overlap: int = 4
+    limits: Limits = Limits(clips=8)  # the largest request (Limits.check); open_runtime sizes the buffers from it
     max_prompt_chars: int = 1000
     max_body_bytes: int = 65536
     read_timeout_s: float = 30.0  # a client must send a request's headers, and then its body, within this time
@@ -65,20 +61,23 @@ class ServeConfig:
     # why the runtime's UNet cannot reuse features (an exported graph, --compile: quality.feature_reuse_blocker), so
     # requests asking for it are refused and quality presets leave it off; None: it can
     feature_reuse_off: str | None = None
-    # (spacing, most steps) pairs of the model's schedule (for_model): a request with more steps than its spacing
-    # allows is a 422; empty: not known (only `steps` bounds requests)
-    max_steps_by_spacing: tuple = ()
+    # the model's schedule (for_model): a request's steps must fit it (DDIM.check_steps, as the sampler checks
+    # them); None: not known (only limits.steps bounds requests)
+    scheduler: SchedulerConfig | None = None
 
     def validate(self) -> None:
-        for name in ("queue_size", "batch", "frames", "height", "width", "steps", "clips", "max_prompt_chars",
-                     "max_body_bytes", "max_records", "submit_burst", "max_header_bytes", "max_downloads"):
-            v = getattr(self, name)
+        lim = self.limits
+        for name, v in (("batch", lim.batch), ("frames", lim.frames), ("height", lim.height), ("width", lim.width),
+                        ("steps", lim.steps), ("clips", lim.clips),
+                        *((name, getattr(self, name)) for name in ("queue_size", "max_prompt_chars", "max_body_bytes",
+                                                                   "max_records", "submit_burst", "max_header_bytes",
+                                                                   "max_downloads"))):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be an integer >= 1")
-        if self.height % 8 or self.width % 8:
-            raise ValueError(f"height={self.height}, width={self.width} limits must be multiples of 8")
-        if not 0 <= self.overlap < self.frames:
-            raise ValueError(f"overlap={self.overlap} limit must be in [0, frames={self.frames})")
+        if lim.height % 8 or lim.width % 8:
+            raise ValueError(f"height={lim.height}, width={lim.width} limits must be multiples of 8")
+        if not 0 <= lim.overlap < lim.frames:
+            raise ValueError(f"overlap={lim.overlap} limit must be in [0, frames={lim.frames})")
         if not isinstance(self.min_free_bytes, int) or self.min_free_bytes < 0:
             raise ValueError(f"min_free_bytes={self.min_free_bytes!r} must be an integer >= 0")
         if not (isinstance(self.submit_rate, (int, float)) and 0 < self.submit_rate < float("inf")):
@@ -91,18 +90,14 @@ class ServeConfig:
             raise ValueError("the API key must have at least 8 characters")
 
     def for_model(self, model) -> ServeConfig:
-        """This config with the model's schedule limits (max_steps_by_spacing); ValueError unless the steps limit
-        (--max-steps) fits the schedule of at least one spacing, so that a request at the limit can run."""
+        """This config with the model's schedule; ValueError unless the steps limit (--max-steps) fits the schedule
+        of at least one spacing, so that a request at the limit can run."""
         most = tuple((spacing, model.scheduler.max_steps(spacing)) for spacing in SPACINGS)
-        if all(self.steps > n for _, n in most):
-            raise ValueError(f"--max-steps {self.steps} exceeds what the model's schedule of "
+        if all(self.limits.steps > n for _, n in most):
+            raise ValueError(f"--max-steps {self.limits.steps} exceeds what the model's schedule of "
                              f"{model.scheduler.cfg.num_train_timesteps} training timesteps allows ("
                              + ", ".join(f"{n} with {spacing} spacing" for spacing, n in most) + ")")
-        return replace(self, max_steps_by_spacing=most)
-
-    def limits(self) -> Limits:
-        """The runtime's buffer sizes: the largest request this service accepts."""
-        return Limits(self.batch, self.frames, self.height, self.width, self.steps, max(self.overlap, 1))
+        return replace(self, scheduler=model.scheduler.cfg)
 
 
 def new_id() -> str:

@@ -79,7 +79,7 @@ class Generator:
         options = options.resolved()  # the replica's device: cuda when it has a GPU
         model, what, _ = load_model(argparse.Namespace(**model_args), dtype=options.torch_dtype, device=options.device)
         config.for_model(model)  # ValueError unless --max-steps fits this model's schedule
-        self.rt = open_runtime(model, options, config.limits())
+        self.rt = open_runtime(model, options, config.limits)
         self.config, self.name = config, worker_name()
         self.registry = _Blocking(ray.get_actor(REGISTRY, namespace=NAMESPACE))
         log.info("generator %s: %s on %s", self.name, what, options.device)
