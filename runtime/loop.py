@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from vidrd.ref.config import LATENT_FACTOR
 from vidrd.ref.dpmpp import DPMSolverPP2M
 from vidrd.ref.reuse import FeatureCache
 from vidrd.ref.sampler import SamplerSettings, check_prompts, check_seed
@@ -92,7 +93,8 @@ class Generation:
 
     def __init__(self, rt: "Runtime", b: int, s: SamplerSettings, request: Request):
         cfg = rt.model.config
-        c, f, h, w, d = cfg.unet.in_channels, s.frames, s.height // 8, s.width // 8, cfg.text.hidden_size
+        c, f, d = cfg.unet.in_channels, s.frames, cfg.text.hidden_size
+        h, w = s.height // LATENT_FACTOR, s.width // LATENT_FACTOR
         nb, n = (2 * b if s.cfg else b), b * c * f * h * w
         self.rt, self.s, self.request, self.b = rt, s, request, b
         self.shape = (b, c, f, h, w)
@@ -244,7 +246,7 @@ def buffer_bytes(cfg, lim: Limits, text_dtype, unet_dtype, vae_dtype, device) ->
     """Bytes of the buffers Runtime.__init__ allocates for `lim` (the guidance-reuse buffer included), from the
     same sizes, so a request too large for the machine is refused before any allocation."""
     size = lambda dtype: torch.empty((), dtype=dtype).element_size()  # noqa: E731
-    c, h, w, d = cfg.unet.in_channels, lim.height // 8, lim.width // 8, cfg.text.hidden_size
+    c, h, w, d = cfg.unet.in_channels, lim.height // LATENT_FACTOR, lim.width // LATENT_FACTOR, cfg.text.hidden_size
     b, f = lim.batch, lim.frames
     n, pixels = b * c * f * h * w, b * f * 3 * lim.height * lim.width  # one clip of latents, of frames
     fp32 = 4 * (7 * n + (n if torch.device(device).type != "cpu" else 0)  # latents ... d_last, history, noise
@@ -279,7 +281,8 @@ UNET_WORKING_MAPS, VAE_WORKING_MAPS = 24, 6
 def working_bytes(cfg, lim: Limits, unet_dtype, vae_dtype) -> int:
     """A lower bound of the activations of one UNet call and one frame's VAE decode at `lim`."""
     size = lambda dtype: torch.empty((), dtype=dtype).element_size()  # noqa: E731
-    unet = 2 * lim.batch * cfg.unet.block_out_channels[0] * lim.frames * (lim.height // 8) * (lim.width // 8)
+    h, w = lim.height // LATENT_FACTOR, lim.width // LATENT_FACTOR
+    unet = 2 * lim.batch * cfg.unet.block_out_channels[0] * lim.frames * h * w
     vae = cfg.vae.block_out_channels[0] * lim.height * lim.width
     return UNET_WORKING_MAPS * unet * size(unet_dtype) + VAE_WORKING_MAPS * vae * size(vae_dtype)
 
@@ -292,9 +295,9 @@ def check_memory(cfg, lim: Limits, text_dtype, unet_dtype, vae_dtype, device) ->
     free = available_bytes(device)
     if free is not None and need > free:
         gib = 2 ** 30
-        raise ValueError(f"the runtime's buffers and working memory for batch={lim.batch}, frames={lim.frames}, {lim.width}x{lim.height}, "
-                         f"steps={lim.steps}, overlap={lim.overlap} need at least {need / gib:.1f} GiB, more than the "
-                         f"{free / gib:.1f} GiB free on {torch.device(device).type}: lower the frames, size, batch or "
+        raise ValueError(f"the runtime's buffers and working memory for batch={lim.batch}, frames={lim.frames}, "
+                         f"{lim.width}x{lim.height}, steps={lim.steps}, overlap={lim.overlap} need at least "
+                         f"{need / gib:.1f} GiB, more than the {free / gib:.1f} GiB free on {torch.device(device).type}: lower the frames, size, batch or "
                          "steps (vidrd serve: --max-frames, --max-height, --max-width, --max-batch, --max-steps)")
 
 
@@ -309,10 +312,10 @@ class Runtime:
         assert prediction in ("epsilon", "v_prediction"), prediction  # SchedulerConfig admits only these
         self.v_prediction = prediction == "v_prediction"  # the UNet predicts v = sqrt(a) eps - sqrt(1-a) x0
         lim, cfg = limits, model.config
-        if lim.height % 8 or lim.width % 8:
-            raise ValueError(f"limits height={lim.height}, width={lim.width} must be multiples of 8")
+        if lim.height % LATENT_FACTOR or lim.width % LATENT_FACTOR:
+            raise ValueError(f"limits height={lim.height}, width={lim.width} must be multiples of {LATENT_FACTOR}")
         check_memory(cfg, lim, text.dtype, unet.dtype, vae.dtype, self.device)  # before the first allocation
-        c, h, w = cfg.unet.in_channels, lim.height // 8, lim.width // 8
+        c, h, w = cfg.unet.in_channels, lim.height // LATENT_FACTOR, lim.width // LATENT_FACTOR
         b, f, d = lim.batch, lim.frames, cfg.text.hidden_size
         n = b * c * f * h * w  # one clip of latents
         dev, fp32 = self.device, torch.float32
@@ -471,7 +474,8 @@ class Runtime:
                 c_x, c_x0, c_prev, alpha = dpm.coefficients(i)
                 mrows.append([dpm.sigma[i], alpha, c_x, c_x0, c_prev])
             self.mcoef[: s.steps].copy_(torch.tensor(mrows, dtype=torch.float32))
-        self.ts_table[: s.steps].copy_(torch.tensor(timesteps, dtype=torch.float32)[:, None].expand(-1, 2 * self.limits.batch))
+        table = torch.tensor(timesteps, dtype=torch.float32)[:, None]  # (T,1)
+        self.ts_table[: s.steps].copy_(table.expand(-1, 2 * self.limits.batch))
         self.gscale.fill_(s.guidance_scale)
         self.gscale_m1.fill_(s.guidance_scale - 1.0)  # rounded to float32 once, as the reference's python scalar
         job.initial_noise()

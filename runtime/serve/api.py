@@ -32,9 +32,9 @@ JobId = Annotated[str, Path(pattern=ID_PATTERN, description="32 hex digits, as r
 ClipIndex = Annotated[int, Path(ge=0, description="clip number, from 0")]
 Video = Annotated[int, Query(ge=0, description="which prompt's video, for a batch")]
 SETTINGS = tuple(f.name for f in fields(SamplerSettings))
-QUALITY_HELP = ("a preset over the settings left out: exact (the official sampler), balanced (DPM-Solver++ at 0.6x the "
-                "steps, feature and guidance reuse), fast (0.4x the steps, more reuse); the service's dtype stands "
-                "(README, Quality presets)")
+QUALITY_HELP = ("a preset over the settings left out: exact (the official sampler), balanced (DPM-Solver++ on trailing "
+                "timesteps at 0.6x the steps, guidance reuse in the last 30% of them), fast (the same at 0.4x the "
+                "steps, nothing reused); the service's dtype stands (runtime/README.md, quality presets)")
 
 
 def _setting_fields(defaults: dict) -> dict:

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from vidrd.ref.config import SchedulerConfig
+from vidrd.ref.config import LATENT_FACTOR, SchedulerConfig
 from vidrd.ref.ddim import SPACINGS
 
 from ..loop import Limits
@@ -74,8 +74,8 @@ class ServeConfig:
                                                                    "max_downloads"))):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be an integer >= 1")
-        if lim.height % 8 or lim.width % 8:
-            raise ValueError(f"height={lim.height}, width={lim.width} limits must be multiples of 8")
+        if lim.height % LATENT_FACTOR or lim.width % LATENT_FACTOR:
+            raise ValueError(f"height={lim.height}, width={lim.width} limits must be multiples of {LATENT_FACTOR}")
         if not 0 <= lim.overlap < lim.frames:
             raise ValueError(f"overlap={lim.overlap} limit must be in [0, frames={lim.frames})")
         if not isinstance(self.min_free_bytes, int) or self.min_free_bytes < 0:
