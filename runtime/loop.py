@@ -298,7 +298,8 @@ def check_memory(cfg, lim: Limits, text_dtype, unet_dtype, vae_dtype, device) ->
         raise ValueError(f"the runtime's buffers and working memory for batch={lim.batch}, frames={lim.frames}, "
                          f"{lim.width}x{lim.height}, steps={lim.steps}, overlap={lim.overlap} need at least "
                          f"{need / gib:.1f} GiB, more than the {free / gib:.1f} GiB free on "
-                         f"{torch.device(device).type}: lower the frames, size, batch or steps (vidrd serve: --max-frames, --max-height, --max-width, --max-batch, --max-steps)")
+                         f"{torch.device(device).type}: lower the frames, size, batch or steps (vidrd serve: "
+                         "--max-frames, --max-height, --max-width, --max-batch, --max-steps)")
 
 
 class Runtime:
