@@ -24,7 +24,7 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="serve video generation over HTTP (FastAPI; --ray for Ray Serve replicas)",
                        description="An HTTP service: POST /v1/videos submits a job, GET /v1/videos/ID follows it, "
                        "GET /v1/videos/ID/clips/K streams finished clips, GET /v1/videos/ID/file the video, "
-                       "DELETE /v1/videos/ID cancels; /healthz, /metrics, /docs. See README 'Serving'.")
+                       "DELETE /v1/videos/ID cancels; /healthz, /metrics, /docs. See runtime/serve/README.md.")
     n = p.add_argument_group("network")
     n.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     n.add_argument("--port", type=int, default=8000)
