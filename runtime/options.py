@@ -1,5 +1,6 @@
 """How a runtime runs (RuntimeOptions: backends, dtypes, compilation, attention, device, threads and the on/off
-execution options a quality preset may turn on) and `open_runtime`, the one way to build a Runtime.
+execution options a quality preset may turn on) and `open_runtime`, the one way to build a Runtime (or, for
+--backend reference, a ReferenceRuntime with the same interface).
 
 Each option is declared once, as a field with its help, choices and command-line spelling: `vidrd.runtime.cli.args`
 makes every command's flags from the fields, `vidrd.runtime.quality` turns the toggles on by their metadata, and the
@@ -15,11 +16,12 @@ from vidrd.ref.attention import BACKENDS as ATTENTION
 
 from .backends import BACKENDS, COMPONENTS
 from .loop import Limits, Runtime
+from .reference import ReferenceRuntime
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _FLAG = {v: k for k, v in DTYPES.items()}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
-REFERENCE = "reference"  # --backend reference: the readable reference sampler instead of a runtime
+REFERENCE = "reference"  # --backend reference: the readable reference sampler behind the runtime's interface
 OFFICIAL_NEGATIVE = "watermark"  # the official evaluator hard-codes this negative prompt (SPEC §4.14)
 
 
@@ -184,9 +186,11 @@ TOGGLES = {f.name: f.metadata["toggle"] for f in fields(RuntimeOptions) if f.met
 
 # ------------------------------------------------------------------------------------------------ opening
 
-def open_runtime(model, options: RuntimeOptions = RuntimeOptions(), limits: Limits = Limits()) -> Runtime:
+def open_runtime(model, options: RuntimeOptions = RuntimeOptions(),
+                 limits: Limits = Limits()) -> Runtime | ReferenceRuntime:
     """A Runtime for requests up to `limits` on `model`, with the backends, dtypes, compilation, attention, device
-    (default: the model's) and threads of `options`. Load the model in options.torch_dtype on that device.
+    (default: the model's) and threads of `options`; for --backend reference a ReferenceRuntime (the reference
+    sampler behind the same generate(request)). Load the model in options.torch_dtype on that device.
 
     Raises ValueError when a backend cannot run in the dtype asked for (an ONNX export or engine of another
     precision), naming the flag that fixes it.
@@ -195,7 +199,7 @@ def open_runtime(model, options: RuntimeOptions = RuntimeOptions(), limits: Limi
 
     o = options if options.device else replace(options, device=str(model.device))
     if o.backend == REFERENCE:
-        raise ValueError("--backend reference runs the reference sampler (vidrd.ref.sampler.generate), not a runtime")
+        return ReferenceRuntime(model, o, limits)
     if o.threads is not None:
         torch.set_num_threads(o.threads)
     device = torch.device(o.device)
@@ -216,13 +220,3 @@ def open_runtime(model, options: RuntimeOptions = RuntimeOptions(), limits: Limi
         made[name] = be
     return Runtime(model, made["text"], made["unet"], made["vae"], limits, device)
 
-
-def prepare_reference(model, options: RuntimeOptions) -> None:
-    """The reference sampler's share of `options` (--backend reference): its UNet's attention kernels and the torch
-    threads. dtype and device are the model's (load it with options.torch_dtype on options.device)."""
-    from vidrd.ref.attention import set_attention
-
-    assert options.backend == REFERENCE, options.backend
-    if options.threads is not None:
-        torch.set_num_threads(options.threads)
-    set_attention(model.unet, options.attention)

@@ -11,7 +11,7 @@ from vidrd.runtime import shapes
 from vidrd.runtime.cli.model_args import add_model_args, check_model_args, is_default_model
 from vidrd.runtime.cli.args import (add_quality_arg, add_runtime_args, add_sampler_args, apply_args, runtime_options,
                                    sampler_settings)
-from vidrd.runtime.options import OFFICIAL_NEGATIVE, REFERENCE
+from vidrd.runtime.options import OFFICIAL_NEGATIVE
 
 
 def register(sub) -> None:
@@ -61,11 +61,7 @@ def negative_prompt(args) -> str:
 
 
 def run(args) -> int:
-    import torch
-
-    from vidrd.ref.sampler import generate
-
-    from vidrd.runtime.video_io import VideoWriter, check_output, to_uint8
+    from vidrd.runtime.video_io import VideoWriter, check_output
 
     prompts = ([args.prompt] if args.prompt is not None else []) + args.prompts
     if not prompts:
@@ -112,24 +108,16 @@ def run(args) -> int:
         for path in paths:
             writers.append(VideoWriter(path, fps=args.fps, force=args.force))
         on_step = (lambda c, i: bar.update(1)) if bar else None
-        if options.backend == REFERENCE:
-            from vidrd.runtime.options import prepare_reference
-            prepare_reference(model, options)
-            video, _ = generate(model, prompts, negatives, s, torch.Generator().manual_seed(args.seed),
-                                callback=on_step)
-            for w, v in zip(writers, video):
-                w.write(to_uint8(v))
-        else:
-            from vidrd.runtime.loop import Limits, Request
-            from vidrd.runtime.options import open_runtime
-            rt = open_runtime(model, options, Limits.of(s, len(prompts)))
-            try:
-                request = Request(tuple(prompts), tuple(negatives), s, args.seed)
-                for clip in rt.generate(request, on_step=on_step):
-                    for w, frames in zip(writers, clip.frames):  # stream each clip as soon as it is decoded
-                        w.write(frames)
-            finally:
-                rt.close()
+        from vidrd.runtime.loop import Limits, Request
+        from vidrd.runtime.options import open_runtime
+        rt = open_runtime(model, options, Limits.of(s, len(prompts)))  # the reference sampler too (--backend reference)
+        try:
+            request = Request(tuple(prompts), tuple(negatives), s, args.seed)
+            for clip in rt.generate(request, on_step=on_step):
+                for w, frames in zip(writers, clip.frames):  # stream each clip as soon as it is decoded
+                    w.write(frames)
+        finally:
+            rt.close()
     except BaseException:
         for w in writers:
             w.abort()

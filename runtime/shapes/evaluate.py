@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from vidrd.ref.sampler import SamplerSettings
-from vidrd.runtime.options import REFERENCE, RuntimeOptions
+from vidrd.runtime.options import RuntimeOptions
 from vidrd.runtime.shapes import data
 
 
@@ -44,9 +44,9 @@ def prompt_set(n: int, seed: int = 0) -> list[str]:
 def evaluate(model, settings: SamplerSettings, prompts, seeds, options: RuntimeOptions = RuntimeOptions(), *,
              batch: int = 1, negative_prompt: str = NEGATIVE, progress: bool = True) -> dict:
     """Generate every prompt x seed (seed-major, `batch` prompts a request) and score the videos -> JSON-ready
-    report {"config", "summary", "chance", "videos", "seconds"}. options.backend "reference" runs the reference
-    sampler, the others the lean runtime (vidrd.runtime.options.open_runtime). `model` is loaded on options' device
-    in options' dtype."""
+    report {"config", "summary", "chance", "videos", "seconds"}. Runs what vidrd.runtime.options.open_runtime opens for
+    `options` (the lean runtime, or the reference sampler for backend "reference"). `model` is loaded on options'
+    device in options' dtype."""
     import torch
     from tqdm import tqdm
 
@@ -70,15 +70,11 @@ def evaluate(model, settings: SamplerSettings, prompts, seeds, options: RuntimeO
     t0 = time.perf_counter()
     rt = None
     try:
-        if options.backend == REFERENCE:
-            from vidrd.runtime.options import prepare_reference
-            prepare_reference(model, options)
-        else:
-            from vidrd.runtime.loop import Limits
-            from vidrd.runtime.options import open_runtime
-            rt = open_runtime(model, options, Limits.of(s, min(batch, len(prompts))))
+        from vidrd.runtime.loop import Limits
+        from vidrd.runtime.options import open_runtime
+        rt = open_runtime(model, options, Limits.of(s, min(batch, len(prompts))))
         for seed, group in chunks:
-            for frames in _generate(model, rt, s, group, negative_prompt, seed, on_step):  # (T,H,W,3) uint8
+            for frames in _generate(rt, s, group, negative_prompt, seed, on_step):  # (T,H,W,3) uint8
                 videos.append(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255)
             captions += group
             sample_seeds += [seed] * len(group)
@@ -102,19 +98,11 @@ def clip_frames(s: SamplerSettings) -> list[int]:
     return [s.frames] + [later] * (s.clips - 1)
 
 
-def _generate(model, rt, s: SamplerSettings, prompts: list[str], negative: str, seed: int, on_step):
+def _generate(rt, s: SamplerSettings, prompts: list[str], negative: str, seed: int, on_step):
     """The videos of one request as uint8 frames (T,H,W,3), one per prompt."""
-    import torch
+    from vidrd.runtime.loop import Request
 
     negatives = tuple([negative] * len(prompts))
-    if rt is None:
-        from vidrd.ref.sampler import generate
-
-        from vidrd.runtime.video_io import to_uint8
-        video, _ = generate(model, prompts, list(negatives), s, torch.Generator().manual_seed(seed),
-                            callback=on_step)  # (B,3,T,H,W)
-        return [to_uint8(v) for v in video]
-    from vidrd.runtime.loop import Request
     clips = [clip.frames for clip in rt.generate(Request(tuple(prompts), negatives, s, seed), on_step=on_step)]
     return list(np.concatenate(clips, axis=1))  # each clip (B,F',H,W,3) -> (B,T,H,W,3)
 
