@@ -53,7 +53,7 @@ class ReferenceRuntime:
 
     def _stream(self, prompts, negatives, s: SamplerSettings, request: Request, on_step):
         generator = torch.Generator().manual_seed(request.seed)  # CPU: the official noise order
-        video, latents = sample(self.model, prompts, negatives, s, generator, callback=on_step)
+        video, latents = sample(self.model, prompts, negatives, s, generator, callback=on_step, warn=False)
         # video (B,3,T,H,W) in [0,1] of clips laid end to end; latents (clips,B,C,F,h,w)
         start = 0
         for c in range(s.clips):

@@ -194,7 +194,7 @@ def shorten(text: str, most: int = 80) -> str:
     return text if len(text) <= most else f"{text[:most]}... ({len(text) - most} more characters)"
 
 
-def check_prompts(tokenizer, prompts, negative_prompts) -> tuple[list[str], list[str]]:
+def check_prompts(tokenizer, prompts, negative_prompts, *, warn: bool = True) -> tuple[list[str], list[str]]:
     """Validated prompt lists; negatives default to '' (official pipeline); warns about truncated prompts."""
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -213,7 +213,7 @@ def check_prompts(tokenizer, prompts, negative_prompts) -> tuple[list[str], list
         check_prompt(f"prompts[{i}]", p)
     for i, p in enumerate(negative_prompts):
         check_text(f"negative_prompts[{i}]", p)
-    for p in prompts + negative_prompts:
+    for p in prompts + negative_prompts if warn else ():
         lost = dropped_words(tokenizer, p)
         if lost:
             warnings.warn(f"prompt longer than 77 tokens was truncated; dropped: {shorten(repr(lost))}", stacklevel=3)
@@ -256,17 +256,18 @@ def decode(model, latents: torch.Tensor, temporal: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, prompts, negative_prompts=None, settings: SamplerSettings = SamplerSettings(), generator=None, *,
-             callback=None):
+             callback=None, warn: bool = True):
     """Long video by reuse and diffuse. -> video (B,3,frames_out,H,W) in [0,1], latents (clips,B,C,F,h,w).
 
     Mirrors the official SDVideoPipeline.__call__ (SPEC §3.5) step for step, including its random draws, so one
-    seed gives the official video. `callback(clip, step)` is called after every denoising step. With reuse settings
+    seed gives the official video. `callback(clip, step)` is called after every denoising step; warn=False: the
+    caller has warned about truncated prompts already. With reuse settings
     each step follows `settings.plan()`: "store"/"reuse" steps run the UNet with a FeatureCache, and
     "cond_reuse" steps run it on the conditional half only, guided by the last measured eps_c - eps_u.
     """
     s = settings
     s.check_model(model)
-    prompts, negative_prompts = check_prompts(model.tokenizer, prompts, negative_prompts)
+    prompts, negative_prompts = check_prompts(model.tokenizer, prompts, negative_prompts, warn=warn)
     if generator is not None and generator.device.type != "cpu":
         raise ValueError(f"generator on {generator.device}: the official noise order needs a CPU torch.Generator")
 
