@@ -172,7 +172,8 @@ def test_fallbacks_log_once(monkeypatch, caplog):
         torch.testing.assert_close(geglu(x.view(-1, 30)), geglu_reference(x.view(-1, 30)), atol=0, rtol=0)
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         monkeypatch.setattr(fused, "_kernels", lambda name: None)
-        torch.testing.assert_close(group_norm_silu(x, w, b, 2, 1e-5, t), want, atol=0, rtol=0)
+        _close(group_norm_silu(x, w, b, 2, 1e-5, t), want.double(), torch.float32, "no triton")  # torch's reduction
+        # order may differ from the reference call's (threads), so within the float32 bound, not bit for bit
     msgs = [r.getMessage() for r in caplog.records]
     for reason in ("do not merge", "CPU tensors need TRITON_INTERPRET=1", "triton is not importable"):
         assert sum(reason in m for m in msgs) == 1, (reason, msgs)
