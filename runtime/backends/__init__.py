@@ -33,18 +33,17 @@ def _cast(model, component: str, dtype: torch.dtype):
 
 
 def make(kind: str, component: str, model, dtype: torch.dtype, device: torch.device, *, export_dir=None,
-         engine_dir=None, compile: str | None = None, attention: str = "sdpa", channels_last: bool = False,
-         fast_ops: bool = False) -> Backend:
-    """The backend `kind` for `component` ('text', 'unet' or 'vae'); errors name what is missing. channels_last:
-    the torch VAE decoder's 2-D convolutions in channels-last memory format (TorchVAE); fast_ops: the torch UNet's
-    and VAE decoder's faster, not bit-exact kernels (runtime/fast_ops.py; the text encoder has none)."""
+         engine_dir=None, **torch_options) -> Backend:
+    """The backend `kind` for `component` ('text', 'unet' or 'vae'); errors name what is missing. torch_options go
+    to the torch backend of the component as they are (TorchUNet: compile, attention, fast_ops; TorchVAE: compile,
+    channels_last, fast_ops); the other kinds take none."""
     if kind not in BACKENDS:
         raise ValueError(f"unknown backend {kind!r}; choose one of {BACKENDS}")
     if component not in COMPONENTS:
         raise ValueError(f"unknown component {component!r}; choose one of {COMPONENTS}")
-    if kind != "torch" and (compile or attention != "sdpa"):
+    if kind != "torch" and (torch_options.get("compile") or torch_options.get("attention", "sdpa") != "sdpa"):
         raise ValueError(f"compile and attention options apply to the torch backend, not {kind}")
-    if channels_last and (kind, component) != ("torch", "vae"):
+    if torch_options.get("channels_last") and (kind, component) != ("torch", "vae"):
         raise ValueError(f"channels_last (--vae-channels-last) applies to the torch VAE decoder, not the {kind} "
                          f"{component}")
     if kind == "torch":
@@ -54,11 +53,8 @@ def make(kind: str, component: str, model, dtype: torch.dtype, device: torch.dev
             raise ValueError(f"the model is loaded on {model.device}, the runtime runs on {device}: load it there")
         if model.dtype != dtype:  # a private copy of this component in the asked dtype (e.g. a bf16 VAE)
             model = _cast(model, component, dtype)
-        if component == "unet":
-            return TorchUNet(model, dtype, device, compile, attention, fast_ops)
-        if component == "vae":
-            return TorchVAE(model, dtype, device, compile, channels_last, fast_ops)
-        return TorchText(model, dtype, device)
+        torch_class = {"text": TorchText, "unet": TorchUNet, "vae": TorchVAE}[component]
+        return torch_class(model, dtype, device, **torch_options)
     if kind == "onnxruntime":
         from . import ort  # imports onnxruntime lazily
         return ort.make(component, export_dir, device)
