@@ -137,14 +137,10 @@ def guided_eps_reuse(eps_c: torch.Tensor, d_last: torch.Tensor, g: float) -> tor
 
 
 # Named reuse settings. Only the reuse part of a speed preset lives here; the presets that also pick the solver
-# (dpmpp-2m, trailing timesteps) and fewer steps are built from these in vidrd.runtime.quality.
-# A depth-1 reuse call costs about half a full one (one CPU core: shapes 8x8x8 latents 0.52, small 32x32x8 0.48,
-# small 64x64x8 ~0.6; FLOPs with attention 0.54, 0.38, 0.53); a cond_reuse step halves the batch.
-# Chosen on the harness (vidrd eval, vidrd-shapes, 128-256 samples, 3 clips, 25 requested steps, BENCHMARKS.md):
-# feature reuse cost background and colour in every schedule tried (every 3rd step from 10% on: -27 points of
-# background; every 2nd over 30-80%: -11), so no preset reuses features. Guidance reuse in the last 30% of 15
-# trailing DPM-Solver++ steps stayed within the harness' noise of exact; in the last 25-50% of 10 steps it cost 3-9
-# points of colour, so fast runs every step whole.
+# (dpmpp-2m, trailing timesteps) and fewer steps are built from these in vidrd.runtime.quality. Chosen on the
+# quality harness (BENCHMARKS.md, quality presets): feature reuse cost background and colour in every schedule
+# tried, so no preset reuses features; guidance reuse late in a 15-step schedule stayed within the harness' noise,
+# in a 10-step one it did not, so fast runs every step whole.
 PRESETS = {
     "exact": ReuseSettings(),
     # the last 30% of the steps skip the unconditional branch; no feature reuse

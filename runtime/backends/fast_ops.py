@@ -2,13 +2,13 @@
 of the default (tests/tolerances.py), so opt-in and on under --quality balanced|fast (BENCHMARKS.md).
 
 - temporal convolutions (the official Conv3d with kernel (3,1,1)) as 2-D convolutions over (frames, h*w): the same
-  sums, but oneDNN's kernels on every CPU, where a float32 Conv3d takes PyTorch's slow im2col path (18-19% of a
-  float32 UNet call on the `small` workload; the 2-D form makes the call 11-13% faster);
-- bf16 attention over long sequences on the CPU in chunks with float32 scores (vidrd.ref.attention.chunked, about
-  2x the CPU flash kernel at 1024 tokens), where the attention backend is the default SDPA and nothing is compiled;
+  sums, but oneDNN's kernels on every CPU, where a float32 Conv3d takes PyTorch's slow im2col path;
+- bf16 attention over long sequences on the CPU in chunks with float32 scores (vidrd.ref.attention.chunked), where
+  the attention backend is the default SDPA and nothing is compiled (faster than the CPU flash kernel on some CPUs,
+  slower on others: BENCHMARKS.md, fast ops);
 - on the CPU, the official per-frame VAE decode one frame per decoder call (TorchVAE): a clip's activations stay
-  under glibc's mmap threshold, so they come from the heap instead of freshly faulted pages (1.4x float32, 1.6x bf16
-  on `small`; frames are independent there, so only the convolutions' blocking can differ).
+  under glibc's mmap threshold, so they come from the heap instead of freshly faulted pages (frames are independent
+  there, so only the convolutions' blocking can differ).
 The model's own modules stay as they are: the backends get copies that share every weight.
 """
 from __future__ import annotations
