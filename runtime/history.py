@@ -26,7 +26,7 @@ class History:
         """Bind views for a request of latent shape (B,C,F,h,w) (before step 0: may index, never allocates)."""
         b, c, f, h, w = shape
         o, t = (settings.overlap if settings.clips > 1 else 0), settings.steps  # one clip reads no history
-        self.shape, self.o = shape, o
+        self.shape, self.o, self.overlap_shape = shape, o, (t, b, c, o, h, w)
         self.init_src = self.init_src_flat[: b * c * f * h * w].view(b, c, f, h, w)
         n = b * c * o * h * w
         self.overlap = [self.overlap_flat[i * n:(i + 1) * n].view(b, c, o, h, w) for i in range(t)]
@@ -38,6 +38,18 @@ class History:
         r = settings.noise_recycle
         self.consts.copy_(torch.tensor([r / math.sqrt(1 + r * r), math.sqrt(1 + r * r)]))
         self.recycle, self.fresh_div = self.consts[0], self.consts[1]
+
+    def save(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """CPU copies of what the next clip reads: init_src (B,C,F,h,w) and overlap (T,B,C,O,h,w) (a checkpoint)."""
+        t, n = self.overlap_shape[0], math.prod(self.overlap_shape[1:])
+        return (self.init_src.to("cpu", copy=True),
+                self.overlap_flat[: t * n].view(self.overlap_shape).to("cpu", copy=True))
+
+    def load(self, init_src: torch.Tensor, overlap: torch.Tensor) -> None:
+        """Put back what save() returned, after start() for the same request shape (a resumed generation)."""
+        t, n = self.overlap_shape[0], math.prod(self.overlap_shape[1:])
+        self.init_src.copy_(init_src)
+        self.overlap_flat[: t * n].view(self.overlap_shape).copy_(overlap)
 
     def restart(self, latents: torch.Tensor, fresh: torch.Tensor) -> None:
         """A later clip's initial latents: overlap frames from init_src, the rest recycled noise + fresh (B,C,F,h,w).

@@ -57,6 +57,17 @@ class Limits:
                 raise ValueError(f"{name}={value} exceeds the limit ({name} <= {most})")
 
 
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """Where a generation continues after clip `clip`: what the next clip reads of it (History) and the request's
+    RNG state, CPU copies taken at the clip boundary. With the same request, resuming from it gives the clips an
+    uninterrupted run gives (the text context and tables are recomputed from the request)."""
+    clip: int
+    init_src: torch.Tensor  # (B,C,F,h,w) float32
+    overlap: torch.Tensor  # (T,B,C,O,h,w) float32 (O = 0 for a single clip)
+    rng: torch.Tensor  # torch.Generator.get_state() of the request's CPU generator, uint8
+
+
 @dataclass(frozen=True)
 class Request:
     """One generation: prompts, optional negatives (default ''), sampler settings, seed."""
@@ -65,6 +76,8 @@ class Request:
     settings: SamplerSettings = field(default_factory=SamplerSettings)
     seed: int = 42
     float_video: bool = False  # also return each clip as float32 in [0,1] (for checks against the reference)
+    checkpoints: bool = False  # also return each clip's Checkpoint (Clip.checkpoint), to resume from later
+    resume: Checkpoint | None = field(default=None, compare=False)  # yield clips resume.clip + 1, ... only
 
 
 @dataclass
@@ -74,6 +87,7 @@ class Clip:
     frames: np.ndarray
     latents: torch.Tensor
     video: torch.Tensor | None = None  # (B,3,F',H,W) float32 when the request asked for it
+    checkpoint: Checkpoint | None = None  # when the request asked for it
 
 
 class Cancelled(Exception):
@@ -131,6 +145,11 @@ class Generation:
                 torch.mul(lat[:, :, k - 1:k].to("cpu"), beta, out=prev)
                 nf.add_(prev)
             lat[:, :, k:k + 1].copy_(nf)
+
+    def checkpoint(self, c: int) -> Checkpoint:
+        """After clip c's last step (before the next clip's restart): copies of the history and RNG state."""
+        init_src, overlap = self.rt.history.save()
+        return Checkpoint(c, init_src, overlap, self.generator.get_state())
 
     def restart(self) -> None:
         """A later clip: one fresh draw of the whole clip, then the reuse-and-diffuse restart (history.py)."""
@@ -380,7 +399,23 @@ class Runtime:
         for be in (self.text, self.unet, self.vae):  # exported graphs and engines: the request must fit their ranges
             be.check_shapes(len(prompts), s.frames, s.height, s.width, guidance=s.cfg, temporal=s.temporal_decode)
         self.check_reuse(len(prompts), s)
+        if request.resume is not None:
+            self.check_resume(request.resume, len(prompts), s)
         return prompts, negatives, s
+
+    def check_resume(self, r: Checkpoint, batch: int, s: SamplerSettings) -> None:
+        """ValueError unless checkpoint `r` fits a request of `batch` prompts at `s` (its clip, shapes, RNG)."""
+        c, h, w = self.model.config.unet.in_channels, s.height // LATENT_FACTOR, s.width // LATENT_FACTOR
+        o = s.overlap if s.clips > 1 else 0
+        want = {"init_src": (batch, c, s.frames, h, w), "overlap": (s.steps, batch, c, o, h, w)}
+        if not (isinstance(r.clip, int) and 0 <= r.clip < s.clips):
+            raise ValueError(f"resume.clip={r.clip!r} must be a clip of the request (0..{s.clips - 1})")
+        for name, shape in want.items():
+            t = getattr(r, name)
+            if tuple(t.shape) != shape or t.dtype != torch.float32:
+                raise ValueError(f"resume.{name} is {t.dtype} {tuple(t.shape)}; this request needs float32 {shape}")
+        if r.rng.dtype != torch.uint8 or r.rng.shape != torch.Generator().get_state().shape:
+            raise ValueError(f"resume.rng is {r.rng.dtype} {tuple(r.rng.shape)}, not a CPU generator's state")
 
     def check_reuse(self, batch: int, s: SamplerSettings) -> None:
         """The UNet backend must run what the request's reuse plan asks: a FeatureCache for feature reuse, and the
@@ -479,13 +514,18 @@ class Runtime:
         self.ts_table[: s.steps].copy_(table.expand(-1, 2 * self.limits.batch))
         self.gscale.fill_(s.guidance_scale)
         self.gscale_m1.fill_(s.guidance_scale - 1.0)  # rounded to float32 once, as the reference's python scalar
-        job.initial_noise()
+        if request.resume is None:
+            job.initial_noise()
+        else:  # the next clip restarts from these (Generation.restart)
+            self.history.load(request.resume.init_src, request.resume.overlap)
+            job.generator.set_state(request.resume.rng)
         return job
 
     def _run(self, job: Generation, on_step):
         s, pending = job.s, None
+        first = 0 if job.request.resume is None else job.request.resume.clip + 1
         try:
-            for c in range(s.clips):
+            for c in range(first, s.clips):
                 if c > 0:
                     job.restart()
                 for i in range(s.steps):
@@ -497,19 +537,22 @@ class Runtime:
                         pending = None
                 if pending is not None:  # the previous clip's decode must finish before dec_in is reused
                     yield pending.result()
+                handoff = job.handoff()
+                saved = job.checkpoint(c) if job.request.checkpoints else None
                 if self._decoder is not None:
-                    pending = self._inflight = self._decoder.submit(self._decode, job, c, *job.handoff())
+                    pending = self._inflight = self._decoder.submit(self._decode, job, c, *handoff, saved)
                 else:
-                    clip = self._decode(job, c, *job.handoff())  # first: a failed decode leaves no unset Future
+                    clip = self._decode(job, c, *handoff, saved)  # first: a failed decode leaves no unset Future
                     pending = Future()
                     pending.set_result(clip)
-            yield pending.result()
+            if pending is not None:  # None: resumed after the last clip, nothing left
+                yield pending.result()
             pending = None
         finally:
             if pending is not None:  # cancelled: let the decode finish so the buffers are free for the next request
                 pending.exception()
 
-    def _decode(self, job: Generation, c: int, latents_cpu, ready) -> Clip:
+    def _decode(self, job: Generation, c: int, latents_cpu, ready, saved: Checkpoint | None = None) -> Clip:
         """VAE backend, then [0,1] and uint8 (truncating, as the official save); runs on the decode thread."""
         s, ctx = job.s, contextlib.nullcontext()
         if self._decode_stream is not None:
@@ -533,7 +576,7 @@ class Runtime:
             job.u8.copy_(out.permute(0, 1, 3, 4, 2))  # (B,F,H,W,3): float -> uint8 truncates
         first = s.overlap if (c > 0 and s.assembly == "trim") else 0
         frames = job.u8[:, first:].numpy().copy()
-        return Clip(c, frames, latents_cpu, None if video is None else video[:, :, first:])
+        return Clip(c, frames, latents_cpu, None if video is None else video[:, :, first:], saved)
 
     def close(self) -> None:
         if self._decoder is not None:
