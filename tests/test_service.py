@@ -314,7 +314,7 @@ def test_openapi_lists_the_routes_and_codes(server):
     client, _ = server
     paths = client.get("/openapi.json").json()["paths"]
     codes = {p: {m: sorted(int(c) for c in op["responses"]) for m, op in ms.items()} for p, ms in paths.items()}
-    assert codes == {"/v1/videos": {"post": [202, 400, 408, 413, 415, 422, 429]},
+    assert codes == {"/v1/videos": {"post": [202, 400, 408, 413, 415, 422, 429, 503]},
                      "/v1/videos/{job_id}": {"get": [200, 404, 422], "delete": [200, 202, 404, 409, 422]},
                      "/v1/videos/{job_id}/clips/{k}": {"get": [200, 404, 409, 422, 503]},
                      "/v1/videos/{job_id}/file": {"get": [200, 404, 409, 422, 503]},
@@ -448,7 +448,7 @@ def test_load_20_clients_over_a_small_queue(model, tmp_path):
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_vidrd_serve_command(tmp_path, stop):
     """The CLI end to end in a subprocess: starts, serves a job, and on SIGINT or SIGTERM (docker stop, systemd)
-    cancels the running job and exits cleanly, leaving no temporary file."""
+    stops the running job (it stays open in the job store) and exits cleanly, leaving no temporary file."""
     assert main(["serve", "--max-height", "30"]) == 2  # a bad limit fails before anything loads
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

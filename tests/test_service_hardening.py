@@ -81,7 +81,9 @@ def test_full_disk_fails_jobs_cleanly_and_healthz_says_low_disk(model, tmp_path,
     space"; the next job runs as soon as space is back."""
     results = tmp_path / "results"
     with tmpfs(results, "size=2m") as mounted:
-        config = ServeConfig(results=str(results), min_free_bytes=512 << 10, **LIMITS)
+        # the job records on another disk: this test is about the results (test_job_store: the store's disk full)
+        config = ServeConfig(results=str(results), min_free_bytes=512 << 10, jobs_db=str(tmp_path / "jobs.db"),
+                             **LIMITS)
         with serving(model, config) as (client, _):
             assert wait(client, submit(client))["state"] == "done"
             assert client.get("/healthz").json()["disk"]["free_bytes"] > 512 << 10
@@ -254,8 +256,8 @@ def test_submit_then_cancel_cannot_hold_records(tmp_path):
         assert registry.sweep(now=time.time() + CANCELLED_GRACE_S + 1) == ids[45:50]
         for job_id in ids[50:55]:  # real jobs are never dropped to make room: the next one waits
             assert registry.submit(job_id, spec) is None
-        retry, why = registry.submit(ids[55], spec)
-        assert retry >= 1 and why == "the service holds 5 job records"
+        status, retry, why = registry.submit(ids[55], spec)
+        assert status == 429 and retry >= 1 and why == "the service holds 5 job records"
     finally:
         registry.close()
 

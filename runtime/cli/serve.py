@@ -34,6 +34,10 @@ def register(sub) -> None:
                    help="require this key (Authorization: Bearer KEY or X-API-Key: KEY); default $VIDRD_API_KEY")
     j = p.add_argument_group("jobs and limits (the runtime's buffers are sized from the limits)")
     j.add_argument("--results", default=D.results, help="folder of job results (shared storage under --ray)")
+    j.add_argument("--jobs-db", metavar="PATH",
+                   help="SQLite file of the job records, kept across restarts: open jobs run again, the running one "
+                   "from its last finished clip (default: jobs.db in --results; ':memory:' forgets them at exit; "
+                   "one service per file; not with --ray, whose records live in its registry actor)")
     j.add_argument("--queue-size", type=int, default=D.queue_size, help="jobs waiting before 429")
     j.add_argument("--max-records", type=int, default=D.max_records,
                    help="job records held (open, and finished until their TTL) before 429")
@@ -78,7 +82,7 @@ def config_from(args) -> ServeConfig:
                     max_records=args.max_records, submit_rate=args.submit_rate, submit_burst=args.submit_burst,
                     max_header_bytes=args.max_header_bytes, send_timeout_s=args.send_timeout,
                     max_downloads=args.max_downloads, min_free_bytes=int(args.min_free_mb * 2**20),
-                    feature_reuse_off=feature_reuse_blocker(runtime_options(args)))
+                    feature_reuse_off=feature_reuse_blocker(runtime_options(args)), jobs_db=args.jobs_db)
     if is_default_model(args):  # requests that leave a setting out get the embedded model's own
         c = replace(c, defaults=tuple(shapes.SETTINGS.items()), negative_prompt=shapes.NEGATIVE)
     c.validate()
@@ -99,6 +103,8 @@ def check(args) -> RuntimeOptions:
         print(f"warning: listening on {args.host} without --api-key: anyone who reaches it can submit jobs",
               file=sys.stderr)
     check_writable(args.results)
+    if args.ray and args.jobs_db:
+        raise ValueError("--jobs-db is not used with --ray: the registry actor keeps the job records in memory")
     return options
 
 
@@ -129,11 +135,17 @@ def run_local(args, config: ServeConfig, options: RuntimeOptions) -> int:
     from vidrd.runtime.options import open_runtime
     from vidrd.runtime.serve.api import make_app
     from vidrd.runtime.serve.limits import http_protocol
+    from vidrd.runtime.serve.store import Store
     from vidrd.runtime.serve.worker import LocalService
 
-    model, what, _ = load_model(args, dtype=options.torch_dtype, device=options.device)
-    config = config.for_model(model)
-    service = LocalService(open_runtime(model, options, config.limits), config)
+    store = Store(config.jobs_path())  # before the model loads: a corrupt or locked database stops the start
+    try:
+        model, what, _ = load_model(args, dtype=options.torch_dtype, device=options.device)
+        config = config.for_model(model)
+        service = LocalService(open_runtime(model, options, config.limits), config, store)
+    except BaseException:
+        store.close()
+        raise
     print(f"serving {what} ({options.backend} on {options.device}) at http://{args.host}:{args.port} (docs at "
           "/docs)", file=sys.stderr)
     stop_once()
@@ -150,7 +162,8 @@ def run_local(args, config: ServeConfig, options: RuntimeOptions) -> int:
 
 def stop_once(ignore: bool = False) -> None:
     """SIGINT and SIGTERM (docker stop, systemd) raise KeyboardInterrupt once; any later one is ignored, so that
-    the shutdown (cancel the running job, drop its temporary files, free the runtime) runs to its end. uvicorn
+    the shutdown (stop the running job after its step, drop its temporary files, free the runtime, close the job
+    store) runs to its end. uvicorn
     handles both while it serves and re-raises the first after its own graceful shutdown."""
     def handler(sig, frame):
         stop_once(ignore=True)

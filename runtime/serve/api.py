@@ -227,6 +227,8 @@ def make_app(backend, config: ServeConfig) -> FastAPI:
                         415: {"model": Error, "description": "Content-Type is not application/json"},
                         429: {"model": Error, "description": "queue or job records full, or this client's submission "
                               f"rate over {config.submit_rate:g}/s (burst {config.submit_burst})",
+                              "headers": retry_after},
+                        503: {"model": Error, "description": "the job store cannot record the job (its disk full)",
                               "headers": retry_after}})
     async def submit(req: Body, request: Request, response: Response):
         spec = to_spec(req, config)
@@ -238,8 +240,8 @@ def make_app(backend, config: ServeConfig) -> FastAPI:
                                 headers={"Retry-After": str(math.ceil(wait_s))})
         job_id, refused = await backend.submit(spec)
         if job_id is None:
-            retry, why = refused
-            raise HTTPException(429, f"{why}; retry later", headers={"Retry-After": str(retry)})
+            status, retry, why = refused
+            raise HTTPException(status, f"{why}; retry later", headers={"Retry-After": str(retry)})
         response.headers["Location"] = f"/v1/videos/{job_id}"
         return await backend.status(job_id)
 

@@ -4,6 +4,11 @@ storage health, Prometheus metrics.
 One Registry holds every job of a service. `vidrd serve` keeps it in-process; `vidrd serve --ray` runs the same
 class as one named Ray actor that every replica talks to, so any replica can answer for any job. Its methods take
 and return plain, picklable values (job ids, dicts, numbers) for that reason.
+
+Records are durable: the Registry writes every change of a record to its Store (store.py, SQLite) before it
+answers, and reads the records back when it starts, so a restarted service knows every job it accepted. Progress
+within a clip (steps_done) and the metrics are kept in memory only: a restart resumes a job from its last finished
+clip, whose progress is recorded.
 """
 from __future__ import annotations
 
@@ -13,16 +18,18 @@ import os
 import re
 import secrets
 import shutil
+import sqlite3
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from vidrd.ref.config import LATENT_FACTOR, SchedulerConfig
 from vidrd.ref.ddim import SPACINGS
 
 from ..loop import Limits
+from .store import Store
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED = ("done", "failed", "cancelled")
@@ -64,6 +71,16 @@ class ServeConfig:
     # the model's schedule (for_model): a request's steps must fit it (DDIM.check_steps, as the sampler checks
     # them); None: not known (only limits.steps bounds requests)
     scheduler: SchedulerConfig | None = None
+    # the SQLite file of the job records (store.py); None: jobs.db in the results folder. ":memory:" keeps them in
+    # memory only: a restart forgets every job, and running jobs save no resume state
+    jobs_db: str | None = None
+
+    def jobs_path(self) -> str:
+        return self.jobs_db or os.path.join(self.results, "jobs.db")
+
+    @property
+    def durable(self) -> bool:
+        return self.jobs_path() != ":memory:"
 
     def validate(self) -> None:
         lim = self.limits
@@ -121,6 +138,14 @@ def video_path(results, job_id: str, video: int, fmt: str) -> Path:
     return job_dir(results, job_id) / f"video-{video}.{fmt}"
 
 
+def published(spec: dict, clips: int, done: bool) -> list[str]:
+    """The names of a job's published files in its folder: clips 0..clips-1 of every video, and when `done` the
+    whole videos."""
+    fmt, n = spec["format"], len(spec["prompts"])
+    return ([f"clip-{k:03d}-{v}.{fmt}" for k in range(clips) for v in range(n)]
+            + ([f"video-{v}.{fmt}" for v in range(n)] if done else []))
+
+
 def storage_health(config: ServeConfig) -> tuple[str | None, dict]:
     """(problem or None, disk) of the results folder for /healthz: missing, not a folder, or under min_free_bytes
     free (a job would fail writing its files). Never recreates the folder: a vanished mount must show, not be
@@ -154,6 +179,7 @@ class Job:
     error: str | None = None
     worker: str | None = None
     attempts: int = 0
+    files: list = field(default_factory=list)  # published files, relative to the job's folder
 
     def expires(self, ttl_s: float) -> float | None:
         """When the record (and its files) go: TTL after the end; sooner for a job cancelled before it started."""
@@ -200,7 +226,9 @@ class Histogram:
 class Registry:
     """Every job of one service; thread-safe (HTTP handlers, workers and the janitor call it concurrently)."""
 
-    def __init__(self, config: ServeConfig, janitor_period_s: float | None = None):
+    def __init__(self, config: ServeConfig, janitor_period_s: float | None = None, store: Store | None = None):
+        """Opens `store` (default: config.jobs_path(); StoreError when it is unusable) and takes over its records:
+        a running job whose cancel was requested ends cancelled; other open jobs stay open (open_jobs)."""
         self.config = config
         self.jobs: dict[str, Job] = {}
         self.rejected = 0
@@ -209,6 +237,11 @@ class Registry:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         Path(config.results).mkdir(parents=True, exist_ok=True)
+        self.store = store or Store(config.jobs_path())
+        for row in self.store.load():
+            job = self.jobs[row["id"]] = Job(**row)
+            if job.state == "running" and job.cancel:  # asked to stop before the restart: it stays stopped
+                self._end(job, "cancelled", None)
         self.sweep()
         period = janitor_period_s or min(60.0, max(0.5, config.ttl_s / 4))
         self._janitor = threading.Thread(target=self._janitor_loop, args=(period,), daemon=True,
@@ -217,23 +250,30 @@ class Registry:
 
     # ------------------------------------------------------------------------------------------ clients
 
-    def submit(self, job_id: str, spec: dict) -> tuple[int, str] | None:
-        """Queue a job: None, or (Retry-After seconds, why) when the queue or the records are full (the job is not
-        recorded). At the records bound, jobs cancelled before they started are forgotten first, oldest first."""
+    def submit(self, job_id: str, spec: dict) -> tuple[int, int, str] | None:
+        """Queue a job: None, or (HTTP status, Retry-After seconds, why) when it is refused (not recorded): 429 when
+        the queue or the records are full, 503 when the store cannot write it (a full disk). At the records bound,
+        jobs cancelled before they started are forgotten first, oldest first."""
         with self._lock:
             if job_id in self.jobs:
                 raise ValueError(f"job id {job_id} already exists")
             if self._depth() >= self.config.queue_size:
                 self.rejected += 1
-                return self._retry_after(), f"the queue is full ({self.config.queue_size} jobs waiting)"
+                return 429, self._retry_after(), f"the queue is full ({self.config.queue_size} jobs waiting)"
             if len(self.jobs) >= self.config.max_records:
                 self._forget_unstarted(len(self.jobs) - self.config.max_records + 1)
             if len(self.jobs) >= self.config.max_records:
                 self.rejected += 1
                 ends = [j.expires(self.config.ttl_s) for j in self.jobs.values() if j.finished is not None]
                 retry = math.ceil(min(ends) - time.time()) if ends else self._retry_after()
-                return max(1, retry), f"the service holds {self.config.max_records} job records"
-            self.jobs[job_id] = Job(job_id, spec, time.time())
+                return 429, max(1, retry), f"the service holds {self.config.max_records} job records"
+            job = Job(job_id, spec, time.time())
+            try:  # first: a job is accepted only once it is recorded
+                self.store.insert(asdict(job))
+            except sqlite3.Error as e:
+                log.warning("job store: cannot record a new job: %s", e)
+                return 503, self._retry_after(), f"the job store cannot record the job ({e})"
+            self.jobs[job_id] = job
             return None
 
     def status(self, job_id: str) -> dict | None:
@@ -249,11 +289,13 @@ class Registry:
                 return None
             if job.state == "queued":
                 self._end(job, "cancelled", None)
-            elif job.state == "running":
+            elif job.state == "running" and not job.cancel:
                 job.cancel = True
+                self._save(job)
             return job.status(self.config.ttl_s)
 
     def open_jobs(self) -> list[str]:
+        """Queued and running jobs, in submission order."""
         with self._lock:
             return [j.id for j in self.jobs.values() if j.state not in FINISHED]
 
@@ -267,9 +309,10 @@ class Registry:
     # ------------------------------------------------------------------------------------------ workers
 
     def take(self, job_id: str, worker: str) -> dict | None:
-        """A worker starts a job: its spec, or None when it was cancelled or expired meanwhile.
+        """A worker starts a job: its spec, or None when it was cancelled or expired meanwhile. The worker says next
+        which clip it starts from (start_at).
 
-        A job already running is handed out again: under Ray that is a retry after its replica died."""
+        A job already running is handed out again: after a restart, or under Ray a retry after its replica died."""
         with self._lock:
             job = self.jobs.get(job_id)
             if job is None or job.state not in ("queued", "running"):
@@ -278,9 +321,17 @@ class Registry:
                 job.started = time.time()
                 self.hist["queue_wait"].observe(job.started - job.created)
             job.state, job.worker, job.attempts = "running", worker, job.attempts + 1
-            job.clips_done = job.steps_done = 0
             job.last_step = None
+            self._save(job)
             return job.spec
+
+    def start_at(self, job_id: str, clips: int) -> None:
+        """The worker runs the job from clip `clips` on: clips 0..clips-1 are done (resumed), or none (clips=0)."""
+        with self._lock:
+            job = self.jobs[job_id]
+            job.clips_done, job.steps_done = clips, clips * job.spec["settings"]["steps"]
+            job.files = published(job.spec, clips, done=False)
+            self._save(job)
 
     def step(self, job_id: str, c: int, i: int) -> bool:
         """Step i of clip c is done; True when the job should stop (cancel requested)."""
@@ -298,9 +349,13 @@ class Registry:
             job = self.jobs[job_id]
             assert k == job.clips_done, f"clip {k} published out of order (expected {job.clips_done})"
             job.clips_done = k + 1
-            if k == 0:
+            # the clip is published once the next clip's first step ran (CPU decode): progress never goes back
+            job.steps_done = max(job.steps_done, job.clips_done * job.spec["settings"]["steps"])
+            job.files = published(job.spec, job.clips_done, done=False)
+            if job.first_clip is None:
                 job.first_clip = time.time()
                 self.hist["first_clip"].observe(job.first_clip - job.started)
+            self._save(job)
 
     def finish(self, job_id: str, state: str, error: str | None = None, frames: int = 0) -> None:
         """End a job; a job that already ended keeps its first end (e.g. a lost replica reported twice)."""
@@ -324,6 +379,7 @@ class Registry:
         ttl, root = self.config.ttl_s, Path(self.config.results)
         with self._lock:  # records first: they expire even when the folder below cannot be read
             gone = [j.id for j in self.jobs.values() if j.finished is not None and j.expires(ttl) < now]
+            self.store.delete(gone)
             for job_id in gone:
                 del self.jobs[job_id]
             known = set(self.jobs)
@@ -353,6 +409,8 @@ class Registry:
     def close(self) -> None:
         self._stop.set()
         self._janitor.join()
+        with self._lock:
+            self.store.close()
 
     # ------------------------------------------------------------------------------------------ metrics
 
@@ -391,6 +449,11 @@ class Registry:
         """Drop the records of up to `n` jobs cancelled before they started (no files), oldest first."""
         unstarted = sorted((j for j in self.jobs.values() if j.state == "cancelled" and j.started is None),
                            key=lambda j: j.finished)
+        try:
+            self.store.delete([job.id for job in unstarted[:n]])
+        except sqlite3.Error as e:  # they stay, and the submission waits for room
+            log.warning("job store: cannot delete records: %s", e)
+            return
         for job in unstarted[:n]:
             del self.jobs[job.id]
 
@@ -399,8 +462,19 @@ class Registry:
         done = self.hist["run"]
         return max(1, math.ceil(done.total / done.n)) if done.n else 1
 
+    def _save(self, job: Job) -> None:
+        """Write a changed record through. A failing write (a full disk) is logged and the service goes on from its
+        memory: the record on file stays at its last state, from which a restart would run the job again."""
+        try:
+            self.store.update(asdict(job))
+        except sqlite3.Error as e:
+            log.warning("job store: cannot record job %s (%s, %s): %s", job.id, job.state, job.clips_done, e)
+
     def _end(self, job: Job, state: str, error: str | None) -> None:
         job.state, job.error, job.finished = state, error, time.time()
+        if state == "done":  # the worker published the videos before it reported the end
+            job.files = published(job.spec, job.clips_done, done=True)
+        self._save(job)
         if job.started is not None:
             self.hist["run"].observe(job.finished - job.started)
         self.hist["total"].observe(job.finished - job.created)

@@ -2,7 +2,8 @@
 
 Three parts (README "Serving" explains the design):
 - `Registry` (jobs.py) as one named, detached Ray actor: every job's state, progress, cancel flag and the bounded
-  queue's admission. Every replica asks it, so any replica answers for any job.
+  queue's admission. Every replica asks it, so any replica answers for any job. It keeps its records in memory
+  (jobs_db ":memory:", see `in_memory`), so they go with the actor and jobs save no resume state.
 - `Ingress`: the FastAPI app of api.py (cheap, no model). A POST is admitted by the registry, then dispatched as
   one `Generator.run(job_id)` call through a Serve handle; Serve routes it to a replica with a free slot and its
   queue length drives the autoscaler. When that call fails (the replica died), the job is marked failed.
@@ -32,11 +33,18 @@ log = logging.getLogger("vidrd.serve")
 NAMESPACE, REGISTRY = "vidrd", "vidrd-jobs"
 
 
+def in_memory(config: ServeConfig) -> ServeConfig:
+    """`config` as the cluster runs it: job records in the registry actor's memory. SQLite's lock and WAL need every
+    process on one host, which a cluster's replicas are not."""
+    return replace(config, jobs_db=":memory:")
+
+
 def start_registry(config: ServeConfig):
     """The cluster's job registry: a detached actor that outlives replica restarts (one per cluster).
 
     One left by an earlier run with the same configuration is reused (its jobs stay readable); one with another
     configuration is replaced, forgetting its jobs."""
+    config = in_memory(config)
     with contextlib.suppress(ValueError):  # ValueError: no such actor
         old = ray.get_actor(REGISTRY, namespace=NAMESPACE)
         if ray.get(old.settings.remote()) == config:
@@ -106,7 +114,7 @@ class RayBackend:
         self.registry, self.generator, self.config = registry, generator, config
         self._dispatches: set[asyncio.Task] = set()
 
-    async def submit(self, spec: dict) -> tuple[str | None, tuple[int, str] | None]:
+    async def submit(self, spec: dict) -> tuple[str | None, tuple[int, int, str] | None]:
         job_id = new_id()
         refused = await self.registry.submit.remote(job_id, spec)
         if refused:
@@ -158,6 +166,7 @@ def build(config: ServeConfig, model_args: dict, options: RuntimeOptions, *, min
 
     Serve's autoscaler keeps about one job (running or waiting at the ingress's handle) per replica; `autoscaling`
     overrides its settings (Serve's autoscaling_config keys)."""
+    config = in_memory(config)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     actor = {"num_gpus": 1, "num_cpus": replica_cpus} if gpus else {"num_cpus": replica_cpus}
     if not gpus and options.threads is None:

@@ -1,5 +1,11 @@
 """The service's worker side: run one job on a Runtime, publishing each clip's file as soon as it is decoded, then
 the whole videos; and `LocalService`, the single-process backend of `vidrd serve` (one runtime, one worker thread).
+
+A job of a durable service (ServeConfig.durable) keeps its resume state in its folder, under resume/: after each
+clip, that clip's uint8 frames (frames-KKK.safetensors, every video of the batch) and the runtime's Checkpoint
+(state.safetensors), each written to a temporary file, synced and renamed. A job started again (after a restart)
+loads them: the whole videos are encoded again from the stored frames of the clips before, so they are the frames
+an uninterrupted run writes, and the runtime continues from the checkpoint.
 """
 from __future__ import annotations
 
@@ -9,47 +15,119 @@ import os
 import queue
 import shutil
 import socket
+import tempfile
 import threading
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from vidrd.ref.sampler import SamplerSettings, shorten
 
-from ..loop import Cancelled, Request
+from ..loop import Cancelled, Checkpoint, Request
 from ..video_io import VideoWriter
 from .jobs import Registry, ServeConfig, clip_path, job_dir, new_id, storage_health, video_path
+from .store import Store
 
 log = logging.getLogger("vidrd.serve")
 
 
-def run_job(rt, results, job_id: str, spec: dict, registry, min_free_bytes: int = 0) -> int:
+class Interrupted(Exception):
+    """The service is stopping: the job ends here unrecorded (it stays running) and resumes at the next start."""
+
+
+def save_atomic(tensors: dict, path: Path) -> None:
+    """safetensors file written whole or not at all: a synced temporary file renamed over `path`."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_clip(folder: Path, clip) -> None:
+    """A finished clip's resume state: its frames, then the checkpoint that points past it."""
+    folder.mkdir(exist_ok=True)
+    save_atomic({"frames": torch.from_numpy(clip.frames)}, folder / f"frames-{clip.index:03d}.safetensors")
+    ck = clip.checkpoint
+    save_atomic({"clip": torch.tensor([ck.clip]), "init_src": ck.init_src, "overlap": ck.overlap, "rng": ck.rng},
+                folder / "state.safetensors")
+
+
+def load_resume(folder: Path) -> Checkpoint | None:
+    """The checkpoint of the last clip saved in `folder` (resume/), if any and if every earlier clip's frames are
+    there; None (start over) otherwise, with a warning when something is unreadable."""
+    if not (folder / "state.safetensors").exists():
+        return None
+    try:
+        t = load_file(folder / "state.safetensors")
+        ck = Checkpoint(int(t["clip"][0]), t["init_src"], t["overlap"], t["rng"])
+        missing = [k for k in range(ck.clip + 1) if not (folder / f"frames-{k:03d}.safetensors").is_file()]
+        if missing:
+            raise FileNotFoundError(f"the frames of clips {missing} are missing")
+        return ck
+    except (OSError, SafetensorError, KeyError, ValueError) as e:
+        log.warning("resume state in %s unusable, the job starts over: %s: %s", folder, type(e).__name__, e)
+        return None
+
+
+def run_job(rt, results, job_id: str, spec: dict, registry, min_free_bytes: int = 0, durable: bool = False,
+            stop: threading.Event | None = None) -> int:
     """Generate `spec` on `rt` into the job's folder; returns the frames written (all videos of the batch).
 
     Every file is published atomically (VideoWriter writes a temp file and renames it), so a client never reads a
     partial clip. A results folder with under `min_free_bytes` free fails the job before any file is opened (a
-    writer failing on a full disk can keep its file descriptor: PyAV's mp4 muxer). Raises Cancelled when the
-    registry flags the job, or whatever failed."""
+    writer failing on a full disk can keep its file descriptor: PyAV's mp4 muxer). `durable`: save the resume state
+    after each clip and continue from it when there is one. Raises Cancelled when the registry flags the job,
+    Interrupted when `stop` is set (after a step), or whatever failed."""
     request = Request(tuple(spec["prompts"]), tuple(spec["negative_prompts"]), SamplerSettings(**spec["settings"]),
-                      spec["seed"])
+                      spec["seed"], checkpoints=durable)
     fmt, fps = spec["format"], spec["fps"]
-    folder = job_dir(results, job_id)
+    folder, state = job_dir(results, job_id), job_dir(results, job_id) / "resume"
     folder.mkdir(exist_ok=True)  # exists when this is a retry
+    for tmp in folder.glob(".*"):  # temporary files of a run that died: nobody else writes here
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
     free = shutil.disk_usage(folder).free
     if free < min_free_bytes:
         raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: the results folder has {free} bytes free, under "
                       f"this service's minimum of {min_free_bytes}")
-    videos = []
 
     def on_step(c: int, i: int) -> None:  # runs after every denoising step: a cancel stops within one step
         if registry.step(job_id, c, i):
             raise Cancelled(f"job {job_id} cancelled at clip {c}, step {i}")
+        if stop is not None and stop.is_set():
+            raise Interrupted(f"job {job_id} interrupted at clip {c}, step {i}")
 
+    resume, stream = load_resume(state) if durable else None, None
+    if resume is not None:
+        try:  # validated now, generated when iterated
+            stream = rt.generate(replace(request, resume=resume), on_step=on_step)
+        except ValueError as e:  # a checkpoint of another request shape: the request itself is checked below
+            log.warning("job %s: its resume state does not fit its request, it starts over: %s", job_id, e)
+            resume = None
+    videos, first = [], 0 if resume is None else resume.clip + 1
+    registry.start_at(job_id, first)
     try:
         for v in range(len(request.prompts)):
             videos.append(VideoWriter(video_path(results, job_id, v, fmt), fps, force=True))
-        for clip in rt.generate(request, on_step=on_step):
+        for k in range(first):  # the clips done before: their frames as they were, into the whole videos
+            for v, frames in enumerate(load_file(state / f"frames-{k:03d}.safetensors")["frames"].numpy()):
+                videos[v].write(frames)
+        for clip in stream or rt.generate(request, on_step=on_step):
+            assert clip.index >= first, f"clip {clip.index} of a generation resumed at clip {first}"
             for v, frames in enumerate(clip.frames):  # (F',H,W,3) uint8 per prompt
                 with VideoWriter(clip_path(results, job_id, clip.index, v, fmt), fps, force=True) as w:
                     w.write(frames)
                 videos[v].write(frames)
+            if clip.checkpoint is not None:
+                save_clip(state, clip)
             registry.clip_done(job_id, clip.index)
     except BaseException:
         for w in videos:
@@ -65,19 +143,25 @@ def run_job(rt, results, job_id: str, spec: dict, registry, min_free_bytes: int 
     return sum(w.frames_written for w in videos)
 
 
-def execute(rt, config: ServeConfig, job_id: str, spec: dict, registry) -> str:
-    """Run a job and record how it ended in the registry: 'done', 'cancelled' or 'failed' (with the error)."""
+def execute(rt, config: ServeConfig, job_id: str, spec: dict, registry, stop: threading.Event | None = None) -> str:
+    """Run a job and record how it ended in the registry: 'done', 'cancelled' or 'failed' (with the error); or
+    'interrupted' (`stop` set: nothing recorded, the job resumes at the next start)."""
     try:
-        frames = run_job(rt, config.results, job_id, spec, registry, config.min_free_bytes)
+        frames = run_job(rt, config.results, job_id, spec, registry, config.min_free_bytes, config.durable, stop)
+    except Interrupted:
+        return "interrupted"
     except Cancelled:
-        registry.finish(job_id, "cancelled")
-        return "cancelled"
+        end = "cancelled"
+        registry.finish(job_id, end)
     except Exception as e:  # the job fails, the worker goes on with the next one
         log.exception("job %s failed", job_id)
-        registry.finish(job_id, "failed", shorten(f"{type(e).__name__}: {e}", 500))  # it may quote the request
-        return "failed"
-    registry.finish(job_id, "done", frames=frames)
-    return "done"
+        end = "failed"
+        registry.finish(job_id, end, shorten(f"{type(e).__name__}: {e}", 500))  # it may quote the request
+    else:
+        end = "done"
+        registry.finish(job_id, end, frames=frames)
+    shutil.rmtree(job_dir(config.results, job_id) / "resume", ignore_errors=True)  # an ended job never resumes
+    return end
 
 
 def worker_name() -> str:
@@ -87,24 +171,29 @@ def worker_name() -> str:
 class LocalService:
     """The backend of `vidrd serve`: the in-process Registry and one worker thread that owns the Runtime.
 
-    The async methods are what the HTTP routes call (api.make_app); ray.RayBackend has the same ones."""
+    The async methods are what the HTTP routes call (api.make_app); ray.RayBackend has the same ones. Jobs the
+    store holds open from an earlier run are taken first, in submission order: the one that was running resumes
+    from its last finished clip."""
 
-    def __init__(self, rt, config: ServeConfig):
+    def __init__(self, rt, config: ServeConfig, store: Store | None = None):
         self.rt, self.config = rt, config
-        self.registry = Registry(config)
+        self.registry = Registry(config, store=store)
         self._queue: queue.Queue = queue.Queue()  # job ids; admission (the bound) is the registry's
+        for job_id in self.registry.open_jobs():
+            self._queue.put(job_id)
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="vidrd-worker", daemon=True)
         self._thread.start()
 
     def _work(self) -> None:
         name = worker_name()
-        while (job_id := self._queue.get()) is not None:
+        while (job_id := self._queue.get()) is not None and not self._stop.is_set():
             spec = self.registry.take(job_id, name)
             if spec is not None:  # None: cancelled while queued
-                execute(self.rt, self.config, job_id, spec, self.registry)
+                execute(self.rt, self.config, job_id, spec, self.registry, self._stop)
 
-    async def submit(self, spec: dict) -> tuple[str | None, tuple[int, str] | None]:
-        """(job id, None), or (None, (Retry-After seconds, why)) when the queue or the records are full."""
+    async def submit(self, spec: dict) -> tuple[str | None, tuple[int, int, str] | None]:
+        """(job id, None), or (None, (HTTP status, Retry-After seconds, why)) when it is refused (Registry.submit)."""
         job_id = new_id()
         refused = self.registry.submit(job_id, spec)
         if refused:
@@ -128,9 +217,9 @@ class LocalService:
                 "queue_depth": self.registry.depth(), "disk": disk}
 
     def close(self) -> None:
-        """Cancel what is queued or running, stop the worker, free the runtime."""
-        for job_id in self.registry.open_jobs():
-            self.registry.cancel(job_id)
+        """Stop the worker (the running job after its current step), free the runtime, close the store. Open jobs
+        stay open in the store: the next service on it runs them, the interrupted one from its last clip."""
+        self._stop.set()
         self._queue.put(None)
         self._thread.join()
         self.rt.close()
