@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 
 _API = {
-    "Cancelled": "loop", "Clip": "loop", "Limits": "loop", "NonFiniteOutput": "loop", "Request": "loop",
+    "Cancelled": "loop", "Checkpoint": "loop", "Clip": "loop", "Limits": "loop", "NonFiniteOutput": "loop", "Request": "loop",
     "Runtime": "loop", "Superseded": "loop",
     "RuntimeOptions": "options", "open_runtime": "options",
     "QUALITIES": "quality", "resolve": "quality",
