@@ -35,9 +35,10 @@ def register(sub) -> None:
     j = p.add_argument_group("jobs and limits (the runtime's buffers are sized from the limits)")
     j.add_argument("--results", default=D.results, help="folder of job results (shared storage under --ray)")
     j.add_argument("--jobs-db", metavar="PATH",
-                   help="SQLite file of the job records, kept across restarts: open jobs run again, the running one "
-                   "from its last finished clip (default: jobs.db in --results; ':memory:' forgets them at exit; "
-                   "one service per file; not with --ray, whose records live in its registry actor)")
+                   help="SQLite file or postgresql://USER@HOST/DB URL of the job records, kept across restarts: open "
+                   "jobs run again, the running one from its last finished clip (default: jobs.db in --results; "
+                   "':memory:' forgets them at exit; one service per database; not with --ray, whose records live "
+                   "in its registry actor)")
     j.add_argument("--queue-size", type=int, default=D.queue_size, help="jobs waiting before 429")
     j.add_argument("--max-records", type=int, default=D.max_records,
                    help="job records held (open, and finished until their TTL) before 429")
@@ -60,6 +61,11 @@ def register(sub) -> None:
                    help="clip and video downloads in progress at once; more get 503 + Retry-After")
     j.add_argument("--min-free-mb", type=float, default=D.min_free_bytes / 2**20,
                    help="/healthz answers 503 'low disk space' when the results folder has less free")
+    j.add_argument("--no-callbacks", dest="callbacks", action="store_false",
+                   help="refuse requests with a callback_url (422): this service sends no webhooks")
+    j.add_argument("--allow-private-callbacks", action="store_true",
+                   help="let callback URLs reach loopback, private and link-local addresses (default: refused at "
+                   "submit time and again after the host is resolved)")
     x = p.add_argument_group("execution (under --ray: of every replica; on a cluster without GPUs, --threads "
                              "defaults to --replica-cpus)")
     add_runtime_args(x)
@@ -82,7 +88,8 @@ def config_from(args) -> ServeConfig:
                     max_records=args.max_records, submit_rate=args.submit_rate, submit_burst=args.submit_burst,
                     max_header_bytes=args.max_header_bytes, send_timeout_s=args.send_timeout,
                     max_downloads=args.max_downloads, min_free_bytes=int(args.min_free_mb * 2**20),
-                    feature_reuse_off=feature_reuse_blocker(runtime_options(args)), jobs_db=args.jobs_db)
+                    feature_reuse_off=feature_reuse_blocker(runtime_options(args)), jobs_db=args.jobs_db,
+                    callbacks=args.callbacks, allow_private_callbacks=args.allow_private_callbacks)
     if is_default_model(args):  # requests that leave a setting out get the embedded model's own
         c = replace(c, defaults=tuple(shapes.SETTINGS.items()), negative_prompt=shapes.NEGATIVE)
     c.validate()
@@ -135,10 +142,10 @@ def run_local(args, config: ServeConfig, options: RuntimeOptions) -> int:
     from vidrd.runtime.options import open_runtime
     from vidrd.runtime.serve.api import make_app
     from vidrd.runtime.serve.limits import http_protocol
-    from vidrd.runtime.serve.store import Store
+    from vidrd.runtime.serve.store import open_store
     from vidrd.runtime.serve.worker import LocalService
 
-    store = Store(config.jobs_path())  # before the model loads: a corrupt or locked database stops the start
+    store = open_store(config.jobs_path())  # before the model loads: a bad or unreachable database stops it
     try:
         model, what, _ = load_model(args, dtype=options.torch_dtype, device=options.device)
         config = config.for_model(model)

@@ -24,6 +24,7 @@ from vidrd.ref.sampler import SEED_MAX, SEED_MIN, SamplerSettings, check_prompt,
 from ..options import OFFICIAL_NEGATIVE
 from ..quality import QUALITIES, check_reuse, resolve
 from ..video_io import FPS_RANGE, check_fps, check_frame_size
+from .callbacks import check_url
 from .jobs import ID_PATTERN, STATES, ServeConfig, clip_path, video_path
 from .limits import UNAUTHORIZED, Downloads, Guard, Throttle
 
@@ -71,6 +72,8 @@ def request_model(config: ServeConfig) -> type[BaseModel]:
         fps=(float, Field(8.0, ge=min(lo for lo, _ in FPS_RANGE.values()),
                           le=max(hi for _, hi in FPS_RANGE.values()),
                           description="gif: at most 100 (GIF delays are whole centiseconds)")),
+        callback_url=(Optional[str], Field(None, description="an http(s) URL that gets a JSON POST on every finished "
+                                           "clip and at the end (runtime/serve/README.md, webhooks)")),
     )
 
 
@@ -152,9 +155,16 @@ def to_spec(req: BaseModel, config: ServeConfig) -> dict:
             check()
         except ValueError as e:
             raise _field_error(field, str(e)) from None
+    if req.callback_url is not None:
+        if not config.callbacks:
+            raise _field_error("callback_url", "callbacks are turned off on this service (vidrd serve --no-callbacks)")
+        try:
+            check_url(req.callback_url, config.allow_private_callbacks)
+        except ValueError as e:
+            raise _field_error("callback_url", str(e)) from None
     return {"prompts": list(req.prompts), "negative_prompts": list(negatives), "settings": asdict(s),
             "quality": None if quality is None else quality.summary(), "seed": req.seed, "format": req.format,
-            "fps": req.fps}
+            "fps": req.fps, "callback_url": req.callback_url}
 
 
 def _settings_error(e: ValueError, req) -> RequestValidationError:

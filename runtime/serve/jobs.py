@@ -5,10 +5,10 @@ One Registry holds every job of a service. `vidrd serve` keeps it in-process; `v
 class as one named Ray actor that every replica talks to, so any replica can answer for any job. Its methods take
 and return plain, picklable values (job ids, dicts, numbers) for that reason.
 
-Records are durable: the Registry writes every change of a record to its Store (store.py, SQLite) before it
-answers, and reads the records back when it starts, so a restarted service knows every job it accepted. Progress
-within a clip (steps_done) and the metrics are kept in memory only: a restart resumes a job from its last finished
-clip, whose progress is recorded.
+Records are durable: the Registry writes every change of a record to its Store (store.py: SQLite or PostgreSQL)
+before it answers, and reads the records back when it starts, so a restarted service knows every job it accepted.
+Progress within a clip (steps_done) and the metrics are kept in memory only: a restart resumes a job from its last
+finished clip, whose progress is recorded.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import os
 import re
 import secrets
 import shutil
-import sqlite3
 import threading
 import time
 from collections import Counter
@@ -29,7 +28,8 @@ from vidrd.ref.config import LATENT_FACTOR, SchedulerConfig
 from vidrd.ref.ddim import SPACINGS
 
 from ..loop import Limits
-from .store import Store
+from .callbacks import Sender
+from .store import Store, open_store
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED = ("done", "failed", "cancelled")
@@ -71,9 +71,15 @@ class ServeConfig:
     # the model's schedule (for_model): a request's steps must fit it (DDIM.check_steps, as the sampler checks
     # them); None: not known (only limits.steps bounds requests)
     scheduler: SchedulerConfig | None = None
-    # the SQLite file of the job records (store.py); None: jobs.db in the results folder. ":memory:" keeps them in
-    # memory only: a restart forgets every job, and running jobs save no resume state
+    # the SQLite file or postgresql:// URL of the job records (store.py); None: jobs.db in the results folder.
+    # ":memory:" keeps them in memory only: a restart forgets every job, and running jobs save no resume state
     jobs_db: str | None = None
+    # webhooks (callbacks.py): whether requests may give a callback_url, whether it may be a loopback or private
+    # address, and each try's timeout and the retries after a failed one
+    callbacks: bool = True
+    allow_private_callbacks: bool = False
+    callback_timeout_s: float = 5.0
+    callback_retries: int = 3
 
     def jobs_path(self) -> str:
         return self.jobs_db or os.path.join(self.results, "jobs.db")
@@ -99,7 +105,9 @@ class ServeConfig:
             raise ValueError(f"min_free_bytes={self.min_free_bytes!r} must be an integer >= 0")
         if not (isinstance(self.submit_rate, (int, float)) and 0 < self.submit_rate < float("inf")):
             raise ValueError(f"submit_rate={self.submit_rate!r} must be a number of submissions per second > 0")
-        for name in ("ttl_s", "read_timeout_s", "send_timeout_s"):
+        if not isinstance(self.callback_retries, int) or self.callback_retries < 0:
+            raise ValueError(f"callback_retries={self.callback_retries!r} must be an integer >= 0")
+        for name in ("ttl_s", "read_timeout_s", "send_timeout_s", "callback_timeout_s"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0 < v < float("inf")):
                 raise ValueError(f"{name}={v!r} must be a number of seconds > 0")
@@ -237,7 +245,9 @@ class Registry:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         Path(config.results).mkdir(parents=True, exist_ok=True)
-        self.store = store or Store(config.jobs_path())
+        self.callbacks = (Sender(config.callback_timeout_s, config.callback_retries, config.allow_private_callbacks)
+                          if config.callbacks else None)
+        self.store = store or open_store(config.jobs_path())
         for row in self.store.load():
             job = self.jobs[row["id"]] = Job(**row)
             if job.state == "running" and job.cancel:  # asked to stop before the restart: it stays stopped
@@ -270,7 +280,7 @@ class Registry:
             job = Job(job_id, spec, time.time())
             try:  # first: a job is accepted only once it is recorded
                 self.store.insert(asdict(job))
-            except sqlite3.Error as e:
+            except self.store.errors as e:
                 log.warning("job store: cannot record a new job: %s", e)
                 return 503, self._retry_after(), f"the job store cannot record the job ({e})"
             self.jobs[job_id] = job
@@ -356,6 +366,7 @@ class Registry:
                 job.first_clip = time.time()
                 self.hist["first_clip"].observe(job.first_clip - job.started)
             self._save(job)
+            self._notify(job, "clip")
 
     def finish(self, job_id: str, state: str, error: str | None = None, frames: int = 0) -> None:
         """End a job; a job that already ended keeps its first end (e.g. a lost replica reported twice)."""
@@ -409,6 +420,8 @@ class Registry:
     def close(self) -> None:
         self._stop.set()
         self._janitor.join()
+        if self.callbacks is not None:
+            self.callbacks.close()
         with self._lock:
             self.store.close()
 
@@ -451,7 +464,7 @@ class Registry:
                            key=lambda j: j.finished)
         try:
             self.store.delete([job.id for job in unstarted[:n]])
-        except sqlite3.Error as e:  # they stay, and the submission waits for room
+        except self.store.errors as e:  # they stay, and the submission waits for room
             log.warning("job store: cannot delete records: %s", e)
             return
         for job in unstarted[:n]:
@@ -467,14 +480,23 @@ class Registry:
         memory: the record on file stays at its last state, from which a restart would run the job again."""
         try:
             self.store.update(asdict(job))
-        except sqlite3.Error as e:
+        except self.store.errors as e:
             log.warning("job store: cannot record job %s (%s, %s): %s", job.id, job.state, job.clips_done, e)
+
+    def _notify(self, job: Job, event: str) -> None:
+        """Queue the job's callback for `event` (clip, or how it ended), after its record is saved."""
+        url = job.spec.get("callback_url")  # specs of older vidrd have none
+        if url and self.callbacks is not None:
+            steps = job.spec["settings"]["clips"] * job.spec["settings"]["steps"]
+            self.callbacks.send(url, {"id": job.id, "event": event, "state": job.state, "clips_done": job.clips_done,
+                                      "progress": round(job.steps_done / steps, 4), "error": job.error})
 
     def _end(self, job: Job, state: str, error: str | None) -> None:
         job.state, job.error, job.finished = state, error, time.time()
         if state == "done":  # the worker published the videos before it reported the end
             job.files = published(job.spec, job.clips_done, done=True)
         self._save(job)
+        self._notify(job, state)
         if job.started is not None:
             self.hist["run"].observe(job.finished - job.started)
         self.hist["total"].observe(job.finished - job.created)
