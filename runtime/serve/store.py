@@ -198,7 +198,7 @@ class PgStore(Store):
         try:
             self.db = psycopg.connect(url, autocommit=True, connect_timeout=10)
         except psycopg.Error as e:
-            why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            why = " ".join(line.strip() for line in str(e).splitlines()) or type(e).__name__  # one line
             raise StoreError(f"jobs database {self.path}: cannot connect: {why}") from None
         try:
             if exclusive and not self._run("SELECT pg_try_advisory_lock(?)", (self.LOCK_KEY,)).fetchone()[0]:
