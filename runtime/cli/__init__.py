@@ -17,6 +17,7 @@ COMMANDS = (
     "vidrd.runtime.cli.bench",
     "vidrd.runtime.cli.serve",
     "vidrd.runtime.cli.train_shapes",
+    "vidrd.runtime.cli.train_decoder",
     "vidrd.runtime.cli.eval",
 )
 
