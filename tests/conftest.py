@@ -1,5 +1,11 @@
 """Shared test setup. TRITON_INTERPRET must be set before any Triton kernel is defined."""
+import contextlib
 import os
+import pwd
+import secrets
+import shutil
+import subprocess
+import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -83,3 +89,59 @@ def default_onnx(tmp_path_factory):
     out = tmp_path_factory.mktemp("default_onnx")
     export(random_model("tiny", 0), out, log=lambda *a: None)
     return out
+
+
+# ------------------------------------------------------------------ a PostgreSQL server (test_pg_store, test_service)
+
+
+def as_user() -> list[str]:
+    """The command prefix that runs the server's tools: initdb refuses to run as root, so root runs them as an
+    unprivileged user (postgres, else nobody)."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("runuser") is None:
+        pytest.skip("running as root and runuser is missing: initdb refuses to run as root")
+    for name in ("postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            return ["runuser", "-u", pwd.getpwnam(name).pw_name, "--"]
+    pytest.skip("running as root with no unprivileged user (postgres, nobody) to run initdb as")
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """The conninfo prefix of a PostgreSQL server started for this session (trust auth, user vidrd, unix socket in a
+    temporary folder, no TCP); skips with the reason when it cannot be started."""
+    tools = [shutil.which(t) for t in ("initdb", "pg_ctl")]
+    if None in tools:
+        pytest.skip("initdb/pg_ctl not on PATH: install PostgreSQL (apt-get install postgresql) to run these tests")
+    prefix = as_user()
+    root = tempfile.mkdtemp(prefix="vidrd-pg-")
+    if prefix:
+        os.chown(root, pwd.getpwnam(prefix[2]).pw_uid, -1)
+    data, port = os.path.join(root, "data"), 5432
+    run = lambda *cmd: subprocess.run(prefix + list(cmd), capture_output=True, text=True, timeout=120)  # noqa: E731
+    r = run(tools[0], "-D", data, "--auth=trust", "-U", "vidrd", "-E", "UTF8", "--no-sync")
+    if r.returncode:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.skip(f"initdb cannot run here: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+    r = run(tools[1], "-D", data, "-l", os.path.join(root, "log"), "-w", "-o",
+            f"-k {root} -c listen_addresses='' -p {port} -c fsync=off", "start")
+    if r.returncode:
+        log = open(os.path.join(root, "log")).read() if os.path.exists(os.path.join(root, "log")) else r.stderr
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.skip(f"pg_ctl cannot start the server: {log.strip().splitlines()[-1:]}")
+    try:
+        yield f"postgresql://vidrd@/%s?host={root}&port={port}"
+    finally:
+        run(tools[1], "-D", data, "-m", "fast", "-w", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """A fresh, empty database on the session's server."""
+    psycopg = pytest.importorskip("psycopg")
+    name = f"t_{secrets.token_hex(6)}"
+    with psycopg.connect(pg_server % "postgres", autocommit=True) as db:
+        db.execute(f"CREATE DATABASE {name}")
+    return pg_server % name

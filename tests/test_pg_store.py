@@ -3,12 +3,6 @@ unix socket only), and the leases both stores share: records survive reopening, 
 server are refused with one line, racing workers never take the same job, and a job whose lease expired is taken
 over by another worker and resumes from its last clip."""
 import contextlib
-import os
-import pwd
-import secrets
-import shutil
-import subprocess
-import tempfile
 import threading
 import time
 
@@ -19,63 +13,11 @@ from vidrd.runtime.options import open_runtime
 from vidrd.runtime.serve import store as store_module
 from vidrd.runtime.serve.jobs import Job, Registry, ServeConfig, job_dir
 from vidrd.runtime.serve.store import SCHEMA, PgStore, StoreError, open_store
-from vidrd.runtime.serve.worker import Interrupted, run_job
+from vidrd.runtime.serve.worker import Interrupted, Leased, run_job
 
 psycopg = pytest.importorskip("psycopg")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SPEC = {"prompts": ["a"], "format": "mp4", "settings": {"clips": 1, "steps": 1}}
-
-
-def as_user() -> list[str]:
-    """The command prefix that runs the server's tools: initdb refuses to run as root, so root runs them as an
-    unprivileged user (postgres, else nobody)."""
-    if os.geteuid() != 0:
-        return []
-    if shutil.which("runuser") is None:
-        pytest.skip("running as root and runuser is missing: initdb refuses to run as root")
-    for name in ("postgres", "nobody"):
-        with contextlib.suppress(KeyError):
-            return ["runuser", "-u", pwd.getpwnam(name).pw_name, "--"]
-    pytest.skip("running as root with no unprivileged user (postgres, nobody) to run initdb as")
-
-
-@pytest.fixture(scope="session")
-def pg_server():
-    """The conninfo prefix of a PostgreSQL server started for this session (trust auth, user vidrd, unix socket in a
-    temporary folder, no TCP); skips with the reason when it cannot be started."""
-    tools = [shutil.which(t) for t in ("initdb", "pg_ctl")]
-    if None in tools:
-        pytest.skip("initdb/pg_ctl not on PATH: install PostgreSQL (apt-get install postgresql) to run these tests")
-    prefix = as_user()
-    root = tempfile.mkdtemp(prefix="vidrd-pg-")
-    if prefix:
-        os.chown(root, pwd.getpwnam(prefix[2]).pw_uid, -1)
-    data, port = os.path.join(root, "data"), 5432
-    run = lambda *cmd: subprocess.run(prefix + list(cmd), capture_output=True, text=True, timeout=120)  # noqa: E731
-    r = run(tools[0], "-D", data, "--auth=trust", "-U", "vidrd", "-E", "UTF8", "--no-sync")
-    if r.returncode:
-        shutil.rmtree(root, ignore_errors=True)
-        pytest.skip(f"initdb cannot run here: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
-    r = run(tools[1], "-D", data, "-l", os.path.join(root, "log"), "-w", "-o",
-            f"-k {root} -c listen_addresses='' -p {port} -c fsync=off", "start")
-    if r.returncode:
-        log = open(os.path.join(root, "log")).read() if os.path.exists(os.path.join(root, "log")) else r.stderr
-        shutil.rmtree(root, ignore_errors=True)
-        pytest.skip(f"pg_ctl cannot start the server: {log.strip().splitlines()[-1:]}")
-    try:
-        yield f"postgresql://vidrd@/%s?host={root}&port={port}"
-    finally:
-        run(tools[1], "-D", data, "-m", "fast", "-w", "stop")
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-def pg_url(pg_server):
-    """A fresh, empty database on the session's server."""
-    name = f"t_{secrets.token_hex(6)}"
-    with psycopg.connect(pg_server % "postgres", autocommit=True) as db:
-        db.execute(f"CREATE DATABASE {name}")
-    return pg_server % name
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -223,30 +165,22 @@ def test_a_lease_is_renewed_and_lost_to_a_takeover(url):
         assert s.renew(job["id"], "w1", 10, now=now + 21) is None  # w1 came back: it must stop
 
 
-class Leased:
-    """The registry side of run_job for a worker that shares the store through a lease: each step renews it (and
-    reads the cancel flag), each clip is recorded. `die_at` (clip, step): the worker stops there with nothing
-    recorded, as a killed replica does."""
+class Dying(Leased):
+    """A leased worker that stops at `die_at` (clip, step) with nothing recorded, as a killed replica does; it
+    remembers the clip it started from."""
 
-    def __init__(self, store, job: dict, worker: str, lease_s: float, die_at=None):
-        self.store, self.job, self.worker, self.lease_s, self.die_at = store, job, worker, lease_s, die_at
-        self.started_at = None
+    def __init__(self, *args, die_at=None):
+        super().__init__(*args)
+        self.die_at, self.started_at = die_at, None
 
     def step(self, job_id, c, i):
         if (c, i) == self.die_at:
             raise Interrupted("killed")
-        cancel = self.store.renew(job_id, self.worker, self.lease_s)
-        if cancel is None:
-            raise Interrupted(f"the lease on {job_id} was lost")
-        return cancel
+        return super().step(job_id, c, i)
 
     def start_at(self, job_id, clips):
         self.started_at = clips
-        self.store.update({**self.job, "clips_done": clips})
-
-    def clip_done(self, job_id, k):
-        self.job["clips_done"] = k + 1
-        self.store.update(self.job)
+        super().start_at(job_id, clips)
 
 
 def test_an_expired_lease_is_taken_over_and_the_job_resumes_from_its_last_clip(pg_url, tmp_path):
@@ -262,13 +196,13 @@ def test_an_expired_lease_is_taken_over_and_the_job_resumes_from_its_last_clip(p
         job = a.claim("replica-a", 0.5)
         # replica a dies in clip 2 (on the CPU, clip 1 is published after clip 2's first step)
         with pytest.raises(Interrupted, match="killed"):
-            run_job(rt, tmp_path, job["id"], spec, Leased(a, job, "replica-a", 0.5, die_at=(2, 1)), durable=True)
+            run_job(rt, tmp_path, job["id"], spec, Dying(a, job, "replica-a", 0.5, die_at=(2, 1)), durable=True)
         assert b.claim("replica-b", 30)["id"] == "b" * 32  # a's lease still runs: b takes the next job
-        run_job(rt, tmp_path, "b" * 32, spec, Leased(b, b.load()[1], "replica-b", 30), durable=True)
+        run_job(rt, tmp_path, "b" * 32, spec, Leased(b, b.get("b" * 32), "replica-b", 30), durable=True)
         time.sleep(0.6)
         again = b.claim("replica-b", 30)
         assert again["id"] == job["id"] and again["attempts"] == 2 and again["clips_done"] == 2
-        worker = Leased(b, again, "replica-b", 30)
+        worker = Dying(b, again, "replica-b", 30)
         run_job(rt, tmp_path, job["id"], spec, worker, durable=True)
         assert worker.started_at == 2  # resumed from its last clip, from the shared results folder
         assert a.renew(job["id"], "replica-a", 0.5) is None
@@ -278,3 +212,91 @@ def test_an_expired_lease_is_taken_over_and_the_job_resumes_from_its_last_clip(p
         a.close()
         b.close()
         rt.close()
+
+
+def test_a_worker_writes_only_while_it_holds_the_lease(url):
+    """The end (and every write) of a leased worker is conditional on its lease; cancel and progress are atomic."""
+    with contextlib.closing(open_store(url, exclusive=False)) as s:
+        for c in "abc":
+            s.insert(record(c * 32))
+        assert s.cancel("c" * 32, now=5.0)["state"] == "cancelled" and s.get("c" * 32)["finished"] == 5.0
+        job = s.claim("w1", 10, now=1000.0)
+        assert s.renew(job["id"], "w1", 10, now=1001.0, steps_done=3) is False and s.get(job["id"])["steps_done"] == 3
+        assert s.cancel(job["id"])["cancel"] and s.get(job["id"])["state"] == "running"  # the worker stops it
+        assert s.update({**job, "clips_done": 1}, holder="w1")  # a worker's write keeps the client's cancel flag
+        assert s.get(job["id"])["cancel"] and s.renew(job["id"], "w1", 10, now=1002.0) is True
+        again = s.claim("w2", 10, now=1013.0)  # w1's lease ran out
+        assert again["id"] == job["id"]
+        assert not s.update({**job, "state": "done", "finished": 1014.0}, holder="w1")  # w1 came back: not its job
+        assert s.get(job["id"])["state"] == "running"
+        assert s.update({**again, "state": "cancelled", "finished": 1014.0}, holder="w2")
+        assert not s.update({**again, "state": "done"}, holder="w2")  # an ended job takes no more writes
+        assert s.counts() == {"queued": 1, "cancelled": 2} and s.get("d" * 32) is None and s.cancel("d" * 32) is None
+
+
+def test_a_services_running_job_carries_a_lease_that_workers_take_over(pg_url, tmp_path):
+    registry = Registry(ServeConfig(results=str(tmp_path), jobs_db=pg_url, lease_s=10), janitor_period_s=3600)
+    try:
+        assert registry.submit("a" * 32, SPEC) is None
+        registry.take("a" * 32, "service")
+        with contextlib.closing(open_store(pg_url, exclusive=False)) as s:
+            assert s.claim("w", 10) is None  # held by the service's lease
+            assert s.claim("w", 10, now=time.time() + 11)["attempts"] == 2  # the service died: a worker takes it
+    finally:
+        registry.close()
+
+
+def test_two_workers_share_a_store_and_a_stopped_ones_job_resumes_on_the_other(pg_url, tmp_path, monkeypatch):
+    """run_claimed in two threads, a store connection each: worker a stops mid-job (nothing recorded, its lease
+    left to expire, as a killed replica); worker b runs the other job, then takes a's over and resumes it from its
+    last clip; the video equals b's uninterrupted run of the same request."""
+    from test_job_store import LIMITS
+    from vidrd.runtime.serve.worker import run_claimed
+    from vidrd.runtime.video_io import read_video
+    spec = {"prompts": ["a boat"], "negative_prompts": [""], "format": "mp4", "fps": 8, "seed": 3,
+            "settings": {"height": 32, "width": 32, "frames": 4, "overlap": 2, "steps": 2, "clips": 3}}
+    config = ServeConfig(results=str(tmp_path), limits=LIMITS, lease_s=1.5, jobs_db=pg_url)
+    model = random_model("tiny", 0)
+    stores = {w: open_store(pg_url, exclusive=False) for w in "ab"}
+    runtimes = {w: open_runtime(model, limits=LIMITS) for w in "ab"}
+    stops = {w: threading.Event() for w in "ab"}
+    first, second = "a" * 32, "b" * 32
+
+    def work(w):
+        while not stops[w].is_set():
+            run_claimed(runtimes[w], config, stores[w], w, stops[w])
+            stops[w].wait(0.1)
+
+    starts, start_at = [], Leased.start_at
+    monkeypatch.setattr(Leased, "start_at", lambda self, i, k: (starts.append((self.worker, k)), start_at(self, i, k)))
+    threads = {w: threading.Thread(target=work, args=(w,)) for w in "ab"}
+    try:
+        stores["a"].insert({**record(first), "spec": spec})
+        stores["a"].insert({**record(second), "spec": spec})
+        threads["a"].start()
+        deadline = time.time() + 60
+        while stores["b"].get(first)["clips_done"] < 1:  # a has published clip 0 (and saved its resume state)
+            assert time.time() < deadline
+            time.sleep(0.01)
+        stops["a"].set()
+        threads["a"].join(60)
+        threads["b"].start()
+        while stores["b"].get(first)["state"] != "done":
+            assert time.time() < deadline + 60
+            time.sleep(0.05)
+        stops["b"].set()
+        threads["b"].join(60)
+        a, b = stores["b"].get(first), stores["b"].get(second)
+        assert b["state"] == "done" and b["worker"] == "b" and b["attempts"] == 1
+        assert a["worker"] == "b" and a["attempts"] == 2 and a["clips_done"] == 3 and a["finished"] > b["finished"]
+        assert starts[0] == ("a", 0) and starts[2][0] == "b" and starts[2][1] >= 1, starts  # resumed, not redone
+        assert not (job_dir(tmp_path, first) / "resume").exists()  # an ended job keeps no resume state
+        resumed, whole = (read_video(job_dir(tmp_path, i) / "video-0.mp4") for i in (first, second))
+        assert resumed.shape == whole.shape and abs(resumed.astype(float) - whole).mean() <= 1.0
+    finally:
+        for w in "ab":
+            stops[w].set()
+            if threads[w].is_alive():
+                threads[w].join(60)
+            stores[w].close()
+            runtimes[w].close()

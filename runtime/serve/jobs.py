@@ -80,6 +80,10 @@ class ServeConfig:
     allow_private_callbacks: bool = False
     callback_timeout_s: float = 5.0
     callback_retries: int = 3
+    # workers sharing a store (store.py leases: Ray replicas on PostgreSQL) renew a job's lease every step; one that
+    # stops renewing (a lost replica) loses the job to another worker this long after its last renewal. It must
+    # exceed the longest time between two steps (a clip's decode and files, the first step's text encoding)
+    lease_s: float = 30.0
 
     def jobs_path(self) -> str:
         return self.jobs_db or os.path.join(self.results, "jobs.db")
@@ -107,7 +111,7 @@ class ServeConfig:
             raise ValueError(f"submit_rate={self.submit_rate!r} must be a number of submissions per second > 0")
         if not isinstance(self.callback_retries, int) or self.callback_retries < 0:
             raise ValueError(f"callback_retries={self.callback_retries!r} must be an integer >= 0")
-        for name in ("ttl_s", "read_timeout_s", "send_timeout_s", "callback_timeout_s"):
+        for name in ("ttl_s", "read_timeout_s", "send_timeout_s", "callback_timeout_s", "lease_s"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0 < v < float("inf")):
                 raise ValueError(f"{name}={v!r} must be a number of seconds > 0")
@@ -168,6 +172,19 @@ def storage_health(config: ServeConfig) -> tuple[str | None, dict]:
     if disk["free_bytes"] < config.min_free_bytes:
         return "low disk space", disk
     return None, disk
+
+
+def sweep_folders(root: Path, known: set, gone: list, ttl: float, now: float) -> None:
+    """Delete the folders of the `gone` jobs, and job folders of no `known` job that are older than the TTL."""
+    for path in root.iterdir():  # OSError when the folder is gone: the janitor logs it and tries again
+        if not valid_id(path.name) or path.name in known:
+            continue  # never touch anything that is not a job folder
+        try:
+            old = path.name in gone or path.stat().st_mtime + ttl < now
+        except FileNotFoundError:
+            continue
+        if old:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -242,6 +259,7 @@ class Registry:
         self.rejected = 0
         self.hist = {stage: Histogram() for stage in STAGES}
         self.frames_total, self.run_seconds_total, self.last_fps = 0, 0.0, 0.0
+        self._leased: dict[str, float] = {}  # job id: when its lease was last renewed
         self._lock = threading.Lock()
         self._stop = threading.Event()
         Path(config.results).mkdir(parents=True, exist_ok=True)
@@ -333,6 +351,7 @@ class Registry:
             job.state, job.worker, job.attempts = "running", worker, job.attempts + 1
             job.last_step = None
             self._save(job)
+            self._lease(job, time.time(), force=True)
             return job.spec
 
     def start_at(self, job_id: str, clips: int) -> None:
@@ -352,6 +371,7 @@ class Registry:
                 self.hist["denoise_step"].observe(now - job.last_step)
             job.last_step = now
             job.steps_done = c * job.spec["settings"]["steps"] + i + 1
+            self._lease(job, now)
             return job.cancel
 
     def clip_done(self, job_id: str, k: int) -> None:
@@ -368,19 +388,20 @@ class Registry:
             self._save(job)
             self._notify(job, "clip")
 
-    def finish(self, job_id: str, state: str, error: str | None = None, frames: int = 0) -> None:
-        """End a job; a job that already ended keeps its first end (e.g. a lost replica reported twice)."""
+    def finish(self, job_id: str, state: str, error: str | None = None, frames: int = 0) -> bool:
+        """End a job (True); a job that already ended keeps its first end (e.g. a lost replica reported twice)."""
         assert state in FINISHED, state
         with self._lock:
             job = self.jobs.get(job_id)
             if job is None or job.state in FINISHED:
-                return
+                return False
             self._end(job, state, error)
             if state == "done" and job.started is not None:
                 run = job.finished - job.started
                 self.frames_total += frames
                 self.run_seconds_total += run
                 self.last_fps = frames / run if run > 0 else 0.0
+            return True
 
     # ------------------------------------------------------------------------------------------ janitor
 
@@ -394,15 +415,7 @@ class Registry:
             for job_id in gone:
                 del self.jobs[job_id]
             known = set(self.jobs)
-        for path in root.iterdir():  # OSError when the folder is gone: the janitor logs it and tries again
-            if not valid_id(path.name) or path.name in known:
-                continue  # never touch anything that is not a job folder
-            try:
-                old = path.name in gone or path.stat().st_mtime + ttl < now
-            except FileNotFoundError:
-                continue
-            if old:
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        sweep_folders(root, known, gone, ttl, now)
         return gone
 
     def _janitor_loop(self, period: float) -> None:
@@ -483,6 +496,16 @@ class Registry:
         except self.store.errors as e:
             log.warning("job store: cannot record job %s (%s, %s): %s", job.id, job.state, job.clips_done, e)
 
+    def _lease(self, job: Job, now: float, force: bool = False) -> None:
+        """Keep a lease (store.py) on the row of a job this service runs, renewed at most every lease_s / 4: if the
+        service dies, workers that share the database through leases can take its running job over."""
+        if force or now - self._leased.get(job.id, 0.0) >= self.config.lease_s / 4:
+            self._leased[job.id] = now
+            try:
+                self.store.renew(job.id, job.worker, self.config.lease_s, now)
+            except self.store.errors as e:
+                log.warning("job store: cannot renew the lease of job %s: %s", job.id, e)
+
     def _notify(self, job: Job, event: str) -> None:
         """Queue the job's callback for `event` (clip, or how it ended), after its record is saved."""
         url = job.spec.get("callback_url")  # specs of older vidrd have none
@@ -493,6 +516,7 @@ class Registry:
 
     def _end(self, job: Job, state: str, error: str | None) -> None:
         job.state, job.error, job.finished = state, error, time.time()
+        self._leased.pop(job.id, None)
         if state == "done":  # the worker published the videos before it reported the end
             job.files = published(job.spec, job.clips_done, done=True)
         self._save(job)

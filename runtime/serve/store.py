@@ -45,7 +45,7 @@ MIGRATIONS = (
 COLUMNS = ("id", "spec", "state", "created", "started", "finished", "first_clip", "clips_done", "steps_done",
            "cancel", "error", "worker", "attempts", "files")
 JSON_COLUMNS = ("spec", "files")
-# a job a worker may claim: queued, or running under a lease that expired (NULL: taken by a Registry, not a lease)
+# a job a worker may claim: queued, or running under a lease that expired (NULL: taken by a vidrd before leases)
 CLAIMABLE = "state = 'queued' OR (state = 'running' AND lease_expires < ?)"
 
 
@@ -53,9 +53,14 @@ class StoreError(ValueError):
     """The jobs database cannot be used: corrupt, locked by another process, unreachable, or of a newer schema."""
 
 
+def shared(path: str | None) -> bool:
+    """Whether `path` names a database that workers on several hosts can share: a postgresql:// (postgres://) URL."""
+    return path is not None and path.startswith(("postgresql://", "postgres://"))
+
+
 def open_store(path: str, exclusive: bool = True) -> "Store":
     """The store of `path`: PostgreSQL for a postgresql:// (or postgres://) URL, else an SQLite file."""
-    if path.startswith(("postgresql://", "postgres://")):
+    if shared(path):
         return PgStore(path, exclusive)
     return Store(path)
 
@@ -126,11 +131,41 @@ class Store:
             self._run(f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
                       self._values(job))
 
-    def update(self, job: dict) -> None:
-        values = self._values(job)
+    def update(self, job: dict, holder: str | None = None) -> bool:
+        """Write a job's record. With `holder`, a leased worker's write: only while that worker holds the running
+        job (False, nothing written, once its lease was lost or the job ended), and never the cancel flag, which
+        belongs to the clients."""
+        values = dict(zip(COLUMNS, self._values(job)))
+        names = [c for c in COLUMNS[1:] if holder is None or c != "cancel"]
+        where, params = "id = ?", [values["id"]]
+        if holder is not None:
+            where, params = where + " AND worker = ? AND state = 'running'", params + [holder]
         with self.lock:
-            self._run(f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in COLUMNS[1:])} WHERE id = ?",
-                      values[1:] + values[:1])
+            cur = self._run(f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in names)} WHERE {where}",
+                            [values[c] for c in names] + params)
+        return cur.rowcount == 1
+
+    def get(self, job_id: str) -> dict | None:
+        with self.lock:
+            row = self._run(f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else self._job(row)
+
+    def counts(self) -> dict[str, int]:
+        """Jobs per state."""
+        with self.lock:
+            return dict(self._run("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+
+    def cancel(self, job_id: str, now: float | None = None) -> dict | None:
+        """In one statement: a queued job ends cancelled, a running one gets its cancel flag (its worker reads it at
+        the next renew); its record, or None when there is no such job."""
+        now = time.time() if now is None else now
+        with self.lock:
+            row = self._run(
+                "UPDATE jobs SET cancel = CASE WHEN state = 'running' THEN 1 ELSE cancel END, "
+                "finished = CASE WHEN state = 'queued' THEN ? ELSE finished END, "
+                "state = CASE WHEN state = 'queued' THEN 'cancelled' ELSE state END "
+                f"WHERE id = ? RETURNING {', '.join(COLUMNS)}", (now, job_id)).fetchall()
+        return self._job(row[0]) if row else None
 
     def delete(self, ids: list[str]) -> None:
         if not ids:
@@ -157,13 +192,16 @@ class Store:
                 f"RETURNING {', '.join(COLUMNS)}", (worker, now, now + lease_s, now)).fetchall()
         return self._job(row[0]) if row else None
 
-    def renew(self, job_id: str, worker: str, lease_s: float, now: float | None = None) -> bool | None:
-        """Extend `worker`'s lease on a running job to now + lease_s: its cancel flag, or None when the lease is
-        lost (the job ended, or another worker took it over after the lease expired): the worker must stop."""
+    def renew(self, job_id: str, worker: str, lease_s: float, now: float | None = None,
+              steps_done: int | None = None) -> bool | None:
+        """Extend `worker`'s lease on a running job to now + lease_s (and record its progress, `steps_done`): its
+        cancel flag, or None when the lease is lost (the job ended, or another worker took it over after the lease
+        expired): the worker must stop."""
         now = time.time() if now is None else now
         with self.lock:
-            row = self._run("UPDATE jobs SET lease_expires = ? WHERE id = ? AND worker = ? AND state = 'running' "
-                            "RETURNING cancel", (now + lease_s, job_id, worker)).fetchall()
+            row = self._run("UPDATE jobs SET lease_expires = ?, steps_done = COALESCE(?, steps_done) "
+                            "WHERE id = ? AND worker = ? AND state = 'running' RETURNING cancel",
+                            (now + lease_s, steps_done, job_id, worker)).fetchall()
         return bool(row[0][0]) if row else None
 
     def close(self) -> None:

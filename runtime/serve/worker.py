@@ -17,6 +17,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from vidrd.ref.sampler import SamplerSettings, shorten
 
 from ..loop import Cancelled, Checkpoint, Request
 from ..video_io import VideoWriter
-from .jobs import Registry, ServeConfig, clip_path, job_dir, new_id, storage_health, video_path
+from .jobs import Registry, ServeConfig, clip_path, job_dir, new_id, published, storage_health, video_path
 from .store import Store
 
 log = logging.getLogger("vidrd.serve")
@@ -145,21 +146,24 @@ def run_job(rt, results, job_id: str, spec: dict, registry, min_free_bytes: int 
 
 def execute(rt, config: ServeConfig, job_id: str, spec: dict, registry, stop: threading.Event | None = None) -> str:
     """Run a job and record how it ended in the registry: 'done', 'cancelled' or 'failed' (with the error); or
-    'interrupted' (`stop` set: nothing recorded, the job resumes at the next start)."""
+    'interrupted' (`stop` set or the lease lost: nothing recorded, the job resumes at the next start or on another
+    worker); 'lost' when the registry did not take the end (the job had ended, or another worker leased it)."""
     try:
         frames = run_job(rt, config.results, job_id, spec, registry, config.min_free_bytes, config.durable, stop)
     except Interrupted:
         return "interrupted"
     except Cancelled:
         end = "cancelled"
-        registry.finish(job_id, end)
+        recorded = registry.finish(job_id, end)
     except Exception as e:  # the job fails, the worker goes on with the next one
         log.exception("job %s failed", job_id)
         end = "failed"
-        registry.finish(job_id, end, shorten(f"{type(e).__name__}: {e}", 500))  # it may quote the request
+        recorded = registry.finish(job_id, end, shorten(f"{type(e).__name__}: {e}", 500))  # it may quote the request
     else:
         end = "done"
-        registry.finish(job_id, end, frames=frames)
+        recorded = registry.finish(job_id, end, frames=frames)
+    if not recorded:  # it ended elsewhere, or another worker holds it now: its resume state is not ours to drop
+        return "lost"
     shutil.rmtree(job_dir(config.results, job_id) / "resume", ignore_errors=True)  # an ended job never resumes
     return end
 
@@ -224,3 +228,52 @@ class LocalService:
         self._thread.join()
         self.rt.close()
         self.registry.close()
+
+
+class Leased:
+    """run_job's registry for a worker that shares the store through a lease (`run_claimed`): each step renews the
+    lease (recording the progress, reading the cancel flag), each clip is recorded, and every write, the end
+    included, happens only while this worker still holds the lease: one that lost it stops (Interrupted) and
+    records nothing."""
+
+    def __init__(self, store: Store, job: dict, worker: str, lease_s: float):
+        self.store, self.job, self.worker, self.lease_s = store, job, worker, lease_s
+        self.steps = job["spec"]["settings"]["steps"]
+
+    def step(self, job_id: str, c: int, i: int) -> bool:
+        cancel = self.store.renew(job_id, self.worker, self.lease_s, steps_done=c * self.steps + i + 1)
+        if cancel is None:
+            raise Interrupted(f"job {job_id}: {self.worker} lost its lease (another worker took the job over)")
+        return cancel
+
+    def start_at(self, job_id: str, clips: int) -> None:
+        self._write(clips_done=clips, steps_done=clips * self.steps, files=published(self.job["spec"], clips, False))
+
+    def clip_done(self, job_id: str, k: int) -> None:
+        assert k == self.job["clips_done"], f"clip {k} published out of order (expected {self.job['clips_done']})"
+        self._write(clips_done=k + 1, steps_done=(k + 1) * self.steps, first_clip=self.job["first_clip"] or time.time(),
+                    files=published(self.job["spec"], k + 1, done=False))
+
+    def finish(self, job_id: str, state: str, error: str | None = None, frames: int = 0) -> bool:
+        """Record the end: False (nothing written) when this worker no longer holds the job."""
+        self.job.update(state=state, error=error, finished=time.time(),
+                        files=published(self.job["spec"], self.job["clips_done"], done=state == "done"))
+        return self.store.update(self.job, holder=self.worker)
+
+    def _write(self, **fields) -> None:
+        self.job.update(fields)
+        if not self.store.update(self.job, holder=self.worker):
+            raise Interrupted(f"job {self.job['id']}: {self.worker} lost its lease (another worker took it over)")
+
+
+def run_claimed(rt, config: ServeConfig, store: Store, worker: str, stop: threading.Event | None = None) -> int:
+    """Claim and run jobs of a store shared by several workers (Ray replicas on one PostgreSQL database) until none
+    is claimable or `stop` is set: the number of jobs taken. A job whose worker died is claimable once its lease
+    (config.lease_s, renewed every step) expired, and resumes from its last clip (the results folder is shared)."""
+    taken = 0
+    while not (stop is not None and stop.is_set()) and (job := store.claim(worker, config.lease_s)) is not None:
+        taken += 1
+        log.info("job %s: %s takes it (attempt %d, from clip %d)", job["id"], worker, job["attempts"],
+                 job["clips_done"])
+        execute(rt, config, job["id"], job["spec"], Leased(store, job, worker, config.lease_s), stop)
+    return taken
