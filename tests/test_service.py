@@ -537,3 +537,50 @@ def test_ray_serve_two_replicas_shared_registry_and_a_killed_replica(tmp_path):
         for name in ("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
                      "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"):
             os.environ.pop(name, None)
+
+
+@pytest.mark.slow
+def test_ray_serve_replicas_share_a_postgresql_store_and_a_killed_replicas_job_resumes(tmp_path, pg_url):
+    """--ray with --jobs-db postgresql://: no registry actor; the ingress answers from the database, both replicas
+    claim jobs there, and the job of a replica killed mid-job is taken over by the other after its lease expired
+    and resumes from its last clip."""
+    ray = pytest.importorskip("ray")
+    serve = pytest.importorskip("ray.serve")
+    from vidrd.runtime.options import RuntimeOptions
+    from vidrd.runtime.serve.ray import REGISTRY, NAMESPACE, build
+
+    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=100 * 2**20, logging_level="warning")
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        config = ServeConfig(results=str(tmp_path), jobs_db=pg_url, lease_s=5.0, **{**LIMITS, "queue_size": 8})
+        model_args = dict(weights=None, sd=None, ckpt=None, vae=None, preset="tiny", weights_seed=0)
+        serve.run(build(config, model_args, RuntimeOptions(), min_replicas=2, max_replicas=2), name="vidrd",
+                  route_prefix="/")
+        with pytest.raises(ValueError):
+            ray.get_actor(REGISTRY, namespace=NAMESPACE)  # the database is the registry
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            ids = [submit(client, steps=12, clips=3, seed=i) for i in range(4)]
+            states = [wait(client, i, timeout=300) for i in ids]
+            assert [s["state"] for s in states] == ["done"] * 4, states
+            assert len({s["worker"] for s in states}) == 2  # jobs ran on both replicas
+            assert all(client.get(f"/v1/videos/{i}/file").status_code == 200 for i in ids)
+            job = submit(client, steps=12, clips=3)  # cancel through the database
+            wait(client, job, until=lambda st: st["steps_done"] >= 2)
+            assert client.delete(f"/v1/videos/{job}").status_code == 202
+            assert wait(client, job)["state"] == "cancelled"
+            # a replica killed after its job's first clip: the other replica takes the job once the lease expired
+            job = submit(client, steps=12, clips=3, seed=0)
+            st = wait(client, job, until=lambda st: st["clips_done"] >= 1)
+            os.kill(int(st["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+            end = wait(client, job, timeout=240)
+            assert end["state"] == "done" and end["attempts"] == 2 and end["worker"] != st["worker"], end
+            print(f"\nkilled replica's job: {end['state']} on {end['worker']}, attempts {end['attempts']}")
+            resumed, whole = (read_video(job_dir(tmp_path, i) / "video-0.mp4") for i in (job, ids[0]))
+            assert resumed.shape == whole.shape and abs(resumed.astype(float) - whole).mean() <= SERVICE_VS_CLI_MP4_MEAN
+            assert 'vidrd_jobs{state="done"} 5' in client.get("/metrics").text
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -15,6 +15,7 @@ from vidrd.runtime.loop import Limits
 from vidrd.runtime.options import RuntimeOptions
 from vidrd.runtime.quality import feature_reuse_blocker
 from vidrd.runtime.serve.jobs import ServeConfig
+from vidrd.runtime.serve.store import shared
 
 D = ServeConfig()
 MODEL_FLAGS = ("weights", "sd", "ckpt", "vae", "preset", "weights_seed")
@@ -37,8 +38,8 @@ def register(sub) -> None:
     j.add_argument("--jobs-db", metavar="PATH",
                    help="SQLite file or postgresql://USER@HOST/DB URL of the job records, kept across restarts: open "
                    "jobs run again, the running one from its last finished clip (default: jobs.db in --results; "
-                   "':memory:' forgets them at exit; one service per database; not with --ray, whose records live "
-                   "in its registry actor)")
+                   "':memory:' forgets them at exit; one service per database; under --ray only a postgresql:// "
+                   "URL, which every replica reaches, else the records live in a registry actor's memory)")
     j.add_argument("--queue-size", type=int, default=D.queue_size, help="jobs waiting before 429")
     j.add_argument("--max-records", type=int, default=D.max_records,
                    help="job records held (open, and finished until their TTL) before 429")
@@ -110,8 +111,9 @@ def check(args) -> RuntimeOptions:
         print(f"warning: listening on {args.host} without --api-key: anyone who reaches it can submit jobs",
               file=sys.stderr)
     check_writable(args.results)
-    if args.ray and args.jobs_db:
-        raise ValueError("--jobs-db is not used with --ray: the registry actor keeps the job records in memory")
+    if args.ray and args.jobs_db and not shared(args.jobs_db):
+        raise ValueError(f"--jobs-db {args.jobs_db}: under --ray the job records live in PostgreSQL (--jobs-db "
+                         "postgresql://...) or in the registry actor's memory; SQLite needs one host")
     return options
 
 
@@ -185,6 +187,7 @@ def run_ray(args, config: ServeConfig, options: RuntimeOptions) -> int:
     from ray import serve
 
     from vidrd.runtime.serve.ray import build, start_registry, stop_registry
+    from vidrd.runtime.serve.store import open_store
 
     from vidrd.runtime.cli.model_args import load_model
 
@@ -193,7 +196,10 @@ def run_ray(args, config: ServeConfig, options: RuntimeOptions) -> int:
     del model
     ray.init(address=args.ray_address, include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
-    start_registry(config)
+    if not shared(config.jobs_db):
+        start_registry(config)
+    else:
+        open_store(config.jobs_db, exclusive=False).close()  # an unreachable or newer database stops it here
     app = build(config, {k: getattr(args, k) for k in MODEL_FLAGS}, options, min_replicas=args.min_replicas,
                 max_replicas=args.max_replicas, replica_cpus=args.replica_cpus)
     print(f"serving on Ray Serve at http://{args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr)
