@@ -132,6 +132,7 @@ class Generation:
         self.dec_f32 = rt.dec_f32[: b * f * 3 * s.height * s.width].view(b, f, 3, s.height, s.width)
         self.u8 = rt.frames_u8[: b * f * s.height * s.width * 3].view(b, f, s.height, s.width, 3)
         self.generator = torch.Generator().manual_seed(request.seed)
+        self.previews = None  # preview.Previews when the caller asked for previews (Runtime.generate)
 
     def initial_noise(self) -> None:
         """Official randn_progressive: one (B,C,1,h,w) draw per frame in frame order (unit variance, see sampler)."""
@@ -187,15 +188,23 @@ class Generation:
                 g.copy_(eps)
         if self.s.solver == "dpmpp-2m":
             self.multistep_update(i)
+            self.keep_x0(c, i, self.scratch)
         elif rt.v_prediction:
             self.ddim_v_update(i)
+            self.keep_x0(c, i, self.scratch)
         else:
             torch.mul(g, coef[0], out=tmp)  # x0 = (x - sqrt(1-a_t) eps) / sqrt(a_t)
             lat.sub_(tmp)
             lat.div_(coef[1])
+            self.keep_x0(c, i, lat)
             lat.mul_(coef[2])  # x_prev = sqrt(a_prev) x0 + sqrt(1-a_prev) eps
             torch.mul(g, coef[3], out=tmp)
             lat.add_(tmp)
+
+    def keep_x0(self, c: int, i: int, x0: torch.Tensor) -> None:
+        """When a preview is due, copy the step's predicted clean latents x0 (B,C,F,h,w) for preview.Previews."""
+        if self.previews is not None and self.previews.due(i):
+            self.previews.capture(c, i, x0)
 
     def unet(self, plan, sample, timestep, context, out) -> None:
         """The UNet backend call of a step: the plain call on "full" steps, with the feature cache otherwise."""
@@ -380,6 +389,7 @@ class Runtime:
         # both would share the same cores (and OpenMP pools spin against each other), so decoding is inline there.
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="vidrd-decode") if dev.type == "cuda" else None
         self._decode_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+        self.previews = None  # preview.Previews (sized from the same limits), set by a caller that wants previews
 
     # ------------------------------------------------------------------------------------------------ checks
 
@@ -435,21 +445,30 @@ class Runtime:
 
     # -------------------------------------------------------------------------------------------- generation
 
-    def generate(self, request: Request, on_step: Callable[[int, int], None] | None = None) -> Iterator[Clip]:
+    def generate(self, request: Request, on_step: Callable[[int, int], None] | None = None,
+                 on_preview: Callable[[int, int, np.ndarray], None] | None = None) -> Iterator[Clip]:
         """Validate `request` now (ValueError before any generator exists), then return an iterator that yields each
-        clip as soon as it is decoded. Closing it, or on_step raising Cancelled, stops it.
+        clip as soon as it is decoded. Closing it, or on_step raising Cancelled, stops it. on_preview(clip, steps
+        done, frames (B,F,H,W,3) uint8) gets the tiny decoder's frames of x0 every `previews.every` steps, on the
+        preview thread (needs `self.previews`).
 
         One generation at a time owns the buffers. A generation waiting at a yield (its caller paused, or dropped it
         without close()) is superseded by the next one: resuming it raises Superseded. A generation that is
         computing (in another thread) makes the next one raise RuntimeError."""
         prompts, negatives, s = self.check(request)
-        return self._stream(prompts, negatives, s, request, on_step)
+        if on_preview is not None and self.previews is None:
+            raise ValueError("on_preview needs a tiny decoder: set Runtime.previews to a preview.Previews")
+        return self._stream(prompts, negatives, s, request, on_step, on_preview)
 
-    def _stream(self, prompts, negatives, s, request, on_step):
+    def _stream(self, prompts, negatives, s, request, on_step, on_preview=None):
         token = object()
         self._claim(token)
         try:
-            clips = self._run(self.prepare(prompts, negatives, s, request), on_step)
+            job = self.prepare(prompts, negatives, s, request)
+            if on_preview is not None:
+                self.previews.begin(job.shape, on_preview)
+                job.previews = self.previews
+            clips = self._run(job, on_step)
             for clip in clips:
                 self._pause(token)
                 yield clip
@@ -551,6 +570,8 @@ class Runtime:
         finally:
             if pending is not None:  # cancelled: let the decode finish so the buffers are free for the next request
                 pending.exception()
+            if job.previews is not None:  # the last preview arrives before the generation ends
+                job.previews.flush()
 
     def _decode(self, job: Generation, c: int, latents_cpu, ready, saved: Checkpoint | None = None) -> Clip:
         """VAE backend, then [0,1] and uint8 (truncating, as the official save); runs on the decode thread."""

@@ -1,12 +1,19 @@
-"""The tiny decoder (runtime/preview.py): its file format, training, and the shipped one for vidrd-shapes."""
+"""The tiny decoder (runtime/preview.py): its file format, the shipped one for vidrd-shapes, previews during
+denoising (every K steps, final video unchanged) and the CLI's --preview-dir and --decoder tiny."""
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from vidrd.ref.sampler import SamplerSettings
+from vidrd.ref.weights import random_model
 from vidrd.runtime import preview
 from vidrd.runtime.cli import main
+from vidrd.runtime.loop import Limits, Request
+from vidrd.runtime.options import open_runtime
 from vidrd.runtime.shapes import MODEL_DIR, data
 
 SHIPPED = MODEL_DIR / "tiny_decoder.safetensors"
@@ -57,3 +64,45 @@ def test_shipped_decoder_keeps_colour():
     ok = [score_video(v, c, data.FRAMES)["color_ok"] for v, c in zip(frames, caps)]
     assert sum(ok) >= 5, (ok, caps)
 
+
+def _generate(rt, request, **kw):
+    clips = list(rt.generate(request, **kw))
+    return [c.frames for c in clips]
+
+
+def test_previews_every_k_steps_and_video_unchanged():
+    model = random_model("tiny", 0)
+    s = SamplerSettings(height=32, width=32, frames=4, steps=6, clips=2, overlap=2)
+    request = Request(("a cat",), ("",), s, seed=3)
+    rt = open_runtime(model, limits=Limits.of(s, 1))
+    torch.manual_seed(0)
+    dec = preview.TinyDecoder(model.config.vae.latent_channels).eval()
+    rt.previews = preview.Previews(dec, rt.limits, model.config.vae.scaling_factor, every=2, drop=False)
+    try:
+        plain = _generate(rt, request)
+        got = []
+        with_previews = _generate(rt, request, on_preview=lambda c, i, f: got.append((c, i, f.shape, f.dtype)))
+        dpm = _generate(rt, Request(("a cat",), ("",), replace(s, solver="dpmpp-2m"), 3),
+                        on_preview=lambda c, i, f: got.append((c, i)))
+    finally:
+        rt.close()
+        rt.previews.close()
+    assert [g[:2] for g in got[:6]] == [(c, i) for c in (0, 1) for i in (2, 4, 6)]
+    assert all(g[2] == (1, 4, 32, 32, 3) and str(g[3]) == "uint8" for g in got[:6])
+    assert got[6:] == [(c, i) for c in (0, 1) for i in (2, 4, 6)]
+    assert len(plain) == len(with_previews) == len(dpm) == 2
+    for a, b in zip(plain, with_previews):
+        assert (a == b).all()  # the hook only reads x0
+
+
+def test_cli_preview_dir_and_tiny_decoder(tmp_path):
+    small = ["--steps", "4", "--clips", "2", "--preview-every", "2", "--no-progress"]
+    out, previews = tmp_path / "v.mp4", tmp_path / "previews"
+    assert main(["generate", data.TEMPLATE.format(color="red", shape="circle", direction="right",
+                 background="black"), "-o", str(out), "--preview-dir", str(previews), "--decoder", "tiny",
+                 *small]) == 0
+    assert out.stat().st_size > 0
+    names = sorted(p.name for p in previews.glob("*.png"))
+    assert len(names) == 2 * 2 * data.FRAMES, names  # 2 clips x 2 previews x 8 frames
+    assert names[0] == "clip0_step002_v0_f00.png"
+    assert main(["generate", "x", "-o", str(tmp_path / "w.mp4"), "--preset", "tiny", "--decoder", "tiny"]) == 2

@@ -36,6 +36,14 @@ def register(sub) -> None:
     o.add_argument("--force", action="store_true", help="overwrite existing outputs")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_runtime_args(o, reference=True)
+    v = p.add_argument_group("previews and drafts (a tiny decoder distilled from the model's VAE)")
+    v.add_argument("--preview-dir", metavar="DIR", help="write preview frames of the predicted clean video there "
+                   "as they come (clipC_stepS_vV_fFF.png)")
+    v.add_argument("--preview-every", type=int, default=5, metavar="K", help="a preview every K steps (default 5)")
+    v.add_argument("--decoder", choices=("vae", "tiny"), default="vae",
+                   help="decode the final video with the VAE (default) or the tiny decoder (a fast draft)")
+    v.add_argument("--tiny-decoder", metavar="FILE", help="the tiny decoder's .safetensors (default: the one that "
+                   "ships with the embedded model; others come from `vidrd train-decoder`)")
     add_model_args(p)
     p.set_defaults(func=run)
 
@@ -78,6 +86,7 @@ def run(args) -> int:
     for path in paths:  # everything the writers will need, before the model loads
         check_output(path, args.force, height=s.height, width=s.width, fps=args.fps)
     s, options, _ = apply_args(args, s, options)  # --quality; options resolved (device, dtype checked)
+    tiny = tiny_decoder(args) if args.preview_dir or args.decoder == "tiny" else None
 
     from vidrd.runtime.cli.model_args import load_model
     t0 = time.perf_counter()
@@ -112,12 +121,15 @@ def run(args) -> int:
         from vidrd.runtime.options import open_runtime
         rt = open_runtime(model, options, Limits.of(s, len(prompts)))  # the reference sampler too (--backend reference)
         try:
+            on_preview = attach_tiny(args, rt, tiny, model)
             request = Request(tuple(prompts), tuple(negatives), s, args.seed)
-            for clip in rt.generate(request, on_step=on_step):
+            for clip in rt.generate(request, on_step=on_step, **({"on_preview": on_preview} if on_preview else {})):
                 for w, frames in zip(writers, clip.frames):  # stream each clip as soon as it is decoded
                     w.write(frames)
         finally:
             rt.close()
+            if getattr(rt, "previews", None) is not None:
+                rt.previews.close()
     except BaseException:
         for w in writers:
             w.abort()
@@ -136,3 +148,44 @@ def run(args) -> int:
         print(f"wrote {path} ({w.frames_written} frames, {s.width}x{s.height}, {args.fps:g} fps)", file=sys.stderr)
     print(f"done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
+
+
+def tiny_decoder(args):
+    """The tiny decoder of --tiny-decoder, or the embedded model's; ValueError before the model loads."""
+    from vidrd.runtime import preview
+    if args.preview_dir and args.preview_every < 1:
+        raise ValueError(f"--preview-every={args.preview_every} must be >= 1")
+    if args.tiny_decoder:
+        return preview.load(args.tiny_decoder)
+    if not is_default_model(args):
+        raise ValueError("--preview-dir and --decoder tiny need --tiny-decoder FILE for this model (make one with "
+                         "`vidrd train-decoder`); only the embedded model ships one")
+    return preview.load(shapes.MODEL_DIR / "tiny_decoder.safetensors")
+
+
+def attach_tiny(args, rt, tiny, model):
+    """Set up the runtime for --decoder tiny and --preview-dir; the on_preview callback (None without previews)."""
+    from vidrd.runtime import preview
+    from vidrd.runtime.loop import Runtime
+    if tiny is None:
+        return None
+    if not isinstance(rt, Runtime):
+        raise ValueError("--preview-dir and --decoder tiny need the lean runtime, not --backend reference")
+    if tiny.latent_channels != model.config.vae.latent_channels:
+        raise ValueError(f"the tiny decoder takes {tiny.latent_channels} latent channels, the model's VAE "
+                         f"{model.config.vae.latent_channels}: train one for this model with `vidrd train-decoder`")
+    if args.decoder == "tiny":
+        rt.vae = preview.TinyVAE(tiny, rt.vae.dtype, rt.device)
+    if not args.preview_dir:
+        return None
+    from vidrd.runtime.video_io import _write_png
+    folder = Path(args.preview_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    rt.previews = preview.Previews(tiny, rt.limits, model.config.vae.scaling_factor, args.preview_every,
+                                   device=rt.device)
+
+    def on_preview(clip, step, frames):  # (B,F,H,W,3) uint8, on the preview thread
+        for v, video in enumerate(frames):
+            for f, rgb in enumerate(video):
+                _write_png(folder / f"clip{clip}_step{step:03d}_v{v}_f{f:02d}.png", rgb)
+    return on_preview
