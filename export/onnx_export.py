@@ -28,12 +28,13 @@ import numpy as np
 import torch
 
 from .rewrite import example_inputs, export_module, verify
-from .spec import COMPONENTS, PRECISIONS, ComponentSpec, component_specs
+from .spec import COMPONENTS, ComponentSpec, component_specs
 
 EXPORTER = "vidrd.export"
 EXPORTER_VERSION = 1  # bump whenever the exported graphs change, so that older exports are redone
 OPSET = 17  # TorchScript exporter: the known-good path (the dynamo exporter mistranslates repeat_interleave)
 FORMAT = "vidrd-onnx-export/1"
+ONNX_PRECISIONS = ("fp32", "fp16")  # numpy, hence ONNX Runtime's I/O binding, has no bfloat16
 MODEL_KEYS = ("weights_sha256", "precision", "opset", "exporter")  # an export is valid only for all four
 PROTO_LIMIT = 2 ** 31 - 2 ** 24  # protobuf's 2 GB limit, with headroom for the graph itself
 
@@ -67,8 +68,9 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_manifest(out: Path) -> dict | None:
-    """The vidrd manifest of `out`, or None when there is none; ValueError for a foreign or broken one."""
+def read_manifest(out: Path, fmt: str = FORMAT) -> dict | None:
+    """The vidrd manifest of format `fmt` in `out`, or None when there is none; ValueError for a foreign or broken
+    one, or one of another format."""
     path = Path(out) / "manifest.json"
     if not path.is_file():
         return None
@@ -76,8 +78,10 @@ def read_manifest(out: Path) -> dict | None:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); remove it or pass --force") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a vidrd export manifest (format {FORMAT}); pass --force to replace it")
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ValueError(f"{path} is not a vidrd export manifest of format {fmt}"
+                         + (f" (it is {found}: use another folder)" if found else "") + "; pass --force to replace it")
     return manifest
 
 
@@ -91,13 +95,13 @@ def owned_files(manifest: dict | None) -> set[str]:
     return names
 
 
-def stale_reason(manifest: dict | None, key: dict, out: Path) -> str | None:
-    """Why the export in `out` must be redone for `key` (None: it is up to date)."""
+def stale_reason(manifest: dict | None, key: dict, out: Path, keys=MODEL_KEYS) -> str | None:
+    """Why the export in `out` must be redone for `key`, valid only for the same `keys` (None: it is up to date)."""
     if manifest is None:
         return "no previous export"
     if not manifest.get("complete", False):
         return "the previous export did not finish"
-    for k in MODEL_KEYS:
+    for k in keys:
         if manifest.get(k) != key[k]:
             return f"{k} changed ({manifest.get(k)} -> {key[k]})"
     for name, spec in key["components"].items():
@@ -191,8 +195,9 @@ class ExportResult:
 def export(model, out, *, precision: str = "fp32", source: dict | None = None, components=COMPONENTS,
            force: bool = False, log=print) -> ExportResult:
     """Export `components` of `model` (fp32 weights) into folder `out`; skip when an up-to-date export is there."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
+    if precision not in ONNX_PRECISIONS:
+        raise ValueError(f"ONNX export takes precision {' or '.join(ONNX_PRECISIONS)}, not {precision!r} (bf16 is "
+                         "for --format aoti)")
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown or not components:
         raise ValueError(f"unknown components {unknown}; choose from {list(COMPONENTS)}")

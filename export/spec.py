@@ -17,7 +17,8 @@ from vidrd.ref.config import LATENT_FACTOR, ModelConfig
 LATENT = LATENT_FACTOR  # pixels per latent cell (the VAE's down-sampling): h = height / 8
 F_MAX = 32  # longest clip the exported UNet and temporal VAE accept: size of the precomputed frame-embedding table
 TEXT_TOKENS = 77
-PRECISIONS = {"fp32": "float32", "fp16": "float16"}  # precision -> dtype of the float tensors of every component
+# precision -> dtype of the float tensors of every component (bf16: AOTInductor packages only)
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_decoder_temporal")
 
 

@@ -58,12 +58,14 @@ def flag(name: str) -> str:
 class RuntimeOptions:
     """How a runtime runs: a backend per component, dtypes, compilation, attention kernels, the export and engine
     folders, device and threads. Validated on construction (ValueError naming the flag)."""
-    backend: str = _option("torch", "torch (default), onnxruntime (--onnx), tensorrt (--engines) run the lean runtime; "
-                           "reference runs the readable reference sampler", choices=BACKENDS + (REFERENCE,))
+    backend: str = _option("torch", "torch (default), onnxruntime (--onnx), tensorrt (--engines), aoti (--onnx: "
+                           "AOTInductor packages) run the lean runtime; reference runs the readable reference sampler",
+                           choices=BACKENDS + (REFERENCE,))
     text_backend: str | None = _option(None, "another backend for the text encoder only", choices=BACKENDS)
     unet_backend: str | None = _option(None, "another backend for the UNet only", choices=BACKENDS)
     vae_backend: str | None = _option(None, "another backend for the VAE decoder only", choices=BACKENDS)
-    export_dir: str | None = _option(None, "exported ONNX files (`vidrd export`), for onnxruntime", flag="--onnx",
+    export_dir: str | None = _option(None, "an export folder: ONNX files (`vidrd export`) for onnxruntime, "
+                                     "AOTInductor packages (`vidrd export --format aoti`) for aoti", flag="--onnx",
                                      metavar="DIR")
     engine_dir: str | None = _option(None, "TensorRT engines (`vidrd build-engines`), for tensorrt", flag="--engines",
                                      metavar="DIR")
@@ -107,6 +109,11 @@ class RuntimeOptions:
         kinds = {self.kind(c) for c in COMPONENTS}
         if "onnxruntime" in kinds and not self.export_dir:
             raise ValueError("the onnxruntime backend needs --onnx DIR (make it with `vidrd export --out DIR`)")
+        if "aoti" in kinds and not self.export_dir:
+            raise ValueError("the aoti backend needs --onnx DIR (make it with `vidrd export --format aoti --out DIR`)")
+        if {"onnxruntime", "aoti"} <= kinds:
+            raise ValueError("onnxruntime and aoti both read --onnx DIR, which holds one export format: run the "
+                             "components of one of them on another backend")
         if "tensorrt" in kinds and not self.engine_dir:
             raise ValueError("the tensorrt backend needs --engines DIR (make it with `vidrd build-engines`)")
         for name, value, choices in (("dtype", self.dtype, DTYPES), ("vae-dtype", self.vae_dtype, DTYPES),

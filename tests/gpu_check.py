@@ -5,7 +5,8 @@
 Sections (SECTIONS, in this order): the fixture parity cases on CUDA in float32; the GPU tests of tests/
 (pytest -m gpu); the Triton kernels against SDPA; the UNet with Triton attention against SDPA; bf16 and fp16 against fp32 (quality
 numbers); torch.compile reduce-overhead; the ONNX Runtime and TensorRT backends (when a CUDA onnxruntime or TensorRT
-is installed); the sd21-base benchmark workload (float32 reference against the GPU configurations, best marked).
+is installed); AOTInductor packages (tiny runtime, sd21-base UNet; `--only aoti` fits a 15-minute
+GPU loan); the sd21-base benchmark workload (float32 reference against the GPU configurations, best marked).
 Each section runs in a process of its own with a time limit, so a CUDA fault or a hang costs that section only; the
 whole run keeps within --budget-min minutes and reports every section it skipped, and why.
 
@@ -349,6 +350,58 @@ def tensorrt() -> dict:
     return {"status": "ok" if out["psnr_db_fp32_vs_torch"] > tolerances().GPU_BACKEND_PSNR_DB else "fail", **out}
 
 
+def _unet_inputs(model, frames: int = 16, side: int = 32):
+    """Seeded sd21-base UNet inputs on CUDA under guidance: sample (2,C,F,h,w), timestep (2,), context (2,77,D)."""
+    import torch
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dtype = model.unet.conv_in.weight.dtype
+    x = torch.randn(2, model.config.unet.in_channels, frames, side, side, device="cuda", generator=g).to(dtype)
+    ctx = torch.randn(2, 77, model.config.unet.cross_attention_dim, device="cuda", generator=g).to(dtype)
+    return x, torch.full((2,), 981.0, device="cuda"), ctx
+
+
+def aoti() -> dict:
+    """AOTInductor packages on CUDA: the tiny preset exported and bound by the runtime (against the torch backend),
+    then the sd21-base UNet as a static bf16 package at 256x256, 16 frames, batch 2 against bf16 eager SDPA."""
+    import torch
+
+    from vidrd.export import aoti_export
+    from vidrd.export.spec import Dim
+    from vidrd.ref.loading import to
+    from vidrd.ref.weights import random_model
+    from vidrd.runtime.backends.aoti import load_package
+
+    out = {}
+    # the request _runtime_video makes (1 prompt under guidance, 8 frames, 256 px): UNet static, text and VAE not
+    ranges = {"text_encoder": {"B": Dim(1, 2, 2)},
+              "unet": {"N": Dim(2, 2, 2), "F": Dim(8, 8, 8), "h": Dim(32, 32, 32, 8), "w": Dim(32, 32, 32, 8)},
+              "vae_decoder": {"N": Dim(1, 8, 8), "h": Dim(32, 32, 32), "w": Dim(32, 32, 32)}}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = to(random_model("tiny", 0), device="cuda")
+        res = aoti_export.export(model, Path(tmp) / "tiny", components=tuple(ranges), ranges=ranges, log=print)
+        out["tiny_compile_s"] = {k: v["compile_seconds"] for k, v in res.manifest["components"].items()}
+        ref, t_ref = _runtime_video(model, "torch")
+        got, t_aoti = _runtime_video(model, "aoti", export_dir=Path(tmp) / "tiny")
+        out["tiny_psnr_db_vs_torch"], out["tiny_seconds"] = psnr(got, ref), {"torch": t_ref, "aoti": t_aoti}
+        del model
+        big = random_model("sd21-base", 0, device="cuda")  # float32: the exporter casts a bf16 copy
+        unet = {"N": Dim(2, 2, 2), "F": Dim(16, 16, 16), "h": Dim(32, 32, 32, 8), "w": Dim(32, 32, 32, 8)}
+        res = aoti_export.export(big, Path(tmp) / "sd21", precision="bf16", components=("unet",),
+                                 ranges={"unet": unet}, log=print)
+        out["sd21_unet_compile_s"] = res.manifest["components"]["unet"]["compile_seconds"]
+        big.unet.to(torch.bfloat16)
+        fn = load_package(Path(tmp) / "sd21" / "unet.pt2", torch.device("cuda"))
+        x, ts, ctx = _unet_inputs(big)
+        with torch.no_grad():
+            want, got = big.unet(x, ts, ctx).float(), fn(x, ts, ctx).float()
+            eager_ms, aoti_ms = _cuda_ms(lambda: big.unet(x, ts, ctx)), _cuda_ms(lambda: fn(x, ts, ctx))
+    out["sd21_unet"] = {"shape": list(x.shape), "eager_bf16_ms": eager_ms, "aoti_bf16_ms": aoti_ms,
+                        "speedup": eager_ms / aoti_ms, "rel_l2_err": ((got - want).norm() / want.norm()).item()}
+    least = tolerances().GPU_BACKEND_PSNR_DB
+    return {"status": "ok" if out["tiny_psnr_db_vs_torch"] > least else "fail", **out,
+            "note": f"tiny: the aoti runtime within {least} dB PSNR of torch; sd21: one UNet call, median of 5"}
+
+
 def sd21_base() -> dict:
     """The sd21-base bench workload: the float32 reference sampler against the GPU configurations; best marked."""
     configs = [{"dtype": "fp32"}, {"dtype": "bf16"}, {"dtype": "fp16"}, {"dtype": "fp16", "attention": "triton"},
@@ -371,7 +424,8 @@ def sd21_base() -> dict:
 # name, time limit (s), function
 SECTIONS = [("parity", 240, parity), ("presets", 420, presets), ("gpu_tests", 480, gpu_tests), ("kernels", 240, kernels),
             ("triton_unet", 180, triton_unet), ("precision", 240, precision), ("compile", 360, compiled),
-            ("onnxruntime", 240, onnxruntime), ("tensorrt", 480, tensorrt), ("sd21_base", 600, sd21_base)]
+            ("onnxruntime", 240, onnxruntime), ("tensorrt", 480, tensorrt), ("aoti", 480, aoti),
+            ("sd21_base", 600, sd21_base)]
 
 
 # ------------------------------------------------------------------------------------------------------- driver
@@ -464,6 +518,10 @@ def _gist(name: str, r: dict) -> str:
         return f"best: {r['best']}"
     if name in ("onnxruntime", "tensorrt"):
         return ", ".join(f"{k} {_f(v)}" for k, v in r.items() if k.startswith("psnr"))
+    if name == "aoti":
+        u = r["sd21_unet"]
+        return (f"tiny PSNR {_f(r['tiny_psnr_db_vs_torch'])} dB; sd21 UNet {_f(u['aoti_bf16_ms'])} vs eager "
+                f"{_f(u['eager_bf16_ms'])} ms (compile {_f(r['sd21_unet_compile_s'])} s)")
     return f"{len(r.get('rows', []))} runs (table below)"
 
 

@@ -5,7 +5,7 @@ tell them apart.
     unet(sample (N,C,F,h,w), timestep (N,) float32, context (N,77,D), out (N,C,F,h,w)[, cache: FeatureCache])
     vae(latents (B,C,F,h,w) already / scaling factor, out (B,F,3,H,W) raw decoder output, temporal: bool)
 
-Exported graphs (ONNX Runtime sessions, TensorRT engines: `Graph`) are bound from their export spec: the text and
+Exported graphs (ONNX Runtime sessions, TensorRT engines, AOTInductor packages: `Graph`) are bound from their export spec: the text and
 UNet call's buffers are the spec's inputs then outputs, in the spec's order (`GraphBackend`), and one layout adapter
 (`GraphVAE`) reorders the VAE's buffers for both exported decoders.
 """
@@ -17,7 +17,7 @@ from .base import Backend, Graph
 from .graphs import GraphBackend, GraphVAE
 from .pytorch import TorchText, TorchUNet, TorchVAE
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "aoti")
 COMPONENTS = ("text", "unet", "vae")
 __all__ = ["BACKENDS", "COMPONENTS", "Backend", "Graph", "GraphBackend", "GraphVAE", "TorchText", "TorchUNet",
            "TorchVAE", "make"]
@@ -58,5 +58,8 @@ def make(kind: str, component: str, model, dtype: torch.dtype, device: torch.dev
     if kind == "onnxruntime":
         from . import ort  # imports onnxruntime lazily
         return ort.make(component, export_dir, device)
+    if kind == "aoti":
+        from . import aoti
+        return aoti.make(component, export_dir, device)
     from . import trt  # imports tensorrt lazily and explains how to install it when missing
     return trt.make(component, engine_dir, dtype, device)

@@ -93,6 +93,9 @@ def make(component: str, export_dir, device: torch.device) -> Backend:
     if export_dir is None:
         raise ValueError("the onnxruntime backend needs --onnx DIR (make it with `vidrd export --out DIR`)")
     specs = read_specs(export_dir)
+    if any(not s.file.endswith(".onnx") for s in specs.values()):
+        raise ValueError(f"{export_dir} holds AOTInductor packages, not ONNX files: run them with --backend aoti, or "
+                         "export ONNX files to another folder (`vidrd export --out DIR`)")
 
     def load(name: str) -> OrtGraph:
         if name not in specs:
