@@ -19,6 +19,7 @@ from .loop import Limits, Runtime
 from .reference import ReferenceRuntime
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FP8 = "fp8"  # --dtype fp8: bf16 networks, the torch UNet's GEMMs in FP8 (backends/fp8.py); buffers are bf16
 _FLAG = {v: k for k, v in DTYPES.items()}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 REFERENCE = "reference"  # --backend reference: the readable reference sampler behind the runtime's interface
@@ -74,7 +75,9 @@ class RuntimeOptions:
     attention: str = _option("sdpa", "attention kernels of the torch UNet and the reference sampler (triton needs a "
                              "GPU)", choices=ATTENTION)
     dtype: str = _option("fp32", "the networks' dtype (default fp32; bf16 under --quality balanced/fast where it is "
-                         "fast); latents and the DDIM update stay float32", choices=tuple(DTYPES), preset=True)
+                         "fast; fp8: bf16 with the torch UNet's linear layers and 1x1 convolutions as FP8 GEMMs, on "
+                         "GPUs with FP8 units); latents and the DDIM update stay float32",
+                         choices=tuple(DTYPES) + (FP8,), preset=True)
     vae_dtype: str | None = _option(None, "the VAE decoder's dtype (default: --dtype; fp32 for --dtype fp16, the SD "
                                     "VAE overflows in fp16)", choices=tuple(DTYPES))
     allow_slow_dtype: bool = _option(False, "run a --dtype/--vae-dtype this device runs slower than fp32 (bf16 on a "
@@ -116,7 +119,7 @@ class RuntimeOptions:
                              "components of one of them on another backend")
         if "tensorrt" in kinds and not self.engine_dir:
             raise ValueError("the tensorrt backend needs --engines DIR (make it with `vidrd build-engines`)")
-        for name, value, choices in (("dtype", self.dtype, DTYPES), ("vae-dtype", self.vae_dtype, DTYPES),
+        for name, value, choices in (("dtype", self.dtype, (*DTYPES, FP8)), ("vae-dtype", self.vae_dtype, DTYPES),
                                      ("compile", self.compile, COMPILE_MODES), ("attention", self.attention,
                                                                                  ATTENTION)):
             if value is not None and value not in choices:
@@ -125,6 +128,8 @@ class RuntimeOptions:
             raise ValueError("--attention chunked loops over (batch, head) in Python, which torch.compile does not "
                              "trace as one graph: drop --compile or use --attention sdpa (with --compile, --fast-ops "
                              "keeps SDPA)")
+        if self.dtype == FP8 and self.kind("unet") != "torch":
+            raise ValueError(f"--dtype fp8 runs the torch UNet's GEMMs in FP8, not {self._elsewhere(('unet',))}")
         if self.compile and self.backend == REFERENCE:
             raise ValueError("--compile applies to the torch backend, not --backend reference")
         for c, used in (("unet", self.compile or self.attention != "sdpa"), ("vae", self.compile)):
@@ -161,7 +166,8 @@ class RuntimeOptions:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        """The networks' dtype (and their buffers'): bf16 for fp8, whose FP8 tensors live inside the UNet."""
+        return torch.bfloat16 if self.dtype == FP8 else DTYPES[self.dtype]
 
     @property
     def torch_vae_dtype(self) -> torch.dtype:
@@ -174,9 +180,14 @@ class RuntimeOptions:
         """These options with the device decided (cuda when available), for a command about to load its model;
         ValueError for fp16 on the CPU (slow or unsupported there), and for a dtype the device runs slower than
         float32 (runtime.precision: bf16 on a CPU without bf16 units) unless allow_slow_dtype."""
-        from .precision import check_dtype
+        from .precision import check_dtype, check_fp8
 
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.dtype == FP8:
+            try:
+                check_fp8(device)
+            except ValueError as e:
+                raise ValueError(f"--dtype fp8: {e}") from None
         if torch.device(device).type == "cpu" and torch.float16 in (self.torch_dtype, self.torch_vae_dtype):
             raise ValueError("--dtype fp16 needs a GPU; use fp32 or bf16 on the CPU")
         for flag, dtype in (("--dtype", self.torch_dtype), ("--vae-dtype", self.torch_vae_dtype)):
@@ -215,7 +226,7 @@ def open_runtime(model, options: RuntimeOptions = RuntimeOptions(),
     for name in COMPONENTS:
         kind = o.kind(name)
         fast = o.fast_ops and kind == "torch"
-        extra = {"unet": {"compile": o.compile, "attention": o.attention, "fast_ops": fast},
+        extra = {"unet": {"compile": o.compile, "attention": o.attention, "fast_ops": fast, "fp8": o.dtype == FP8},
                  "vae": {"compile": o.compile, "channels_last": o.vae_channels_last, "fast_ops": fast}}.get(name, {})
         be = backends.make(kind, name, model, want[name], device, export_dir=o.export_dir, engine_dir=o.engine_dir,
                            **extra)

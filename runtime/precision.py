@@ -130,3 +130,25 @@ def check_dtype(dtype: torch.dtype, device: str | torch.device, allow_slow: bool
         raise ValueError(f"{str(dtype).removeprefix('torch.')} on {dev}: {reason}. Use float32, or allow slow "
                          "precision (allow_slow) to run it anyway")
     return f"{reason} (allowed: slow precision)"
+
+
+def fp8_support(device: str | torch.device) -> tuple[bool, str]:
+    """(has FP8 units, reason): FP8 (e4m3) GEMMs need tensor cores of compute capability 8.9+ (Ada, Hopper)."""
+    dev = _device(device)
+    if dev.type == "cpu":
+        return False, "the CPU has no FP8 units (FP8 GEMMs need an NVIDIA GPU of compute capability 8.9+)"
+    if not torch.cuda.is_available():
+        return False, f"{device}: CUDA is not available"
+    with torch.cuda.device(dev):
+        name, cc = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+    if cc < (8, 9):
+        return False, f"{name} (sm {cc[0]}.{cc[1]}) has no FP8 tensor cores (sm 8.9+: Ada, Hopper)"
+    return True, f"{name} (sm {cc[0]}.{cc[1]}) has FP8 tensor cores"
+
+
+def check_fp8(device: str | torch.device) -> str:
+    """The reason FP8 GEMMs run on `device`, for the log; ValueError (with the reason) where they cannot."""
+    ok, reason = fp8_support(device)
+    if not ok:
+        raise ValueError(f"{reason}; use --dtype bf16")
+    return reason

@@ -5,8 +5,8 @@
 Sections (SECTIONS, in this order): the fixture parity cases on CUDA in float32; the GPU tests of tests/
 (pytest -m gpu); the Triton kernels against SDPA; the UNet with Triton attention against SDPA; bf16 and fp16 against fp32 (quality
 numbers); torch.compile reduce-overhead; the ONNX Runtime and TensorRT backends (when a CUDA onnxruntime or TensorRT
-is installed); AOTInductor packages (tiny runtime, sd21-base UNet; `--only aoti` fits a 15-minute
-GPU loan); the sd21-base benchmark workload (float32 reference against the GPU configurations, best marked).
+is installed); AOTInductor packages (tiny runtime, sd21-base UNet) and --dtype fp8 (sm 8.9+; `--only aoti,fp8` fits a
+15-minute GPU loan); the sd21-base benchmark workload (float32 reference against the GPU configurations, best marked).
 Each section runs in a process of its own with a time limit, so a CUDA fault or a hang costs that section only; the
 whole run keeps within --budget-min minutes and reports every section it skipped, and why.
 
@@ -402,6 +402,53 @@ def aoti() -> dict:
             "note": f"tiny: the aoti runtime within {least} dB PSNR of torch; sd21: one UNet call, median of 5"}
 
 
+def fp8() -> dict:
+    """--dtype fp8 on sd21-base: UNet call speed (per-row and per-tensor scales, eager and compiled) against bf16,
+    and PSNR of a 10-step video against the bf16 runtime's."""
+    import torch
+
+    from vidrd.ref.sampler import SamplerSettings
+    from vidrd.ref.weights import random_model
+    from vidrd.runtime.backends.fp8 import fp8_copy
+    from vidrd.runtime.loop import Limits, Request
+    from vidrd.runtime.options import RuntimeOptions, open_runtime
+    from vidrd.runtime.precision import fp8_support
+
+    ok, reason = fp8_support("cuda")
+    if not ok:
+        raise Skip(reason)
+    t0 = time.perf_counter()
+    model = random_model("sd21-base", 0, dtype=torch.bfloat16, device="cuda")
+    x, ts, ctx = _unet_inputs(model)
+    calls = {"bf16": model.unet, "fp8_row": fp8_copy(model.unet, "row"), "fp8_tensor": fp8_copy(model.unet, "tensor")}
+    out, ref = {"shape": list(x.shape), "fp8_reason": reason}, None
+    with torch.no_grad():
+        for name, net in calls.items():
+            y = net(x, ts, ctx).float()
+            ref = y if ref is None else ref
+            out[name] = {"ms": _cuda_ms(lambda: net(x, ts, ctx)), "rel_l2_err": ((y - ref).norm() / ref.norm()).item()}
+        if time.perf_counter() - t0 < 90:  # compiled: inductor fuses the activations' quantization into one kernel
+            for name in ("bf16", "fp8_row"):
+                fn = torch.compile(calls[name], dynamic=False)
+                fn(x, ts, ctx)
+                out[name]["compiled_ms"] = _cuda_ms(lambda: fn(x, ts, ctx))
+    del calls
+    torch.cuda.empty_cache()
+    s = SamplerSettings(height=256, width=256, frames=16, steps=10)
+    videos = {}
+    for dtype in ("bf16", "fp8"):
+        rt = open_runtime(model, RuntimeOptions(dtype=dtype, device="cuda"), Limits(1, 16, 256, 256, 10, 4))
+        try:
+            videos[dtype] = torch.cat([c.video for c in rt.generate(Request(("a boat",), None, s, 42, True))], 2)
+        finally:
+            rt.close()
+    out["video_psnr_db_vs_bf16"] = psnr(videos["fp8"], videos["bf16"])
+    out["speedup_eager_row"] = out["bf16"]["ms"] / out["fp8_row"]["ms"]
+    least = tolerances().GPU_FP8_PSNR_DB
+    return {"status": "ok" if out["video_psnr_db_vs_bf16"] >= least else "fail", **out,
+            "gate": f"video PSNR >= {least} dB against bf16"}
+
+
 def sd21_base() -> dict:
     """The sd21-base bench workload: the float32 reference sampler against the GPU configurations; best marked."""
     configs = [{"dtype": "fp32"}, {"dtype": "bf16"}, {"dtype": "fp16"}, {"dtype": "fp16", "attention": "triton"},
@@ -424,7 +471,7 @@ def sd21_base() -> dict:
 # name, time limit (s), function
 SECTIONS = [("parity", 240, parity), ("presets", 420, presets), ("gpu_tests", 480, gpu_tests), ("kernels", 240, kernels),
             ("triton_unet", 180, triton_unet), ("precision", 240, precision), ("compile", 360, compiled),
-            ("onnxruntime", 240, onnxruntime), ("tensorrt", 480, tensorrt), ("aoti", 480, aoti),
+            ("onnxruntime", 240, onnxruntime), ("tensorrt", 480, tensorrt), ("aoti", 480, aoti), ("fp8", 240, fp8),
             ("sd21_base", 600, sd21_base)]
 
 
@@ -522,6 +569,9 @@ def _gist(name: str, r: dict) -> str:
         u = r["sd21_unet"]
         return (f"tiny PSNR {_f(r['tiny_psnr_db_vs_torch'])} dB; sd21 UNet {_f(u['aoti_bf16_ms'])} vs eager "
                 f"{_f(u['eager_bf16_ms'])} ms (compile {_f(r['sd21_unet_compile_s'])} s)")
+    if name == "fp8":
+        return (f"UNet {_f(r['fp8_row']['ms'])} vs bf16 {_f(r['bf16']['ms'])} ms (row scales), video PSNR "
+                f"{_f(r['video_psnr_db_vs_bf16'])} dB")
     return f"{len(r.get('rows', []))} runs (table below)"
 
 

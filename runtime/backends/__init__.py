@@ -35,14 +35,15 @@ def _cast(model, component: str, dtype: torch.dtype):
 def make(kind: str, component: str, model, dtype: torch.dtype, device: torch.device, *, export_dir=None,
          engine_dir=None, **torch_options) -> Backend:
     """The backend `kind` for `component` ('text', 'unet' or 'vae'); errors name what is missing. torch_options go
-    to the torch backend of the component as they are (TorchUNet: compile, attention, fast_ops; TorchVAE: compile,
+    to the torch backend of the component as they are (TorchUNet: compile, attention, fast_ops, fp8; TorchVAE: compile,
     channels_last, fast_ops); the other kinds take none."""
     if kind not in BACKENDS:
         raise ValueError(f"unknown backend {kind!r}; choose one of {BACKENDS}")
     if component not in COMPONENTS:
         raise ValueError(f"unknown component {component!r}; choose one of {COMPONENTS}")
-    if kind != "torch" and (torch_options.get("compile") or torch_options.get("attention", "sdpa") != "sdpa"):
-        raise ValueError(f"compile and attention options apply to the torch backend, not {kind}")
+    if kind != "torch" and (torch_options.get("compile") or torch_options.get("attention", "sdpa") != "sdpa"
+                            or torch_options.get("fp8")):
+        raise ValueError(f"compile, attention and fp8 options apply to the torch backend, not {kind}")
     if torch_options.get("channels_last") and (kind, component) != ("torch", "vae"):
         raise ValueError(f"channels_last (--vae-channels-last) applies to the torch VAE decoder, not the {kind} "
                          f"{component}")

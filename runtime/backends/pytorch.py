@@ -24,12 +24,16 @@ class TorchText(Backend):
 
 
 class TorchUNet(Backend):
-    """The reference UNet3D, eager or through torch.compile (CUDA graphs with mode='reduce-overhead' on a GPU)."""
+    """The reference UNet3D, eager or through torch.compile (CUDA graphs with mode='reduce-overhead' on a GPU);
+    fp8: its GEMMs in FP8 on a copy (runtime.precision.check_fp8 decides where that may run)."""
 
     def __init__(self, model, dtype: torch.dtype, device: torch.device, compile: str | None = None,
-                 attention: str = "sdpa", fast_ops: bool = False):
+                 attention: str = "sdpa", fast_ops: bool = False, fp8: bool = False):
         self.dtype, self.device = dtype, device
         self.net = model.unet
+        if fp8:  # a private copy with FP8 linear layers and 1x1 convolutions (backends/fp8.py)
+            from .fp8 import fp8_copy
+            self.net = fp8_copy(self.net, dtype=dtype)
         if any(isinstance(m, Attention) and m.backend != attention for m in self.net.modules()):
             self.net = set_attention(fast_ops_module.shared_copy(self.net), attention)  # the caller's stays as is
         if fast_ops:  # a copy sharing the weights (runtime/fast_ops.py); chunked attention is eager-only
