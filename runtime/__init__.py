@@ -4,9 +4,10 @@ videos (`Runtime.generate(Request)`); `open_runtime` builds one from `RuntimeOpt
     from vidrd.runtime import Limits, Request, RuntimeOptions, open_runtime
 
 Where things live: loop.py (the denoising loop and its buffers), history.py (reuse-and-diffuse bookkeeping),
-options.py (execution options, open_runtime), quality.py (presets), precision.py, video_io.py; backends/, cli/,
-serve/, bench/ and shapes/ (the embedded demo model) are packages of their own. Names load on first use, so
-importing a subpackage does not import them all.
+options.py (execution options, open_runtime), quality.py (presets), precision.py, memory.py (what the limits
+need), preview.py (the tiny preview decoder), video_io.py; backends/, cli/, serve/, bench/ and shapes/ (the
+embedded demo model) are packages of their own. Names load on first use, so importing a subpackage does not
+import them all.
 """
 from __future__ import annotations
 
