@@ -21,6 +21,7 @@ from vidrd.ref.config import LATENT_FACTOR
 CHANNELS = (64, 48, 32)  # widths at latent size, 2x, 4x: the shipped shapes decoder
 BLOCKS = (1, 1, 1)  # residual blocks at each size
 FORMAT = "vidrd-tiny-decoder"
+SD_SCALING_FACTOR = 0.18215  # the SD1/2 VAE's latent scale, which the public TAESD weights expect
 
 
 def _conv(cin: int, cout: int, **kw) -> nn.Conv2d:
@@ -72,14 +73,17 @@ def save(decoder: TinyDecoder, path: Path, dtype=torch.float16) -> None:
     tmp.replace(path)
 
 
-def load(path: Path, device="cpu", dtype=torch.float32) -> TinyDecoder:
-    """A TinyDecoder from `path`; ValueError naming the key when a tensor is missing, extra or of another shape."""
+def load(path: Path, device="cpu", dtype=torch.float32) -> "TinyDecoder | TAESDDecoder":
+    """A TinyDecoder from `path`, or the public TAESD decoder for a file in its layout (SD1/2's scaling factor until
+    the caller sets the model's); ValueError naming the key when a tensor is missing, extra or of another shape."""
     from safetensors import safe_open
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no tiny decoder at {path}: make one with `vidrd train-decoder --out {path}`")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
+        if meta.get("format") is None and "1.weight" in f.keys():
+            return load_taesd(path, SD_SCALING_FACTOR, device, dtype)
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is not a {FORMAT} file (metadata format={meta.get('format')!r})")
         decoder = TinyDecoder(int(meta["latent_channels"]), tuple(json.loads(meta["channels"])),
@@ -98,6 +102,60 @@ def load(path: Path, device="cpu", dtype=torch.float32) -> TinyDecoder:
                                  f"{tuple(ref.shape)}")
             state[key] = t
     decoder.load_state_dict(state)
+    return decoder.to(device, dtype).eval().requires_grad_(False)
+
+
+class TAESDBlock(nn.Module):
+    """TAESD's residual block: relu(conv(relu(conv(relu(conv(x))))) + x), 64 channels."""
+
+    def __init__(self, c: int = 64):
+        super().__init__()
+        self.conv = nn.Sequential(_conv(c, c), nn.ReLU(), _conv(c, c), nn.ReLU(), _conv(c, c))
+
+    def forward(self, x):
+        return torch.relu(self.conv(x) + x)
+
+
+class TAESDDecoder(nn.Module):
+    """The public TAESD decoder for SD latents (madebyollin/taesd's layout: its weights load by their keys) behind
+    the runtime's interface: (N,4,h,w) latents / scaling_factor -> (N,3,8h,8w) in about [-1, 1]. TAESD takes the
+    UNet's own latents and draws in [0, 1], hence the two rescalings."""
+
+    def __init__(self, scaling_factor: float):
+        super().__init__()
+        self.scaling_factor, self.latent_channels = scaling_factor, 4
+        layers = [nn.Identity(), _conv(4, 64), nn.ReLU()]  # index 0: TAESD's tanh clamp, applied in forward
+        for _ in range(3):  # (N,64,s,s) -> (N,64,2s,2s)
+            layers += [TAESDBlock(), TAESDBlock(), TAESDBlock(), nn.Upsample(scale_factor=2),
+                       _conv(64, 64, bias=False)]
+        layers += [TAESDBlock(), _conv(64, 3)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(z * self.scaling_factor / 3) * 3  # the UNet's latents, clamped as TAESD does
+        return self.layers(x) * 2 - 1
+
+
+def load_taesd(path: Path, scaling_factor: float, device="cpu", dtype=torch.float32) -> TAESDDecoder:
+    """The public TAESD decoder weights (safetensors, e.g. taesd_decoder.safetensors) as a TAESDDecoder; ValueError
+    naming the key when a tensor is missing, extra or of another shape (another TAESD, e.g. SDXL's, has other
+    shapes only where its latents differ)."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no TAESD decoder weights at {path}")
+    decoder = TAESDDecoder(scaling_factor)
+    want, got = decoder.layers.state_dict(), load_file(str(path))
+    for key in got:
+        if key not in want:
+            raise ValueError(f"{path}: unexpected tensor {key!r} (not TAESD's decoder layout)")
+    for key, ref in want.items():
+        if key not in got:
+            raise ValueError(f"{path}: missing tensor {key!r} {tuple(ref.shape)}")
+        if got[key].shape != ref.shape:
+            raise ValueError(f"{path}: tensor {key!r} is {tuple(got[key].shape)}, TAESD's decoder needs "
+                             f"{tuple(ref.shape)}")
+    decoder.layers.load_state_dict(got)
     return decoder.to(device, dtype).eval().requires_grad_(False)
 
 

@@ -2,6 +2,7 @@
 denoising (every K steps, final video unchanged) and the CLI's --preview-dir and --decoder tiny."""
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -106,3 +107,26 @@ def test_cli_preview_dir_and_tiny_decoder(tmp_path):
     assert len(names) == 2 * 2 * data.FRAMES, names  # 2 clips x 2 previews x 8 frames
     assert names[0] == "clip0_step002_v0_f00.png"
     assert main(["generate", "x", "-o", str(tmp_path / "w.mp4"), "--preset", "tiny", "--decoder", "tiny"]) == 2
+
+
+def test_the_public_taesd_layout_loads_with_its_keys_checked(tmp_path):
+    """A file in TAESD's decoder layout (keys 1.weight, 3.conv.0.weight, ..., 19.bias; seeded random weights here:
+    the public ones are not shipped) loads through the same loader; a missing or misshaped key is named."""
+    torch.manual_seed(0)
+    ref = preview.TAESDDecoder(0.18215)
+    state = {k: v.contiguous() for k, v in ref.layers.state_dict().items()}
+    assert len(state) == 67 and sum(v.numel() for v in state.values()) == 1_222_531  # TAESD's decoder
+    path = tmp_path / "taesd_decoder.safetensors"
+    save_file(state, str(path))
+    got = preview.load(path)
+    assert isinstance(got, preview.TAESDDecoder) and got.latent_channels == 4
+    z = torch.randn(2, 4, 5, 6, generator=torch.Generator().manual_seed(1))  # (N,4,h,w) latents / scaling factor
+    out = got(z)  # (N,3,8h,8w) in the VAE's range: TAESD's [0,1] of the UNet's latents, mapped to [-1,1]
+    want = ref.layers(torch.tanh(z * 0.18215 / 3) * 3) * 2 - 1
+    assert out.shape == (2, 3, 40, 48) and torch.allclose(out, want, atol=1e-6)
+    for broken, needle in (({k: v for k, v in state.items() if k != "19.bias"}, "missing tensor '19.bias'"),
+                           ({**state, "7.weight": torch.zeros(64, 64, 1, 1)}, "tensor '7.weight' is (64, 64, 1, 1)"),
+                           ({**state, "20.weight": torch.zeros(1)}, "unexpected tensor '20.weight'")):
+        save_file(broken, str(path))
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            preview.load(path)

@@ -43,7 +43,8 @@ def register(sub) -> None:
     v.add_argument("--decoder", choices=("vae", "tiny"), default="vae",
                    help="decode the final video with the VAE (default) or the tiny decoder (a fast draft)")
     v.add_argument("--tiny-decoder", metavar="FILE", help="the tiny decoder's .safetensors (default: the one that "
-                   "ships with the embedded model; others come from `vidrd train-decoder`)")
+                   "ships with the embedded model; others come from `vidrd train-decoder`, or the public TAESD "
+                   "decoder weights for SD latents, taesd_decoder.safetensors)")
     add_model_args(p)
     p.set_defaults(func=run)
 
@@ -174,6 +175,8 @@ def attach_tiny(args, rt, tiny, model):
     if tiny.latent_channels != model.config.vae.latent_channels:
         raise ValueError(f"the tiny decoder takes {tiny.latent_channels} latent channels, the model's VAE "
                          f"{model.config.vae.latent_channels}: train one for this model with `vidrd train-decoder`")
+    if isinstance(tiny, preview.TAESDDecoder):  # the public TAESD weights: this model's latent scale
+        tiny.scaling_factor = model.config.vae.scaling_factor
     if args.decoder == "tiny":
         rt.vae = preview.TinyVAE(tiny, rt.vae.dtype, rt.device)
     if not args.preview_dir:
