@@ -228,14 +228,18 @@ def _drain(graph):
         yield frame
 
 
-def _write_png(path: Path, rgb: np.ndarray) -> None:
-    """One RGB frame (H,W,3) uint8 as a PNG, through PyAV's png encoder."""
+def encode_png(rgb: np.ndarray) -> bytes:
+    """One RGB frame (H,W,3) uint8 as PNG bytes, through PyAV's png encoder."""
     import av
     codec = av.CodecContext.create("png", "w")
     codec.width, codec.height, codec.pix_fmt = rgb.shape[1], rgb.shape[0], "rgb24"
     frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-    data = b"".join(bytes(p) for p in codec.encode(frame)) + b"".join(bytes(p) for p in codec.encode(None))
-    path.write_bytes(data)
+    return b"".join(bytes(p) for p in codec.encode(frame)) + b"".join(bytes(p) for p in codec.encode(None))
+
+
+def _write_png(path: Path, rgb: np.ndarray) -> None:
+    """One RGB frame (H,W,3) uint8 as a PNG file."""
+    path.write_bytes(encode_png(rgb))
 
 
 def read_video(path: Path) -> np.ndarray:
