@@ -318,12 +318,16 @@ def test_openapi_lists_the_routes_and_codes(server):
                      "/v1/videos/{job_id}": {"get": [200, 404, 422], "delete": [200, 202, 404, 409, 422]},
                      "/v1/videos/{job_id}/clips/{k}": {"get": [200, 404, 409, 422, 503]},
                      "/v1/videos/{job_id}/file": {"get": [200, 404, 409, 422, 503]},
+                     "/v1/videos/{job_id}/events": {"get": [200, 404, 422]},
+                     "/v1/videos/{job_id}/preview": {"get": [200, 404, 409, 422]},
                      "/healthz": {"get": [200, 503]}, "/metrics": {"get": [200]}}
     post = paths["/v1/videos"]["post"]
     assert "Retry-After" in post["responses"]["429"]["headers"]
     clip = paths["/v1/videos/{job_id}/clips/{k}"]["get"]
     assert set(clip["responses"]["200"]["content"]) == {"video/mp4", "image/gif"}
     assert {p["name"] for p in clip["parameters"]} == {"job_id", "k", "video"}
+    assert set(paths["/v1/videos/{job_id}/events"]["get"]["responses"]["200"]["content"]) == {"text/event-stream"}
+    assert set(paths["/v1/videos/{job_id}/preview"]["get"]["responses"]["200"]["content"]) == {"image/png"}
     # every status a test above saw is documented for its route
     for what, method, path, _, status, _ in BAD:
         if status not in (404, 413) and path.startswith("/v1/videos/"):

@@ -24,9 +24,9 @@ import numpy as np
 
 
 @contextlib.contextmanager
-def serving(model, config, options=None):
-    """A LocalService (a runtime of RuntimeOptions `options`, default torch) behind a real uvicorn server on
-    127.0.0.1:<ephemeral>, in a thread; yields (url, service)."""
+def serving(model, config, options=None, tiny=None):
+    """A LocalService (a runtime of RuntimeOptions `options`, default torch; previews by the tiny decoder `tiny`)
+    behind a real uvicorn server on 127.0.0.1:<ephemeral>, in a thread; yields (url, service)."""
     import uvicorn
 
     from vidrd.runtime.options import RuntimeOptions, open_runtime
@@ -35,7 +35,7 @@ def serving(model, config, options=None):
     from vidrd.runtime.serve.worker import LocalService
 
     config = config.for_model(model)  # as `vidrd serve` does
-    service = LocalService(open_runtime(model, options or RuntimeOptions(), config.limits), config)
+    service = LocalService(open_runtime(model, options or RuntimeOptions(), config.limits), config, tiny=tiny)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(make_app(service, config), log_level="warning",

@@ -67,6 +67,9 @@ def register(sub) -> None:
     j.add_argument("--allow-private-callbacks", action="store_true",
                    help="let callback URLs reach loopback, private and link-local addresses (default: refused at "
                    "submit time and again after the host is resolved)")
+    j.add_argument("--preview-every", type=int, default=D.preview_every, metavar="K",
+                   help="a preview of a running job every K denoising steps (GET /v1/videos/ID/preview, `preview` "
+                   "events), decoded by the model's tiny decoder (the embedded model ships one); 0: none")
     x = p.add_argument_group("execution (under --ray: of every replica; on a cluster without GPUs, --threads "
                              "defaults to --replica-cpus)")
     add_runtime_args(x)
@@ -90,7 +93,8 @@ def config_from(args) -> ServeConfig:
                     max_header_bytes=args.max_header_bytes, send_timeout_s=args.send_timeout,
                     max_downloads=args.max_downloads, min_free_bytes=int(args.min_free_mb * 2**20),
                     feature_reuse_off=feature_reuse_blocker(runtime_options(args)), jobs_db=args.jobs_db,
-                    callbacks=args.callbacks, allow_private_callbacks=args.allow_private_callbacks)
+                    callbacks=args.callbacks, allow_private_callbacks=args.allow_private_callbacks,
+                    preview_every=args.preview_every)
     if is_default_model(args):  # requests that leave a setting out get the embedded model's own
         c = replace(c, defaults=tuple(shapes.SETTINGS.items()), negative_prompt=shapes.NEGATIVE)
     c.validate()
@@ -140,7 +144,9 @@ def run(args) -> int:
 def run_local(args, config: ServeConfig, options: RuntimeOptions) -> int:
     import uvicorn
 
+    from vidrd.runtime import preview
     from vidrd.runtime.cli.model_args import load_model
+    from vidrd.runtime.loop import Runtime
     from vidrd.runtime.options import open_runtime
     from vidrd.runtime.serve.api import make_app
     from vidrd.runtime.serve.limits import http_protocol
@@ -151,7 +157,11 @@ def run_local(args, config: ServeConfig, options: RuntimeOptions) -> int:
     try:
         model, what, _ = load_model(args, dtype=options.torch_dtype, device=options.device)
         config = config.for_model(model)
-        service = LocalService(open_runtime(model, options, config.limits), config, store)
+        rt = open_runtime(model, options, config.limits)
+        # previews need a tiny decoder (only the embedded model ships one) and the lean runtime's loop
+        tiny = (preview.load(shapes.MODEL_DIR / "tiny_decoder.safetensors")
+                if config.preview_every and is_default_model(args) and isinstance(rt, Runtime) else None)
+        service = LocalService(rt, config, store, tiny)
     except BaseException:
         store.close()
         raise

@@ -4,6 +4,7 @@
 (`vidrd serve --ray`); both answer the same async calls, so both serve exactly this API. The request's sampler
 fields are SamplerSettings' own (name, type, default, help, choices); its limits are the runtime's (Limits.check).
 """
+import asyncio
 import math
 import re
 import secrets
@@ -12,9 +13,9 @@ from dataclasses import asdict, fields
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Literal, Optional
 
-from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, Request, Response, Security
+from fastapi import APIRouter, FastAPI, Header, HTTPException, Path, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
@@ -23,7 +24,7 @@ from vidrd.ref.sampler import SEED_MAX, SEED_MIN, SamplerSettings, check_prompt,
 
 from ..options import OFFICIAL_NEGATIVE
 from ..quality import QUALITIES, check_reuse, resolve
-from ..video_io import FPS_RANGE, check_fps, check_frame_size
+from ..video_io import FPS_RANGE, check_fps, check_frame_size, encode_png
 from .callbacks import check_url
 from .jobs import ID_PATTERN, STATES, ServeConfig, clip_path, video_path
 from .limits import UNAUTHORIZED, Downloads, Guard, Throttle
@@ -280,6 +281,37 @@ def make_app(backend, config: ServeConfig) -> FastAPI:
             raise pending(st, "the video")
         return downloads.file(video_path(config.results, job_id, video, st["format"]), MEDIA[st["format"]],
                               f"{job_id}-{video}.{st['format']}")
+
+    @v1.get("/videos/{job_id}/events", response_class=StreamingResponse, summary="Live events (Server-Sent Events)",
+            responses={200: {"content": {"text/event-stream": {}}, "description": "`status` (the state and progress "
+                             "now), then one event per change: started, step (a few per second at most), clip, "
+                             "preview, and the end (done, failed or cancelled), after which the stream ends; each "
+                             "event's data is JSON with id, state, clips_done, steps_done, steps_total, error"},
+                       **not_found})
+    async def get_events(job_id: JobId, last_event_id: Annotated[Optional[int], Header(
+            description="the id of the last event received: a reconnecting client gets the events it missed")] = None):
+        st = await job(job_id)
+        return StreamingResponse(backend.events(job_id, st, last_event_id), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    @v1.get("/videos/{job_id}/preview", response_class=Response, responses={
+            200: {"content": {"image/png": {}}, "description": "the middle frame of the latest preview of the video "
+                  "(X-Preview-Clip, X-Preview-Step: where in the job it was taken)"}, **not_found, **not_yet},
+            summary="The latest preview, while the job runs")
+    async def get_preview(job_id: JobId, video: Video = 0):
+        st = await job(job_id)
+        if video >= st["videos"]:
+            raise HTTPException(404, f"job {job_id} has videos 0..{st['videos'] - 1}")
+        if not backend.previews:
+            raise HTTPException(409, "this service makes no previews (vidrd serve --preview-every 0, a model "
+                                "without a tiny decoder, or --ray)")
+        latest = await backend.preview(job_id)
+        if latest is None:
+            raise pending(st, "a preview")
+        clip, step, frames = latest  # (B,H,W,3) uint8 middle frames
+        png = await asyncio.to_thread(encode_png, frames[video])
+        return Response(png, media_type="image/png", headers={"X-Preview-Clip": str(clip),
+                                                              "X-Preview-Step": str(step), "Cache-Control": "no-store"})
 
     @v1.delete("/videos/{job_id}", response_model=JobStatus, summary="Cancel a job",
                responses={202: {"model": JobStatus, "description": "running: it stops after its current step"},

@@ -29,6 +29,7 @@ from vidrd.ref.ddim import SPACINGS
 
 from ..loop import Limits
 from .callbacks import Sender
+from .events import Hub
 from .store import Store, open_store
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
@@ -84,6 +85,8 @@ class ServeConfig:
     # stops renewing (a lost replica) loses the job to another worker this long after its last renewal. It must
     # exceed the longest time between two steps (a clip's decode and files, the first step's text encoding)
     lease_s: float = 30.0
+    # a preview of a running job every this many steps (events.py), when the model has a tiny decoder; 0: none
+    preview_every: int = 5
 
     def jobs_path(self) -> str:
         return self.jobs_db or os.path.join(self.results, "jobs.db")
@@ -109,6 +112,8 @@ class ServeConfig:
             raise ValueError(f"min_free_bytes={self.min_free_bytes!r} must be an integer >= 0")
         if not (isinstance(self.submit_rate, (int, float)) and 0 < self.submit_rate < float("inf")):
             raise ValueError(f"submit_rate={self.submit_rate!r} must be a number of submissions per second > 0")
+        if isinstance(self.preview_every, bool) or not isinstance(self.preview_every, int) or self.preview_every < 0:
+            raise ValueError(f"preview_every={self.preview_every!r} must be a whole number of steps >= 0")
         if not isinstance(self.callback_retries, int) or self.callback_retries < 0:
             raise ValueError(f"callback_retries={self.callback_retries!r} must be an integer >= 0")
         for name in ("ttl_s", "read_timeout_s", "send_timeout_s", "callback_timeout_s", "lease_s"):
@@ -262,6 +267,7 @@ class Registry:
         self._leased: dict[str, float] = {}  # job id: when its lease was last renewed
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self.events = Hub()  # live events and previews of open jobs (events.py)
         Path(config.results).mkdir(parents=True, exist_ok=True)
         self.callbacks = (Sender(config.callback_timeout_s, config.callback_retries, config.allow_private_callbacks)
                           if config.callbacks else None)
@@ -302,6 +308,7 @@ class Registry:
                 log.warning("job store: cannot record a new job: %s", e)
                 return 503, self._retry_after(), f"the job store cannot record the job ({e})"
             self.jobs[job_id] = job
+            self._publish(job, "queued")
             return None
 
     def status(self, job_id: str) -> dict | None:
@@ -352,6 +359,7 @@ class Registry:
             job.last_step = None
             self._save(job)
             self._lease(job, time.time(), force=True)
+            self._publish(job, "started")
             return job.spec
 
     def start_at(self, job_id: str, clips: int) -> None:
@@ -372,6 +380,7 @@ class Registry:
             job.last_step = now
             job.steps_done = c * job.spec["settings"]["steps"] + i + 1
             self._lease(job, now)
+            self._publish(job, "step")
             return job.cancel
 
     def clip_done(self, job_id: str, k: int) -> None:
@@ -387,6 +396,7 @@ class Registry:
                 self.hist["first_clip"].observe(job.first_clip - job.started)
             self._save(job)
             self._notify(job, "clip")
+            self._publish(job, "clip", clip=k)
 
     def finish(self, job_id: str, state: str, error: str | None = None, frames: int = 0) -> bool:
         """End a job (True); a job that already ended keeps its first end (e.g. a lost replica reported twice)."""
@@ -403,6 +413,13 @@ class Registry:
                 self.last_fps = frames / run if run > 0 else 0.0
             return True
 
+    def preview(self, job_id: str, clip: int, step: int, frames) -> None:
+        """A preview of a running job (Runtime.generate's on_preview, on the preview thread): frames (B,F,H,W,3)."""
+        with self._lock:
+            job = self.jobs.get(job_id)
+            if job is not None and job.state == "running":
+                self.events.preview(job_id, clip, step, frames, self._event(job))
+
     # ------------------------------------------------------------------------------------------ janitor
 
     def sweep(self, now: float | None = None) -> list[str]:
@@ -414,6 +431,7 @@ class Registry:
             self.store.delete(gone)
             for job_id in gone:
                 del self.jobs[job_id]
+            self.events.forget(gone)
             known = set(self.jobs)
         sweep_folders(root, known, gone, ttl, now)
         return gone
@@ -514,6 +532,14 @@ class Registry:
             self.callbacks.send(url, {"id": job.id, "event": event, "state": job.state, "clips_done": job.clips_done,
                                       "progress": round(job.steps_done / steps, 4), "error": job.error})
 
+    def _event(self, job: Job) -> dict:
+        """An event's data: the job's state and progress (events.progress of its status)."""
+        return {"id": job.id, "state": job.state, "clips_done": job.clips_done, "steps_done": job.steps_done,
+                "steps_total": job.spec["settings"]["clips"] * job.spec["settings"]["steps"], "error": job.error}
+
+    def _publish(self, job: Job, name: str, **extra) -> None:
+        self.events.publish(job.id, name, {**self._event(job), **extra})
+
     def _end(self, job: Job, state: str, error: str | None) -> None:
         job.state, job.error, job.finished = state, error, time.time()
         self._leased.pop(job.id, None)
@@ -521,6 +547,7 @@ class Registry:
             job.files = published(job.spec, job.clips_done, done=True)
         self._save(job)
         self._notify(job, state)
+        self._publish(job, state)
         if job.started is not None:
             self.hist["run"].observe(job.finished - job.started)
         self.hist["total"].observe(job.finished - job.created)

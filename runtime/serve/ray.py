@@ -35,6 +35,7 @@ from ray import serve
 
 from ..options import RuntimeOptions
 from .api import make_app
+from .events import poll
 from .jobs import FINISHED, STATES, Histogram, Job, Registry, ServeConfig, new_id, storage_health, sweep_folders
 from .store import open_store, shared
 from .worker import execute, run_claimed, worker_name
@@ -171,6 +172,15 @@ class RayBackend:
     async def cancel(self, job_id: str) -> dict | None:
         return await self.registry.cancel.remote(job_id)
 
+    previews = False  # the preview thread's frames stay on the replica
+
+    def events(self, job_id: str, now: dict, last_id: int | None):
+        """Events made from status polling (events.poll): the registry lives in another process."""
+        return poll(self.status, job_id, now)
+
+    async def preview(self, job_id: str) -> None:
+        return None
+
     async def metrics(self) -> str:
         return await self.registry.metrics.remote()
 
@@ -230,6 +240,15 @@ class StoreBackend:
 
     async def cancel(self, job_id: str) -> dict | None:
         return self._status(await asyncio.to_thread(self.store.cancel, job_id))
+
+    previews = False  # the preview thread's frames stay on the replica
+
+    def events(self, job_id: str, now: dict, last_id: int | None):
+        """Events made from status polling (events.poll): the registry lives in another process."""
+        return poll(self.status, job_id, now)
+
+    async def preview(self, job_id: str) -> None:
+        return None
 
     async def metrics(self) -> str:
         """Prometheus text: queue depth and capacity, jobs by state, stage latencies from the records' times."""

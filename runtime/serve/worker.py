@@ -106,10 +106,16 @@ def run_job(rt, results, job_id: str, spec: dict, registry, min_free_bytes: int 
         if stop is not None and stop.is_set():
             raise Interrupted(f"job {job_id} interrupted at clip {c}, step {i}")
 
+    def on_preview(c: int, i: int, frames) -> None:  # (B,F,H,W,3) uint8, on the runtime's preview thread
+        registry.preview(job_id, c, i, frames)
+
+    if getattr(rt, "previews", None) is None:  # LocalService attaches them when the model has a tiny decoder
+        on_preview = None
+
     resume, stream = load_resume(state) if durable else None, None
     if resume is not None:
         try:  # validated now, generated when iterated
-            stream = rt.generate(replace(request, resume=resume), on_step=on_step)
+            stream = rt.generate(replace(request, resume=resume), on_step=on_step, on_preview=on_preview)
         except ValueError as e:  # a checkpoint of another request shape: the request itself is checked below
             log.warning("job %s: its resume state does not fit its request, it starts over: %s", job_id, e)
             resume = None
@@ -121,7 +127,7 @@ def run_job(rt, results, job_id: str, spec: dict, registry, min_free_bytes: int 
         for k in range(first):  # the clips done before: their frames as they were, into the whole videos
             for v, frames in enumerate(load_file(state / f"frames-{k:03d}.safetensors")["frames"].numpy()):
                 videos[v].write(frames)
-        for clip in stream or rt.generate(request, on_step=on_step):
+        for clip in stream or rt.generate(request, on_step=on_step, on_preview=on_preview):
             assert clip.index >= first, f"clip {clip.index} of a generation resumed at clip {first}"
             for v, frames in enumerate(clip.frames):  # (F',H,W,3) uint8 per prompt
                 with VideoWriter(clip_path(results, job_id, clip.index, v, fmt), fps, force=True) as w:
@@ -177,10 +183,16 @@ class LocalService:
 
     The async methods are what the HTTP routes call (api.make_app); ray.RayBackend has the same ones. Jobs the
     store holds open from an earlier run are taken first, in submission order: the one that was running resumes
-    from its last finished clip."""
+    from its last finished clip. With a tiny decoder (preview.TinyDecoder of the model's latents) and
+    config.preview_every > 0, running jobs publish a preview every preview_every steps (events.py)."""
 
-    def __init__(self, rt, config: ServeConfig, store: Store | None = None):
+    def __init__(self, rt, config: ServeConfig, store: Store | None = None, tiny=None):
         self.rt, self.config = rt, config
+        self.previews = tiny is not None and config.preview_every > 0
+        if self.previews:
+            from ..preview import Previews
+            rt.previews = Previews(tiny, rt.limits, rt.model.vae.cfg.scaling_factor, config.preview_every,
+                                   device=rt.device)
         self.registry = Registry(config, store=store)
         self._queue: queue.Queue = queue.Queue()  # job ids; admission (the bound) is the registry's
         for job_id in self.registry.open_jobs():
@@ -214,6 +226,14 @@ class LocalService:
     async def metrics(self) -> str:
         return self.registry.metrics()
 
+    def events(self, job_id: str, now: dict, last_id: int | None):
+        """The job's Server-Sent Events (bytes), from its status `now` on (events.Hub.stream)."""
+        return self.registry.events.stream(job_id, now, last_id)
+
+    async def preview(self, job_id: str) -> tuple | None:
+        """(clip, step, (B,H,W,3) uint8) of the job's latest preview, None before it or after the end."""
+        return self.registry.events.latest(job_id)
+
     async def health(self) -> dict:
         alive = self._thread.is_alive()
         problem, disk = storage_health(self.config)
@@ -226,6 +246,8 @@ class LocalService:
         self._stop.set()
         self._queue.put(None)
         self._thread.join()
+        if self.previews:
+            self.rt.previews.close()
         self.rt.close()
         self.registry.close()
 
