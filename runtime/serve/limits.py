@@ -135,21 +135,25 @@ def http_protocol(config: ServeConfig):
     class Limited(Base):
         def connection_made(self, transport):
             super().connection_made(transport)
-            self._header_bytes, self._send_timer = 0, None
+            self._header_bytes, self._in_headers, self._send_timer = 0, False, None
             self._header_timer = self.loop.call_later(config.read_timeout_s, self._headers_late)
 
         def data_received(self, data):
-            cycle = self.cycle
             super().data_received(data)
-            if self.cycle is not cycle or self.transport.is_closing():
-                self._header_bytes = 0  # a request's headers completed
-            elif cycle is None or cycle.response_complete:  # still waiting for the headers
+            # only bytes of a request whose headers are still arriving count: the rest of a body the app did not
+            # read (a 401 before a large body) is parsed as that body, not as the next request's headers
+            if self._in_headers and not self.transport.is_closing():
                 self._header_bytes += len(data)
                 if self._header_bytes > limit:
                     self.transport.write(refusal)
                     self.transport.close()
 
+        def on_message_begin(self):  # httptools: a request starts (h11 limits its headers itself)
+            self._header_bytes, self._in_headers = 0, True
+            super().on_message_begin()
+
         def on_headers_complete(self):  # httptools: headers that came in one piece, measured as parsed
+            self._in_headers = False
             if len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers) > limit:
                 app, self.app = self.app, refuse
                 try:
@@ -161,7 +165,6 @@ def http_protocol(config: ServeConfig):
 
         def on_response_complete(self):
             super().on_response_complete()
-            self._header_bytes = 0
             self._header_timer.cancel()  # the next request on this connection gets its own time
             self._header_timer = self.loop.call_later(config.read_timeout_s, self._headers_late)
 
