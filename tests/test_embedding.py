@@ -78,13 +78,18 @@ def test_a_bad_request_raises_when_generate_is_called():
 def test_a_dropped_generation_never_blocks_the_next():
     model = random_model("tiny", 0)
     rt = open_runtime(model, limits=Limits.of(SMALL, 1))
-    want = [c.frames for c in rt.generate(Request(("b",), None, SMALL, 5))]
+    t0, alone_step = time.monotonic(), []
+    want = [c.frames for c in rt.generate(Request(("b",), None, SMALL, 5),
+                                          on_step=lambda c, i: alone_step.append(time.monotonic()))]
+    alone = alone_step[0] - t0  # time to the first step with nothing before it
     dropped = rt.generate(Request(("a",), None, SMALL, 1))
     next(dropped)  # one clip out, then the caller forgets it without close() (the reference keeps it alive here)
     t0, first_step = time.monotonic(), []
     got = [c.frames for c in rt.generate(Request(("b",), None, SMALL, 5),
                                          on_step=lambda c, i: first_step.append(time.monotonic()))]
-    assert first_step[0] - t0 < 1.0  # it started at once: nothing waited for the dropped one
+    # it started at once, nothing waited for the dropped one: within a second (or a few times the undisturbed
+    # start where the cores are shared with other work)
+    assert first_step[0] - t0 < max(1.0, 5 * alone)
     assert len(got) == len(want) and all((x == y).all() for x, y in zip(got, want))  # the same video as alone
     with pytest.raises(Superseded):
         next(dropped)  # its buffers were taken: it says so instead of yielding someone else's frames
