@@ -22,7 +22,7 @@ def register(sub) -> None:
                        "latents its VAE encoder makes of procedural shape videos; use it with `vidrd generate "
                        "--preview-dir` or `--decoder tiny`.")
     p.add_argument("--out", required=True, metavar="FILE", help="the decoder's .safetensors (fp16)")
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500: the shipped decoder)")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default 3000: the shipped decoder)")
     p.add_argument("--batch", type=int, default=2, help="videos per step (8 frames each; default 2)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of Adam (cosine decay; default 2e-3)")
     p.add_argument("--object-weight", type=float, default=8.0,
