@@ -2,7 +2,7 @@
 videos. `vidrd.runtime.options.open_runtime` builds a Runtime from RuntimeOptions.
 
 Same seed, same video as the reference sampler (vidrd.ref.sampler): the same random draws in the same order and,
-in float32 on the same backend, the same arithmetic, also with the opt-in reuse settings (issue 14: each step
+in float32 on the same backend, the same arithmetic, also with the opt-in reuse settings (each step
 follows SamplerSettings.plan()). Every tensor the denoising loop touches is allocated in `Runtime.__init__` (the
 guidance-reuse buffer in `Runtime.prepare`, the first time a request needs it); a step only copies, computes in place
 and calls the backends.

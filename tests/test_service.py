@@ -230,7 +230,7 @@ BAD = [  # (what, method, path, body or raw bytes, status, field named in the 42
     ("traversal in clip", "get", "/v1/videos/" + "0" * 32 + "/clips/..%2F..%2Fx", None, 404, None),
     ("negative clip", "get", "/v1/videos/" + "0" * 32 + "/clips/-1", None, 422, None),
     ("no such route", "get", "/v1/jobs", None, 404, None),
-    # issue 11: values that used to pass validation and then fail the job (or answer 500)
+    # values that would pass a looser validation and then fail the job (or answer 500)
     ("lone surrogate prompt", "post", "/v1/videos", b'{"prompts": ["a \\ud800 b"]}', 422, "prompts"),
     ("lone surrogate negative", "post", "/v1/videos", b'{"prompts": ["a"], "negative_prompts": ["\\udfff"]}', 422,
      "negative_prompts"),

@@ -13,7 +13,7 @@ import torch
 from vidrd.export.spec import ComponentSpec, read_specs
 
 from .base import Backend, Graph
-from .graphs import GraphBackend, GraphVAE
+from .graphs import bind
 
 
 def load_package(path: Path, device: torch.device):
@@ -67,13 +67,4 @@ def make(component: str, export_dir, device: torch.device) -> Backend:
                          f"{device.type}`)")
     specs = read_specs(export_dir)
 
-    def load(name: str) -> AotiGraph:
-        if name not in specs:
-            raise FileNotFoundError(f"the export in {export_dir} has no {name}: redo it with `vidrd export --format "
-                                    f"aoti --out {export_dir} --components {name}`")
-        return AotiGraph(Path(export_dir), specs[name], device)
-
-    if component == "vae":
-        first = load("vae_decoder")
-        return GraphVAE(lambda name: first if name == "vae_decoder" else load(name), first.dtype, device)
-    return GraphBackend(load({"text": "text_encoder", "unet": "unet"}[component]), device)
+    return bind(component, specs, lambda spec: AotiGraph(Path(export_dir), spec, device), device, f"vidrd export --format aoti --out {export_dir}")

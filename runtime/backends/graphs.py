@@ -75,3 +75,17 @@ class GraphVAE(Backend):
         z = self._buf((b, f, c, h, w))  # ((B F),C,h,w) frames b-major, as the per-frame graph takes them
         z.copy_(latents.transpose(1, 2))
         self.graph("vae_decoder").run({"latents": z.view(b * f, c, h, w), "frames": out.view(b * f, *out.shape[2:])})
+
+
+def bind(component: str, specs: dict, open_graph, device: torch.device, redo: str) -> Backend:
+    """The backend of `component` ('text', 'unet' or 'vae') over an export's graphs: `open_graph(spec)` opens one
+    (ONNX Runtime session, AOTInductor package); `redo` is the export command that makes a missing one."""
+    def load(name: str) -> Graph:
+        if name not in specs:
+            raise FileNotFoundError(f"the export has no {name}: redo it with `{redo} --components {name}`")
+        return open_graph(specs[name])
+
+    if component == "vae":
+        first = load("vae_decoder")  # the per-frame decoder now; the temporal one on its first use
+        return GraphVAE(lambda name: first if name == "vae_decoder" else load(name), first.dtype, device)
+    return GraphBackend(load({"text": "text_encoder", "unet": "unet"}[component]), device)

@@ -16,7 +16,7 @@ import torch
 from vidrd.export.spec import ComponentSpec, read_specs
 
 from .base import Backend, Graph
-from .graphs import GraphBackend, GraphVAE
+from .graphs import bind
 
 log = logging.getLogger("vidrd.runtime")
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
@@ -97,13 +97,4 @@ def make(component: str, export_dir, device: torch.device) -> Backend:
         raise ValueError(f"{export_dir} holds AOTInductor packages, not ONNX files: run them with --backend aoti, or "
                          "export ONNX files to another folder (`vidrd export --out DIR`)")
 
-    def load(name: str) -> OrtGraph:
-        if name not in specs:
-            raise FileNotFoundError(f"the export in {export_dir} has no {name}: redo it with `vidrd export --out "
-                                    f"{export_dir} --components {name}`")
-        return OrtGraph(Path(export_dir), specs[name], device)
-
-    if component == "vae":
-        first = load("vae_decoder")
-        return GraphVAE(lambda name: first if name == "vae_decoder" else load(name), first.dtype, device)
-    return GraphBackend(load({"text": "text_encoder", "unet": "unet"}[component]), device)
+    return bind(component, specs, lambda spec: OrtGraph(Path(export_dir), spec, device), device, f"vidrd export --out {export_dir}")
