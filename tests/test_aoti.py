@@ -169,4 +169,4 @@ def test_gpu_check_has_an_aoti_section():
     assert "aoti" in [n for n, _, _ in gpu_check.SECTIONS]
     r = {"status": "ok", "tiny_psnr_db_vs_torch": 55.0, "sd21_unet_compile_s": 120.0,
          "sd21_unet": {"aoti_bf16_ms": 40.0, "eager_bf16_ms": 52.0}}
-    assert gpu_check._gist("aoti", r) == "tiny PSNR 55 dB; sd21 UNet 40 vs eager 52 ms (compile 120 s)"
+    assert gpu_check.gist("aoti", r) == "tiny PSNR 55 dB; sd21 UNet 40 vs eager 52 ms (compile 120 s)"

@@ -164,4 +164,4 @@ def test_gpu_check_fp8_section_skips_without_fp8_units():
         with pytest.raises(gpu_check.Skip, match="CUDA is not available"):
             gpu_check.fp8()
     r = {"status": "ok", "fp8_row": {"ms": 40.0}, "bf16": {"ms": 52.0}, "video_psnr_db_vs_bf16": 36.5}
-    assert gpu_check._gist("fp8", r) == "UNet 40 vs bf16 52 ms (row scales), video PSNR 36.5 dB"
+    assert gpu_check.gist("fp8", r) == "UNet 40 vs bf16 52 ms (row scales), video PSNR 36.5 dB"
