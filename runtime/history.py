@@ -1,7 +1,8 @@
 """Reuse-and-diffuse bookkeeping (SPEC §3.5) on preallocated buffers: the only module that knows about it.
 
 What a clip reads of the previous one, with its frames in the order `SamplerSettings.source_frames` gives (the
-official loop: reversed; continuation="forward": the last O frames in order, then the same indices): its latents
+official loop: reversed; continuation="forward": the last O frames in order, then the same indices, or with
+recycle_order="shifted" the first F-O frames): its latents
 after step 0 (`init_src`: the overlap frames' restart values and the recycled noise) and, for each step, its
 overlap frames (`overlap[i]`, for staged guidance). Each clip reads an entry before overwriting it with its own, so one copy of each suffices.
 """

@@ -72,6 +72,40 @@ def test_runtime_forward_matches_reference(assembly):
     assert (video - ref).abs().max() <= RUNTIME_VIDEO
 
 
+def test_shifted_source_frames():
+    s = SamplerSettings(frames=8, overlap=3, continuation="forward", recycle_order="shifted")
+    assert s.source_frames() == [5, 6, 7, 0, 1, 2, 3, 4]
+    assert SamplerSettings(frames=8, overlap=4, continuation="forward", recycle_order="shifted").source_frames() == [
+        4, 5, 6, 7, 0, 1, 2, 3]
+
+
+def test_shifted_recycles_the_noise_moved_on_by_the_stride():
+    """Frames 0..O-1 restart from frames F-O.. of the previous clip's initial noise, frames O.. from frames 0.."""
+    model = random_model("tiny", 2)
+    seen = _inputs(model, denoise_guidance=0.0, noise_recycle=1000.0, continuation="forward", recycle_order="shifted")
+    assert torch.equal(seen[2][:, :, :2], seen[0][:, :, 2:])  # F=4, O=2: overlap frames copied
+    torch.testing.assert_close(seen[2][:, :, 2:], seen[0][:, :, :2], rtol=0, atol=RECYCLE_1000)
+
+
+@pytest.mark.parametrize("recycle_order", ["index", "shifted"])
+def test_runtime_shifted_matches_reference(recycle_order):
+    model = random_model("tiny", 3)
+    s = SamplerSettings(height=32, width=32, frames=4, steps=3, clips=3, overlap=1, denoise_guidance=0.7,
+                        guidance_scale=5.0, assembly="trim", continuation="forward", recycle_order=recycle_order)
+    rt = open_runtime(model, limits=Limits(batch=1, frames=4, height=32, width=32, steps=3, overlap=2))
+    video = torch.cat([c.video for c in rt.generate(Request(("a",), None, s, seed=4, float_video=True))], dim=2)
+    ref, _ = generate(model, ["a"], None, s, torch.Generator().manual_seed(4))
+    assert video.shape == ref.shape
+    assert (video - ref).abs().max() <= RUNTIME_VIDEO
+
+
+def test_shifted_needs_forward():
+    with pytest.raises(ValueError, match="recycle_order='shifted' needs continuation='forward'"):
+        SamplerSettings(recycle_order="shifted")
+    with pytest.raises(ValueError, match="recycle_order='backward'"):
+        SamplerSettings(continuation="forward", recycle_order="backward")
+
+
 def test_bad_continuation_is_refused():
     with pytest.raises(ValueError, match="continuation='backward'"):
         SamplerSettings(continuation="backward")

@@ -18,6 +18,7 @@ ASSEMBLIES = ("official", "trim")
 # low enough that guidance times the UNet's output stays finite in float32 and bf16 (1e300 overflowed mid-job).
 MAX_WEIGHT = 1000.0
 CONTINUATIONS = ("official", "forward")
+RECYCLE_ORDERS = ("index", "shifted")
 SOLVERS = ("ddim", "dpmpp-2m")
 
 
@@ -50,6 +51,9 @@ class GenerationSettings:
     continuation: str = setting("official", "official: a new clip replays the previous clip's end backwards (the "
                                  "paper's reversed noise and overlap); forward: it continues in the same frame order "
                                  "(use with --assembly trim)", CONTINUATIONS)
+    recycle_order: str = setting("index", "forward continuation: the previous clip's noise a later clip's frame j "
+                                  "recycles: index (frame j's) or shifted (frame (j + F - O) mod F's: the noise "
+                                  "moves on with the clip, as its overlap frames do)", RECYCLE_ORDERS)
     solver: str = setting("ddim", "ddim (official) or dpmpp-2m (DPM-Solver++(2M): similar quality in fewer steps)",
                            SOLVERS)
     spacing: str = setting("leading", "timestep spacing: leading (official: the first step at t = 1000 - 1000/steps + "
@@ -88,6 +92,9 @@ class SamplerSettings(ReuseSettings, GenerationSettings):
             v = getattr(self, name)
             if not (_is_number(v) and 0 <= v <= MAX_WEIGHT):  # also refuses NaN and inf
                 raise ValueError(f"{name}={v!r} must be a number between 0 and {MAX_WEIGHT:g}")
+        if self.recycle_order == "shifted" and self.continuation != "forward":
+            raise ValueError(f"recycle_order={self.recycle_order!r} needs continuation='forward' (the official "
+                             "continuation recycles the reversed noise)")
         if not isinstance(self.temporal_decode, bool):
             raise ValueError(f"temporal_decode={self.temporal_decode!r} must be True or False")
         self.reuse().validate()  # messages name the value: cache_interval=0 must be ...
@@ -133,11 +140,16 @@ class SamplerSettings(ReuseSettings, GenerationSettings):
 
         official: F-1-j for every j, the frame-level reversal of SPEC §3.5 (new clips start by replaying the previous
         clip's end backwards). forward: F-O+j for the overlap frames, so a new clip starts where the previous one ends
-        in the same order, and j itself for the others (their noise recycled without reversal).
+        in the same order, and j itself for the others (their noise recycled without reversal). forward with
+        recycle_order "shifted": (j + F - O) mod F for every j, the previous clip's noise moved on by the clip's
+        stride F - O as its overlap frames are; the frames past the previous clip's end (j >= O) wrap round to its
+        first frames' noise (a rolling window over F noise frames: no two frames of a clip share a source).
         """
         f, o = self.frames, self.overlap
         if self.continuation == "official":
             return list(range(f - 1, -1, -1))
+        if self.recycle_order == "shifted":
+            return [(j + f - o) % f for j in range(f)]
         return [f - o + j for j in range(o)] + list(range(o, f))
 
     def guided(self, i: int, k: int) -> bool:
