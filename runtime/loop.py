@@ -21,7 +21,7 @@ import torch
 from vidrd.ref.config import LATENT_FACTOR
 from vidrd.ref.dpmpp import DPMSolverPP2M
 from vidrd.ref.reuse import FeatureCache
-from vidrd.ref.sampler import SamplerSettings, check_prompts, check_seed
+from vidrd.ref.sampler import SamplerSettings, check_clip_prompts, check_prompts, check_seed
 from vidrd.ref.text import tokenize
 
 from .backends import Backend
@@ -39,21 +39,30 @@ class Limits:
     steps: int = 50
     overlap: int = 4
     clips: int | None = None  # no buffer grows with the clips: None = any number
+    video_prompts: int = 4  # distinct prompts of one video (Request.clip_prompts): a text context each
+
+    def __post_init__(self):
+        if not (isinstance(self.video_prompts, int) and self.video_prompts >= 1):
+            raise ValueError(f"video_prompts={self.video_prompts!r} must be an integer >= 1 (distinct prompts of "
+                             "one video: the first prompt and its clip prompts)")
 
     @classmethod
-    def of(cls, settings: SamplerSettings, batch: int) -> "Limits":
-        """Buffers for exactly one request shape: `batch` prompts at `settings`."""
+    def of(cls, settings: SamplerSettings, batch: int, video_prompts: int = 1) -> "Limits":
+        """Buffers for exactly one request shape: `batch` prompts at `settings`, `video_prompts` distinct prompts
+        in one video (per-clip prompts)."""
         s = settings
-        return cls(batch, s.frames, s.height, s.width, s.steps, max(s.overlap, 1))
+        return cls(batch, s.frames, s.height, s.width, s.steps, max(s.overlap, 1), video_prompts=video_prompts)
 
-    def check(self, settings: SamplerSettings, batch: int) -> None:
-        """ValueError "name=value exceeds the limit (name <= most)" when `batch` prompts at `settings` go over a
-        limit. The overlap counts only with more than one clip: a single clip reads no history."""
+    def check(self, settings: SamplerSettings, batch: int, video_prompts: int = 1) -> None:
+        """ValueError "name=value exceeds the limit (name <= most)" when `batch` prompts at `settings` (with
+        `video_prompts` distinct prompts in a video) go over a limit. The overlap counts only with more than one
+        clip: a single clip reads no history."""
         s = settings
         for name, value, most in (("batch", batch, self.batch), ("frames", s.frames, self.frames),
                                   ("height", s.height, self.height), ("width", s.width, self.width),
                                   ("steps", s.steps, self.steps), ("clips", s.clips, self.clips),
-                                  ("overlap", s.overlap if s.clips > 1 else 0, self.overlap)):
+                                  ("overlap", s.overlap if s.clips > 1 else 0, self.overlap),
+                                  ("video_prompts", video_prompts, self.video_prompts)):
             if most is not None and value > most:
                 raise ValueError(f"{name}={value} exceeds the limit ({name} <= {most})")
 
@@ -79,6 +88,8 @@ class Request:
     float_video: bool = False  # also return each clip as float32 in [0,1] (for checks against the reference)
     checkpoints: bool = False  # also return each clip's Checkpoint (Clip.checkpoint), to resume from later
     resume: Checkpoint | None = field(default=None, compare=False)  # yield clips resume.clip + 1, ... only
+    # the prompts of clips 2, 3, ... of a one-prompt request; the last one holds for the clips after it
+    clip_prompts: tuple | None = None
 
 
 @dataclass
@@ -134,6 +145,7 @@ class Generation:
         self.u8 = rt.frames_u8[: b * f * s.height * s.width * 3].view(b, f, s.height, s.width, 3)
         self.generator = torch.Generator().manual_seed(request.seed)
         self.previews = None  # preview.Previews when the caller asked for previews (Runtime.generate)
+        self.clip_ctx: list | None = None  # per-clip prompts: each clip's context, a view of ctx_unet or ctx_more
 
     def initial_noise(self) -> None:
         """Official randn_progressive: one (B,C,1,h,w) draw per frame in frame order (unit variance, see sampler)."""
@@ -159,6 +171,11 @@ class Generation:
         if self.noise is not self.noise_cpu:
             self.noise.copy_(self.noise_cpu)
         self.rt.history.restart(self.lat, self.noise)
+
+    def use_clip_prompt(self, c: int) -> None:
+        """Before clip c's first step: with per-clip prompts the UNet reads clip c's context (a view, no copy)."""
+        if self.clip_ctx is not None:
+            self.ctx_unet = self.clip_ctx[c]
 
     def step(self, c: int, i: int) -> None:
         """Step i of clip c, in place: staged guidance and history, UNet call, guidance combine, DDIM (eta = 0)."""
@@ -297,6 +314,8 @@ class Runtime:
         self.ctx = buf(2 * b * 77 * d, text.dtype)  # (2B,77,D) [uncond; cond] as the text backend writes it
         # the UNet's copy of the context when it runs in another dtype than the text encoder
         self.ctx_unet = self.ctx if unet.dtype == text.dtype else buf(2 * b * 77 * d, unet.dtype)
+        # (P-1,2,77,D) the contexts of a video's other distinct prompts (per-clip prompts: batch 1), P = video_prompts
+        self.ctx_more = buf((lim.video_prompts - 1) * 2 * 77 * d, unet.dtype)
         self.latents = buf(n)  # (B,C,F,h,w) float32 whatever the backend dtype
         self.x_in = buf(2 * n, unet.dtype)  # (2B,C,F,h,w) the guidance-doubled UNet input
         self.eps = buf(2 * n, unet.dtype)  # (2B,C,F,h,w) UNet output
@@ -340,9 +359,10 @@ class Runtime:
         check_seed(request.seed)
         prompts, negatives = check_prompts(self.tokenizer, list(request.prompts),
                                            None if request.negative_prompts is None else list(request.negative_prompts))
+        per_clip = check_clip_prompts(self.tokenizer, prompts, request.clip_prompts, s.clips)
         # limits, then the schedule: the order the service checks them in (api.to_spec), so both give one message
         try:
-            self.limits.check(s, len(prompts))
+            self.limits.check(s, len(prompts), max(1, len(set(per_clip))))
         except ValueError as e:
             raise ValueError(f"{e} of this runtime (its buffers are sized from its limits); set up the runtime with "
                              "larger limits") from None
@@ -450,6 +470,16 @@ class Runtime:
         if self.d_last is None and any(p.guidance == "cond_reuse" for p in s.plan()):
             self.d_last = torch.empty_like(self.latents)  # (B,C,F,h,w) of the limits: once, for guidance reuse
         job = Generation(self, len(prompts), s, request)
+        per_clip = check_clip_prompts(self.tokenizer, prompts, request.clip_prompts, s.clips, warn=False)
+        more = [p for p in dict.fromkeys(per_clip) if p != prompts[0]]  # each distinct prompt encoded once
+        nb, d = job.ctx.shape[0], job.ctx.shape[2]
+        bank = [self.ctx_more[j * nb * 77 * d:(j + 1) * nb * 77 * d].view(nb, 77, d) for j in range(len(more))]
+        for p, ctx in zip(more, bank):  # before the first prompt's: ctx_unet may be ctx itself
+            job.ids.copy_(tokenize(self.tokenizer, negatives + [p] if s.cfg else [p]))
+            self.text(job.ids, job.ctx)
+            ctx.copy_(job.ctx)  # (2 or 1,77,D)
+        if per_clip:
+            job.clip_ctx = [job.ctx_unet if p == prompts[0] else bank[more.index(p)] for p in per_clip]
         texts = negatives + prompts if s.cfg else prompts  # [uncond; cond] under guidance
         job.ids.copy_(tokenize(self.tokenizer, texts))
         self.text(job.ids, job.ctx)
@@ -488,6 +518,7 @@ class Runtime:
             for c in range(first, s.clips):
                 if c > 0:
                     job.restart()
+                job.use_clip_prompt(c)
                 for i in range(s.steps):
                     job.step(c, i)
                     if on_step is not None:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from vidrd.ref.attention import Attention, set_attention
-from vidrd.ref.sampler import SamplerSettings, check_prompts, check_seed, generate as sample
+from vidrd.ref.sampler import SamplerSettings, check_clip_prompts, check_prompts, check_seed, generate as sample
 
 from .backends.fast_ops import shared_copy
 from .loop import Clip, Limits, Request
@@ -39,8 +39,9 @@ class ReferenceRuntime:
         s.check_model(self.model)
         prompts, negatives = check_prompts(self.model.tokenizer, list(request.prompts),
                                            None if request.negative_prompts is None else list(request.negative_prompts))
+        per_clip = check_clip_prompts(self.model.tokenizer, prompts, request.clip_prompts, s.clips)
         try:
-            self.limits.check(s, len(prompts))
+            self.limits.check(s, len(prompts), max(1, len(set(per_clip))))
         except ValueError as e:
             raise ValueError(f"{e}, which this runtime was opened for; open the runtime with larger limits") from None
         return prompts, negatives, s
@@ -53,7 +54,8 @@ class ReferenceRuntime:
 
     def _stream(self, prompts, negatives, s: SamplerSettings, request: Request, on_step):
         generator = torch.Generator().manual_seed(request.seed)  # CPU: the official noise order
-        video, latents = sample(self.model, prompts, negatives, s, generator, callback=on_step, warn=False)
+        video, latents = sample(self.model, prompts, negatives, s, generator, callback=on_step, warn=False,
+                                clip_prompts=request.clip_prompts)
         # video (B,3,T,H,W) in [0,1] of clips laid end to end; latents (clips,B,C,F,h,w)
         start = 0
         for c in range(s.clips):

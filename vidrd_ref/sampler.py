@@ -232,6 +232,33 @@ def check_prompts(tokenizer, prompts, negative_prompts, *, warn: bool = True) ->
     return prompts, negative_prompts
 
 
+def check_clip_prompts(tokenizer, prompts: list[str], clip_prompts, clips: int, *, warn: bool = True) -> list[str]:
+    """The prompt of every clip (len clips) of a one-prompt request with per-clip prompts: clip k+1 follows
+    clip_prompts[k-1], the last one holds for the clips after it; [] without them (None or empty). ValueError naming
+    the bad value: a batch of prompts, a prompt that is not text or is empty, more prompts than clips."""
+    if clip_prompts is None:
+        return []
+    if isinstance(clip_prompts, str) or not all(isinstance(p, str) for p in clip_prompts):
+        raise ValueError(f"clip_prompts={shorten(repr(clip_prompts))} must be a list of strings, the prompts of "
+                         "clips 2, 3, ...")
+    clip_prompts = list(clip_prompts)
+    if not clip_prompts:
+        return []
+    if len(prompts) != 1:
+        raise ValueError(f"clip_prompts needs a single prompt, not a batch of {len(prompts)} (prompts): per-clip "
+                         "prompts describe one video")
+    for i, p in enumerate(clip_prompts):
+        check_prompt(f"clip_prompts[{i}]", p)
+    if 1 + len(clip_prompts) > clips:
+        raise ValueError(f"clip_prompts has {len(clip_prompts)} prompts, so {1 + len(clip_prompts)} with the first, "
+                         f"for clips={clips}; give at most clips - 1 = {clips - 1}, or more clips")
+    for p in clip_prompts if warn else ():
+        lost = dropped_words(tokenizer, p)
+        if lost:
+            warnings.warn(f"prompt longer than 77 tokens was truncated; dropped: {shorten(repr(lost))}", stacklevel=3)
+    return [prompts[0], *clip_prompts] + [clip_prompts[-1]] * (clips - 1 - len(clip_prompts))
+
+
 @torch.no_grad()
 def encode_prompts(model, prompts: list[str], negative_prompts: list[str], cfg: bool) -> torch.Tensor:
     """Text embeddings once per call: [uncond; cond] (2B,77,D) under guidance, else cond (B,77,D)."""
@@ -268,7 +295,7 @@ def decode(model, latents: torch.Tensor, temporal: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, prompts, negative_prompts=None, settings: SamplerSettings = SamplerSettings(), generator=None, *,
-             callback=None, warn: bool = True):
+             callback=None, warn: bool = True, clip_prompts=None):
     """Long video by reuse and diffuse. -> video (B,3,frames_out,H,W) in [0,1], latents (clips,B,C,F,h,w).
 
     Mirrors the official SDVideoPipeline.__call__ (SPEC §3.5) step for step, including its random draws, so one
@@ -276,6 +303,9 @@ def generate(model, prompts, negative_prompts=None, settings: SamplerSettings = 
     caller has warned about truncated prompts already. With reuse settings
     each step follows `settings.plan()`: "store"/"reuse" steps run the UNet with a FeatureCache, and
     "cond_reuse" steps run it on the conditional half only, guided by the last measured eps_c - eps_u.
+    clip_prompts: the prompts of clips 2, 3, ... of a one-prompt request (check_clip_prompts); each distinct prompt is
+    encoded once, and a clip denoises with its own prompt's context from its first step (its overlap frames pinned
+    to the previous clip's as usual).
     """
     s = settings
     s.check_model(model)
@@ -283,7 +313,10 @@ def generate(model, prompts, negative_prompts=None, settings: SamplerSettings = 
     if generator is not None and generator.device.type != "cpu":
         raise ValueError(f"generator on {generator.device}: the official noise order needs a CPU torch.Generator")
 
+    per_clip = check_clip_prompts(model.tokenizer, prompts, clip_prompts, s.clips, warn=warn)
     ctx = encode_prompts(model, prompts, negative_prompts, s.cfg)  # (2B or B,77,D)
+    contexts = {p: ctx if p == prompts[0] else encode_prompts(model, [p], negative_prompts, s.cfg)
+                for p in dict.fromkeys(per_clip)}  # distinct prompt -> (2 or 1,77,D)
     dtype, device = ctx.dtype, ctx.device
     b, f, o, r = len(prompts), s.frames, s.overlap, s.noise_recycle
     shape = (b, model.unet.cfg.in_channels, f, s.height // LATENT_FACTOR, s.width // LATENT_FACTOR)  # (B,C,F,h,w)
@@ -300,6 +333,8 @@ def generate(model, prompts, negative_prompts=None, settings: SamplerSettings = 
     videos, finals = [], []
     for c in range(s.clips):
         cache.feature, d_last = None, None  # each clip measures its own features and guidance difference
+        if per_clip:
+            ctx = contexts[per_clip[c]]
         if c > 0:
             latents = torch.empty_like(latents)  # the previous clip's final latents stay as returned
             # (a) overlap frames restart from the previous clip's reversed initial latents
