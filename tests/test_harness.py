@@ -8,8 +8,8 @@ import torch
 from vidrd.runtime.cli import main
 from vidrd.runtime.options import RuntimeOptions
 from vidrd.runtime.shapes import data
-from vidrd.runtime.shapes.evaluate import EVAL_SETTINGS, evaluate, prompt_set
-from vidrd.runtime.shapes.harness import OPPOSITE, clip_lengths, score_videos
+from vidrd.runtime.shapes.evaluate import EVAL_SETTINGS, evaluate, prompt_set, story_set
+from vidrd.runtime.shapes.harness import CHANCE, OPPOSITE, clip_lengths, score_videos
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CAPTIONS = data.all_captions()
@@ -161,4 +161,111 @@ def test_bad_flags_exit_2_with_one_line(tmp_path, capsys, flags, needle):
     assert main(["eval", "--steps", "2", "--no-progress", "--out", str(out), *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0] and err[0].startswith("vidrd eval: error:"), err
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------ per clip, stories
+
+
+def story_video(caps: list, seed: int, frames: int = 8, overlap: int = 4) -> torch.Tensor:
+    """Ground truth of a story as --assembly trim lays it out (F frames, then F-O per later clip): one object that
+    turns at each clip boundary into its clip's direction, one step per frame, slow enough to stay in the frame."""
+    caps = [data.parse(c) if isinstance(c, str) else c for c in caps]
+    rng = np.random.default_rng([seed, data.hash_caption(caps[0])])
+    r, v = rng.uniform(*data.RADIUS), rng.uniform(1.0, 1.4)
+    x, y = data.SIZE / 2 + rng.uniform(-3, 3), data.SIZE / 2 + rng.uniform(-3, 3)
+    parts = []
+    for k, cap in enumerate(caps):
+        dx, dy = data.VELOCITY[cap.direction]
+        n = frames if k == 0 else frames - overlap
+        if k:  # the clip's first frame is one step on from the previous clip's last, in the clip's direction
+            x, y = x + dx * v, y + dy * v
+        parts.append(data.render(cap, data.Motion(x, y, r, v), n))
+        x, y = x + dx * v * (n - 1), y + dy * v * (n - 1)
+    return torch.cat(parts)  # (F + (S-1)(F-O),3,H,W)
+
+
+def test_ground_truth_stories_score_every_clip_against_its_own_caption():
+    stories = story_set(48)
+    videos = [story_video(st, i) for i, st in enumerate(stories)]
+    report = score_videos(videos, stories, [8, 4, 4], trimmed=True)
+    for group in ("all", "trained", "held_out"):
+        m = report["summary"][group]
+        for key in ("clip_direction_acc", "clip_color_acc", "clip_shape_acc", "clip_found_rate"):
+            assert len(m[key]) == 3 and min(m[key]) >= 0.98, (group, key, m[key])
+        for key in ("direction_every_clip", "color_every_clip", "shape_every_clip"):
+            assert m[key] >= 0.98, (group, key, m)
+    m = report["summary"]["all"]
+    assert 0.8 < m["boundary_ratio"] < 1.25, m  # a turn at the boundary is an ordinary step
+    assert m["direction_acc"] >= 0.98 and m["direction_consistency"] >= 0.98  # the old fields: own captions too
+    assert all(r["story"] for r in report["videos"]) and report["summary"]["held_out"]["n"] == 12
+    # against the first caption alone, the later clips turn away from it
+    m = score_videos(videos, [st[0] for st in stories], [8, 4, 4], trimmed=True)["summary"]["all"]
+    assert m["clip_direction_acc"][0] >= 0.98 and max(m["clip_direction_acc"][1:]) < 0.5, m
+
+
+def test_single_caption_long_videos_score_per_clip():
+    caps = CAPTIONS[::3]
+    report = score_videos([long_video(c, 3) for c in caps], caps, 8)
+    m = report["summary"]["all"]
+    for key in ("clip_direction_acc", "clip_color_acc", "clip_shape_acc", "clip_found_rate"):
+        assert len(m[key]) == 3 and min(m[key]) >= 0.98, (key, m[key])
+    assert not any(r["story"] for r in report["videos"])
+    assert report["videos"][0]["clip_captions"] == [str(caps[0])] * 3
+
+
+def test_a_trimmed_clip_is_measured_with_the_frame_before_it():
+    """A later clip of two added frames: its own two points are too few beside a missing one, the frame before it
+    makes the track (the rule the module docstring states)."""
+    cap = data.parse("a red circle moving right on a black background")
+    video = data.render(cap, data.Motion(20, 32, 8, 2.0), 10)  # clips of 8, then 2 added frames
+    video[9] = 0  # the second added frame loses the object
+    caps = [str(cap)] * 2
+    assert score_videos([video], [caps], [8, 2])["videos"][0]["clip_directions"] == ["right", "none"]
+    assert score_videos([video], [caps], [8, 2], trimmed=True)["videos"][0]["clip_directions"] == ["right", "right"]
+
+
+def test_noise_scores_near_chance_in_every_clip():
+    stories = story_set(36)
+    g = torch.Generator().manual_seed(2)
+    noise = torch.rand(len(stories), 16, 3, data.SIZE, data.SIZE, generator=g)
+    m = score_videos(noise, stories, [8, 4, 4], trimmed=True)["summary"]["all"]
+    assert max(m["clip_color_acc"]) <= 0.4 and max(m["clip_direction_acc"]) <= 0.45, m
+    assert m["color_every_clip"] <= 2 * CHANCE["color_acc"] ** 2 + 0.05, m
+
+
+def test_story_set_is_fixed_turns_every_clip_and_keeps_the_object():
+    a, b = story_set(12), story_set(40)
+    assert a == b[:12] and a == story_set(12, seed=0) and a != story_set(12, seed=1) and len(story_set(5, 4)[0]) == 4
+    assert [st[0] for st in b] == prompt_set(40)
+    trained = {str(c) for c in data.TRAIN_CAPTIONS}
+    for i, st in enumerate(b):
+        caps = [data.parse(c) for c in st]
+        assert len({(c.color, c.shape, c.background) for c in caps}) == 1
+        assert all(p.direction != q.direction for p, q in zip(caps, caps[1:]))
+        assert (st[0] in data.HELD_OUT) == (i % 4 == 1)
+        if i % 4 != 1:
+            assert set(st) <= trained
+    with pytest.raises(ValueError, match="clips=1"):
+        story_set(3, clips=1)
+
+
+def test_eval_stories_cli_end_to_end(tmp_path):
+    out = tmp_path / "report.json"
+    assert main(["eval", "--preset", "tiny", "--stories", "--samples", "2", "--steps", "2", "--assembly", "trim",
+                 "--no-progress", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["stories"] is True and report["config"]["prompts"] == 2
+    assert [r["clip_captions"] for r in report["videos"]] == [list(st) for st in story_set(2)]
+    m = report["summary"]["all"]
+    assert len(m["clip_direction_acc"]) == 3 and {"color_acc", "boundary_ratio", "color_every_clip"} <= set(m)
+
+
+@pytest.mark.parametrize("flags, needle", [(["--batch", "2"], "--stories needs --batch 1"),
+                                           (["--clips", "1"], "--clips >= 2")])
+def test_eval_stories_refuses_a_batch_and_one_clip(tmp_path, capsys, flags, needle):
+    out = tmp_path / "r.json"
+    assert main(["eval", "--stories", "--steps", "2", "--no-progress", "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
     assert not out.exists()

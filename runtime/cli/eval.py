@@ -11,7 +11,7 @@ from vidrd.ref.sampler import check_seed
 from vidrd.runtime.cli.model_args import add_model_args, check_model_args
 from vidrd.runtime.cli.args import (add_quality_arg, add_runtime_args, add_sampler_args, apply_args, runtime_options,
                                    sampler_settings)
-from vidrd.runtime.shapes.evaluate import EVAL_SETTINGS, NEGATIVE, evaluate, prompt_set, write_atomic
+from vidrd.runtime.shapes.evaluate import EVAL_SETTINGS, NEGATIVE, evaluate, prompt_set, story_set, write_atomic
 
 
 def register(sub) -> None:
@@ -24,6 +24,9 @@ def register(sub) -> None:
                    "number of seeds, each seed running samples/seeds prompts of the fixed set (default 16)")
     p.add_argument("--seeds", default="0", help="comma-separated generation seeds (default 0)")
     p.add_argument("--prompt-seed", type=int, default=0, help="seed of the fixed prompt set (default 0)")
+    p.add_argument("--stories", action="store_true", help="stories instead of single captions: a caption per clip, "
+                   "the direction turning at every clip (right, then down, ...), each clip scored against its own "
+                   "(one prompt a request: --batch 1)")
     p.add_argument("--batch", type=int, default=1, help="prompts per request (the noise depends on it)")
     p.add_argument("--negative-prompt", default=NEGATIVE)
     s = p.add_argument_group("sampler (the issue's evaluation setting: 64x64, 8 frames, 3 clips, official defaults)")
@@ -59,6 +62,9 @@ def run(args) -> int:
     if args.batch < 1:
         raise ValueError(f"--batch {args.batch} must be >= 1")
     s = sampler_settings(args, EVAL_SETTINGS)
+    if args.stories and (args.batch != 1 or s.clips < 2):
+        raise ValueError(f"--stories needs --batch 1 (got {args.batch}; a prompt per clip is a one-prompt request) "
+                         f"and --clips >= 2 (got {s.clips})")
     check_model_args(args)
     options = runtime_options(args)
     out = Path(args.out) if args.out else None
@@ -67,7 +73,9 @@ def run(args) -> int:
     s, options, quality = apply_args(args, s, options)  # --quality; options resolved (device, dtype checked)
     model, what, _ = load_model(args, dtype=options.torch_dtype, device=options.device)
     print(f"model: {what} on {options.device} ({options.dtype})", file=sys.stderr)
-    report = evaluate(model, s, prompt_set(args.samples // len(seeds), args.prompt_seed), seeds, options,
+    n = args.samples // len(seeds)
+    prompts = story_set(n, s.clips, args.prompt_seed) if args.stories else prompt_set(n, args.prompt_seed)
+    report = evaluate(model, s, prompts, seeds, options,
                       batch=args.batch, negative_prompt=args.negative_prompt, progress=not args.no_progress)
     report["config"].update(model=what, prompt_seed=args.prompt_seed,
                             quality=None if quality is None else quality.summary())
@@ -81,6 +89,8 @@ def run(args) -> int:
         if m["n"]:
             print(f"{group}: n={m['n']} " + " ".join(f"{k}={_fmt(m[k])}" for k in (
                 "color_acc", "shape_acc", "direction_acc", "direction_consistency", "boundary_ratio")), file=sys.stderr)
+            print(f"{group} per clip: " + " ".join(f"{k}=[{', '.join(_fmt(v) for v in m[k])}]" for k in (
+                "clip_direction_acc", "clip_color_acc", "clip_shape_acc", "clip_found_rate")), file=sys.stderr)
     return 0
 
 

@@ -1,5 +1,5 @@
-"""The evaluation behind `vidrd eval`: a fixed prompt set x seeds through a backend and sampler settings, scored
-by the shapes harness.
+"""The evaluation behind `vidrd eval`: a fixed prompt set (single captions, or stories: a caption per clip) x seeds
+through a backend and sampler settings, scored by the shapes harness.
 
 The same prompts, seeds, batch and settings give the same videos (the runtime matches the reference sampler for a
 seed), so two configurations' reports compare their quality on identical work.
@@ -41,6 +41,29 @@ def prompt_set(n: int, seed: int = 0) -> list[str]:
     return [next(held) if i % HELD_OUT_EVERY == 1 else next(trained) for i in range(n)]
 
 
+def story_set(n: int, clips: int = 3, seed: int = 0) -> list[tuple[str, ...]]:
+    """n stories of `clips` captions, deterministic in (n, clips, seed): one object and background, and a direction
+    per clip that differs from the clip before (e.g. right, then down, then left). The first captions are
+    prompt_set(n, seed)'s, so held-out captions start the stories at positions 1, 5, 9, ...; the later captions of
+    the other stories are trained captions too, those of held-out ones any caption."""
+    if clips < 2:
+        raise ValueError(f"clips={clips}: a story needs at least 2 clips")
+    rng = np.random.default_rng([seed, clips, 1])
+    trained = {str(c) for c in data.TRAIN_CAPTIONS}
+    out = []
+    for i, first in enumerate(prompt_set(n, seed)):
+        caps = [data.parse(first)]
+        for _ in range(clips - 1):
+            prev = caps[-1]
+            turns = [data.Caption(prev.color, prev.shape, d, prev.background) for d in data.DIRECTIONS
+                     if d != prev.direction]
+            if i % HELD_OUT_EVERY != 1:
+                turns = [c for c in turns if str(c) in trained] or turns
+            caps.append(turns[rng.integers(len(turns))])
+        out.append(tuple(str(c) for c in caps))
+    return out
+
+
 def evaluate(model, settings: SamplerSettings, prompts, seeds, options: RuntimeOptions = RuntimeOptions(), *,
              batch: int = 1, negative_prompt: str = NEGATIVE, progress: bool = True) -> dict:
     """Generate every prompt x seed (seed-major, `batch` prompts a request) and score the videos -> JSON-ready
@@ -52,14 +75,19 @@ def evaluate(model, settings: SamplerSettings, prompts, seeds, options: RuntimeO
 
     from vidrd.runtime.shapes.harness import score_videos
 
-    prompts, seeds = [str(p) for p in prompts], [int(s) for s in seeds]
-    bad = [p for p in prompts if data.parse(p) is None]
+    prompts = [str(p) if isinstance(p, str) else tuple(str(c) for c in p) for p in prompts]
+    seeds = [int(s) for s in seeds]
+    stories = any(not isinstance(p, str) for p in prompts)
+    bad = [c for p in prompts for c in ([p] if isinstance(p, str) else p) if data.parse(c) is None]
     if bad:
         raise ValueError(f"prompt {bad[0]!r} is not in the shapes grammar {data.TEMPLATE!r}")
     if not prompts or not seeds:
         raise ValueError(f"need prompts and seeds (got {len(prompts)} prompts, {len(seeds)} seeds)")
-    if batch < 1:
-        raise ValueError(f"batch={batch} must be >= 1")
+    if batch < 1 or (stories and batch != 1):
+        raise ValueError(f"batch={batch} must be >= 1" + (", and 1 for stories (a prompt per clip is a one-prompt "
+                                                           "request)" if stories else ""))
+    if stories and any(isinstance(p, str) or len(p) != settings.clips for p in prompts):
+        raise ValueError(f"stories need one caption per clip (clips={settings.clips}) in every prompt")
     settings.check_model(model)
     options = options.resolved()
     s = settings
@@ -72,7 +100,7 @@ def evaluate(model, settings: SamplerSettings, prompts, seeds, options: RuntimeO
     try:
         from vidrd.runtime.loop import Limits
         from vidrd.runtime.options import open_runtime
-        rt = open_runtime(model, options, Limits.of(s, min(batch, len(prompts))))
+        rt = open_runtime(model, options, Limits.of(s, min(batch, len(prompts)), s.clips if stories else 1))
         for seed, group in chunks:
             for frames in _generate(rt, s, group, negative_prompt, seed, on_step):  # (T,H,W,3) uint8
                 videos.append(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255)
@@ -83,11 +111,12 @@ def evaluate(model, settings: SamplerSettings, prompts, seeds, options: RuntimeO
         if rt is not None:
             rt.close()
     seconds = time.perf_counter() - t0
-    report = score_videos(videos, captions, clip_frames(s))
+    report = score_videos(videos, captions, clip_frames(s), trimmed=s.assembly == "trim")
     for record, seed in zip(report["videos"], sample_seeds):
         record["seed"] = seed
     config = {"settings": asdict(s), "backend": options.backend, "batch": batch, "negative_prompt": negative_prompt,
-              "seeds": seeds, "prompts": len(prompts), "samples": len(videos), "device": options.device,
+              "seeds": seeds, "prompts": len(prompts), "stories": stories, "samples": len(videos),
+              "device": options.device,
               "dtype": str(options.torch_dtype).removeprefix("torch.")}
     return {"config": config, **report, "seconds": seconds, "seconds_per_sample": seconds / len(videos)}
 
@@ -98,12 +127,16 @@ def clip_frames(s: SamplerSettings) -> list[int]:
     return [s.frames] + [later] * (s.clips - 1)
 
 
-def _generate(rt, s: SamplerSettings, prompts: list[str], negative: str, seed: int, on_step):
-    """The videos of one request as uint8 frames (T,H,W,3), one per prompt."""
+def _generate(rt, s: SamplerSettings, prompts: list, negative: str, seed: int, on_step):
+    """The videos of one request as uint8 frames (T,H,W,3), one per prompt (a story: one, its clips' prompts)."""
     from vidrd.runtime.loop import Request
 
     negatives = tuple([negative] * len(prompts))
-    clips = [clip.frames for clip in rt.generate(Request(tuple(prompts), negatives, s, seed), on_step=on_step)]
+    if len(prompts) == 1 and not isinstance(prompts[0], str):  # a story: the first caption, then clip prompts
+        request = Request(prompts[0][:1], negatives, s, seed, clip_prompts=prompts[0][1:])
+    else:
+        request = Request(tuple(prompts), negatives, s, seed)
+    clips = [clip.frames for clip in rt.generate(request, on_step=on_step)]
     return list(np.concatenate(clips, axis=1))  # each clip (B,F',H,W,3) -> (B,T,H,W,3)
 
 

@@ -8,6 +8,11 @@ to it) is cut to its largest 8-connected component, which gives the centroid, si
 centroid track gives the direction; the steps between frames give smoothness, and the step across each clip
 boundary, against the median step inside clips, gives continuity. Videos are (T,3,H,W) float in [0,1], T = the
 sum of the clip lengths.
+
+Per clip, each clip is scored against its own caption (a story gives one per clip: "right", then "down", ...):
+direction, colour and shape (the most frequent in the clip's frames), found rate. A later clip trimmed of its
+overlap frames (--assembly trim) adds F-O frames; its direction is measured on those plus the last frame before
+them, the step that leads into the clip (the frames it shares with the previous clip belong to that clip's motion).
 """
 from __future__ import annotations
 
@@ -163,17 +168,36 @@ def clip_lengths(frames_per_clip: int | Sequence[int], total: int) -> list[int]:
     return lengths
 
 
-def score_video(video: torch.Tensor, caption: data.Caption | str, frames_per_clip: int | Sequence[int]) -> dict:
-    """One video (T,3,H,W) in [0,1] against its caption: a JSON-serialisable record."""
+def _caption(caption: data.Caption | str) -> data.Caption:
     cap = caption if isinstance(caption, data.Caption) else data.parse(caption)
     if cap is None:
         raise ValueError(f"caption {caption!r} is not in the grammar {data.TEMPLATE!r}")
+    return cap
+
+
+def clip_captions(caption, clips: int) -> list[data.Caption]:
+    """One caption per clip: a caption (str or Caption) for every clip, or a sequence of `clips` captions (a story)."""
+    if isinstance(caption, (str, data.Caption)):
+        return [_caption(caption)] * clips
+    caps = [_caption(c) for c in caption]
+    if len(caps) != clips:
+        raise ValueError(f"{len(caps)} captions for a video of {clips} clips; give one per clip")
+    return caps
+
+
+def score_video(video: torch.Tensor, caption, frames_per_clip: int | Sequence[int], *, trimmed: bool = False) -> dict:
+    """One video (T,3,H,W) in [0,1] against its caption, or a caption per clip (a story): a JSON-serialisable
+    record. `trimmed`: later clips lost their overlap frames (--assembly trim), which sets the frames a later clip's
+    own direction is measured on (module docstring)."""
     fs = frames(video)
     scale = max(video.shape[-2:]) / data.SIZE
-    clips, start = [], 0
+    clips, starts, start = [], [], 0
     for n in clip_lengths(frames_per_clip, len(fs)):
         clips.append(fs[start:start + n])
+        starts.append(start)
         start += n
+    caps = clip_captions(caption, len(clips))
+    cap = caps[0]
     dirs = [direction(c, scale) for c in clips]
     inside = [s for c in clips for s in _steps(c)]
     median = sorted(inside)[len(inside) // 2] if inside else None
@@ -184,12 +208,21 @@ def score_video(video: torch.Tensor, caption: data.Caption | str, frames_per_cli
     later = dirs[1:]
     color, shape = _mode(f.color for f in fs), _mode(f.shape for f in fs)
     background = _mode(f.background for f in fs)
+    # each clip against its own caption; a trimmed later clip's direction includes the frame before it
+    own = [fs[a - 1:a + len(c)] if trimmed and k else c for k, (a, c) in enumerate(zip(starts, clips))]
+    clip_dirs = [direction(t, scale) for t in own]
+    clip_colors, clip_shapes = [_mode(f.color for f in c) for c in clips], [_mode(f.shape for f in c) for c in clips]
     return {
-        "caption": str(cap), "held_out": str(cap) in data.HELD_OUT,
+        "caption": str(cap), "held_out": any(str(c) in data.HELD_OUT for c in caps),
+        "clip_captions": [str(c) for c in caps], "story": len({c.direction for c in caps}) > 1,
+        "clip_directions": clip_dirs, "clip_direction_ok": [d == c.direction for d, c in zip(clip_dirs, caps)],
+        "clip_color_ok": [v == c.color for v, c in zip(clip_colors, caps)],
+        "clip_shape_ok": [v == c.shape for v, c in zip(clip_shapes, caps)],
+        "clip_found": [_mean(f.color is not None for f in c) for c in clips],
         "color": color, "shape": shape, "background": background, "directions": dirs,
         "color_ok": color == cap.color, "shape_ok": shape == cap.shape, "background_ok": background == cap.background,
         "direction_ok": dirs[0] == cap.direction, "direction_none": dirs[0] == "none",
-        "direction_consistency": _mean(d == cap.direction for d in later) if later else None,
+        "direction_consistency": _mean(d == c.direction for d, c in zip(later, caps[1:])) if later else None,
         "reversals": _mean(b == OPPOSITE.get(a) for a, b in zip(dirs, later)) if later else None,
         "found": _mean(f.color is not None for f in fs),
         "size_mean": _mean(f.size if f.color is not None else None for f in fs),
@@ -212,19 +245,35 @@ SUMMARY = {"color_acc": "color_ok", "shape_acc": "shape_ok", "background_acc": "
            "boundary_ratio": "boundary_ratio"}
 
 
+# summary key -> per-video list with one entry per clip: a list of rates by clip
+PER_CLIP = {"clip_direction_acc": "clip_direction_ok", "clip_color_acc": "clip_color_ok",
+            "clip_shape_acc": "clip_shape_ok", "clip_found_rate": "clip_found"}
+# summary key -> per-video list: the rate of videos where it holds in every clip
+EVERY_CLIP = {"direction_every_clip": "clip_direction_ok", "color_every_clip": "clip_color_ok",
+              "shape_every_clip": "clip_shape_ok"}
+
+
 def summarize(records: Sequence[dict]) -> dict:
-    """Means of the per-video records (fields that are None for a video are left out of its mean), all and split."""
+    """Means of the per-video records (fields that are None for a video are left out of its mean), all and split.
+    Per-clip keys are lists by clip (clip k's mean over the videos that have a clip k)."""
+    def by_clip(rs, f):
+        n = max((len(r[f]) for r in rs), default=0)
+        return [_mean(r[f][k] for r in rs if len(r[f]) > k) for k in range(n)]
+
     def means(rs):
-        return {"n": len(rs), **{k: _mean(r[f] for r in rs) for k, f in SUMMARY.items()}}
+        return {"n": len(rs), **{k: _mean(r[f] for r in rs) for k, f in SUMMARY.items()},
+                **{k: by_clip(rs, f) for k, f in PER_CLIP.items()},
+                **{k: _mean(all(r[f]) for r in rs) for k, f in EVERY_CLIP.items()}}
     return {"all": means(records), "trained": means([r for r in records if not r["held_out"]]),
             "held_out": means([r for r in records if r["held_out"]])}
 
 
-def score_videos(videos, captions: Sequence, frames_per_clip: int | Sequence[int]) -> dict:
-    """Score videos ((N,T,3,H,W) or a list of (T,3,H,W), float in [0,1]) against captions -> JSON-serialisable dict:
-    {"summary": {"all"|"trained"|"held_out": means}, "chance": ..., "videos": per-video records}."""
+def score_videos(videos, captions: Sequence, frames_per_clip: int | Sequence[int], *, trimmed: bool = False) -> dict:
+    """Score videos ((N,T,3,H,W) or a list of (T,3,H,W), float in [0,1]) against captions (each a caption or one per
+    clip) -> JSON-serialisable dict: {"summary": {"all"|"trained"|"held_out": means}, "chance": ..., "videos":
+    per-video records}. A video is held out when any of its captions is."""
     if len(videos) != len(captions):
         raise ValueError(f"{len(videos)} videos but {len(captions)} captions")
-    records = [score_video(v, c, frames_per_clip) for v, c in zip(videos, captions)]
+    records = [score_video(v, c, frames_per_clip, trimmed=trimmed) for v, c in zip(videos, captions)]
     return {"summary": summarize(records), "chance": CHANCE, "videos": records}
 
