@@ -161,3 +161,36 @@ def test_batch_runs_are_unchanged_by_the_prompt_bank(model):
     got = [c.frames for c in open_runtime(model, limits=LIMITS).generate(request)]
     want = [c.frames for c in open_runtime(model, limits=replace(LIMITS, video_prompts=1)).generate(request)]
     assert_uint8_close(np.concatenate(got, axis=1), np.concatenate(want, axis=1))
+
+
+# ------------------------------------------------------------------------------------------------ vidrd generate
+
+CLI = ["--height", "64", "--width", "48", "--frames", "4", "--steps", "2", "--overlap", "2", "--no-progress",
+       "--preset", "tiny"]
+
+
+def test_generate_then_makes_the_reference_samplers_story(tmp_path, capsys):
+    from vidrd.runtime.cli import main
+    from vidrd.runtime.video_io import read_video, to_uint8
+    out = tmp_path / "frames"  # PNG frames: lossless
+    assert main(["generate", STORY[0], "--then", STORY[1][0], "--then", STORY[1][1], "-o", str(out), *CLI]) == 0
+    got = read_video(out)
+    assert got.shape == (3 * 4, 64, 48, 3)  # --clips 1 + 2 --then, clips whole
+    s = SamplerSettings(height=64, width=48, frames=4, steps=2, clips=3, overlap=2)
+    video, _ = generate(random_model(), [STORY[0]], ["watermark"], s, torch.Generator().manual_seed(42),
+                        clip_prompts=STORY[1])
+    assert_uint8_close(got, to_uint8(video[0]))
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--prompt", "b", "--then", "c"], "--then needs a single prompt, not a batch of 2"),
+    (["--then", " "], "--then 1=' ' is empty"),
+    (["--then", "b", "--then", "c", "--clips", "2"], "--clips 2 is fewer than the 3 prompts"),
+])
+def test_generate_refuses_bad_clip_prompts_before_any_work(tmp_path, capsys, args, needle):
+    from vidrd.runtime.cli import main
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "a", "-o", str(out), *CLI, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vidrd generate: error: ") and needle in err, err
+    assert not list(tmp_path.iterdir())

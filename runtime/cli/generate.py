@@ -23,6 +23,9 @@ def register(sub) -> None:
     p.add_argument("prompt", nargs="?", help="the text prompt")
     p.add_argument("--prompt", dest="prompts", action="append", default=[], metavar="TEXT",
                    help="a prompt; repeat for a batch (one output file each)")
+    p.add_argument("--then", action="append", default=[], metavar="PROMPT",
+                   help="the prompt of the next clip: clip k+1 follows the k-th --then, the last one holds for any "
+                   "clips after it; --clips defaults to 1 + the number of --then (one prompt, not a batch)")
     p.add_argument("-o", "--out", required=True, help="output: NAME.mp4 (H.264), NAME.gif, or a folder for PNGs")
     p.add_argument("--negative-prompt", default=None,
                    help=f"negative prompt for every video (default {OFFICIAL_NEGATIVE!r}, as the official evaluator; "
@@ -77,10 +80,20 @@ def run(args) -> int:
         raise ValueError(f"give a prompt: vidrd generate \"{shapes.DEMO_PROMPT}\" -o shapes.mp4")
     for i, text in enumerate(prompts):
         check_prompt("prompt" if len(prompts) == 1 else f"prompt {i}", text)
+    if args.then and len(prompts) != 1:
+        raise ValueError(f"--then needs a single prompt, not a batch of {len(prompts)}: the clips of one video follow "
+                         "the prompt and then each --then")
+    for i, text in enumerate(args.then):
+        check_prompt(f"--then {i + 1}", text)
     check_seed(args.seed, "--seed")
     negative = negative_prompt(args)
     check_text("--negative-prompt", negative)
+    if args.then and args.clips is None:
+        args.clips = 1 + len(args.then)
     s = settings(args)
+    if 1 + len(args.then) > s.clips:
+        raise ValueError(f"--clips {s.clips} is fewer than the {1 + len(args.then)} prompts (the prompt and "
+                         f"{len(args.then)} --then); give --clips {1 + len(args.then)} or more, or leave it out")
     check_model_args(args)
     options = runtime_options(args)
     paths = outputs(args.out, len(prompts))
@@ -100,7 +113,7 @@ def run(args) -> int:
               file=sys.stderr)
     if is_default_model(args):
         from vidrd.runtime.shapes.data import TEMPLATE, out_of_vocabulary
-        for text in prompts:
+        for text in prompts + args.then:
             unknown = out_of_vocabulary(text)
             if unknown:
                 print(f"warning: {shapes.NAME} does not know the words {shorten(', '.join(unknown))} in "
@@ -120,10 +133,11 @@ def run(args) -> int:
         on_step = (lambda c, i: bar.update(1)) if bar else None
         from vidrd.runtime.loop import Limits, Request
         from vidrd.runtime.options import open_runtime
-        rt = open_runtime(model, options, Limits.of(s, len(prompts)))  # the reference sampler too (--backend reference)
+        distinct = len(set(prompts + args.then))  # the prompt and --then: a text context each
+        rt = open_runtime(model, options, Limits.of(s, len(prompts), distinct))  # the reference sampler too
         try:
             on_preview = attach_tiny(args, rt, tiny, model)
-            request = Request(tuple(prompts), tuple(negatives), s, args.seed)
+            request = Request(tuple(prompts), tuple(negatives), s, args.seed, clip_prompts=tuple(args.then) or None)
             for clip in rt.generate(request, on_step=on_step, **({"on_preview": on_preview} if on_preview else {})):
                 for w, frames in zip(writers, clip.frames):  # stream each clip as soon as it is decoded
                     w.write(frames)
