@@ -12,7 +12,7 @@ from vidrd.runtime.shapes.train import Trainer, TrainConfig
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY_RUN = TrainConfig(vae_steps=3, vae_batch=2, unet_steps=3, unet_batch=2, warmup=2, scale_batches=1,
-                       offset_noise_from=1, dir_steps=2, ship="ema")
+                       offset_noise_from=1, dir_steps=2, cont_steps=2, ship="ema")
 
 
 def test_grammar_captions_and_held_out_set():
@@ -44,6 +44,49 @@ def test_videos_are_deterministic_and_move_as_captioned():
     b, caps_b = data.batch(5, 3, seed=1)
     assert torch.equal(a, b) and caps_a == caps_b
     assert not torch.equal(a, data.batch(6, 3, seed=1)[0])
+
+
+def test_long_tracks_and_their_clips_continue_and_turn():
+    import numpy as np
+    o, f = 4, data.FRAMES
+    for seed in range(20):
+        dirs = [str(d) for d in np.random.default_rng(seed).choice(data.DIRECTIONS, 3)]
+        centres, r = data.track(dirs, np.random.default_rng([seed, 1]), f, o)
+        c = np.array(centres)  # (T,2)
+        assert c.shape == (f + 2 * (f - o), 2)
+        assert (c >= 0.6 * r - 1e-9).all() and (c <= data.SIZE - 0.6 * r + 1e-9).all()  # inside the frame
+        for k in range(1, len(c)):  # each move follows its segment's direction
+            step = c[k] - c[k - 1]
+            unit = np.array(data.VELOCITY[dirs[data.segment_of(k, f, o)]])
+            assert np.allclose(step / np.linalg.norm(step), unit) and 1.0 < np.linalg.norm(step) <= 3.0
+    vids, caps, first, before = data.window_batch(3, 16, seed=1)
+    again = data.window_batch(3, 16, seed=1)
+    assert torch.equal(vids, again[0]) and (caps, first, before) == again[1:]
+    assert vids.shape == (16, f, 3, 64, 64) and set(first) == {0, o}
+    assert all((b is None) == (k == 0) for b, k in zip(before, first))
+    assert all(c in {str(t) for t in data.TRAIN_CAPTIONS} for c in caps)
+    assert any(b is not None and b != data.parse(c).direction for b, c in zip(before, caps))  # a turn
+    ys, xs = torch.arange(64.0)[:, None], torch.arange(64.0)[None, :]
+    for v, c, k in zip(vids, caps, first):  # the frames a clip adds move as its caption says
+        cap = data.parse(c)
+        bg = torch.tensor(data.BACKGROUNDS[cap.background]) / 255
+        obj = ((v - bg[:, None, None]).abs().amax(dim=1) > 0.3).float()  # (F,H,W)
+        cx, cy = (obj * xs).sum((1, 2)) / obj.sum((1, 2)), (obj * ys).sum((1, 2)) / obj.sum((1, 2))
+        dx, dy = data.VELOCITY[cap.direction]
+        a = max(k - 1, 0)
+        assert float(cx[-1] - cx[a]) * dx + float(cy[-1] - cy[a]) * dy > 5, (c, k)
+
+
+def test_continuation_phase_starts_from_a_trained_model(tmp_path):
+    from vidrd.runtime.shapes import MODEL_DIR
+    tr = Trainer(tmp_path, TINY_RUN, log=lambda m: None, bf16=False, start=MODEL_DIR)
+    assert tr.state["phase"] == "continuation" and tr.state["step"] == 0
+    before = _params(tr)
+    assert tr.run() and tr.state["cont_done"] == 2 and len(tr.state["losses"]["continuation"]) == 1
+    after = _params(tr)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    again = Trainer(tmp_path, TINY_RUN, log=lambda m: None, bf16=False, start=MODEL_DIR)  # resumes, not restarts
+    assert again.state["phase"] == "done" and again.run() and all(torch.equal(after[k], again.ema[k]) for k in after)
 
 
 def _params(trainer):
@@ -108,7 +151,7 @@ def test_export_is_fp16_official_layout_and_loads(tmp_path):
     ids = model.tokenizer("a red circle moving left on a black background").input_ids
     assert len(ids) == 2 + 9  # every grammar word is one token
     info = json.loads((out / "train.json").read_text())
-    assert info["phase"] == "done" and info["step"] == 2 and info["direction_steps_done"] == 2
+    assert info["phase"] == "done" and info["direction_steps_done"] == 2 and info["continuation_steps_done"] == 2
     assert torch.allclose(model.unet.conv_in.weight, trainer.ema["unet.conv_in.weight"].half().float())
     raw = Trainer(tmp_path / "run", replace(TINY_RUN, ship="raw"), log=lambda m: None, bf16=False)
     last = raw.model.unet.conv_in.weight.detach().clone()  # the last step's weights, as resumed

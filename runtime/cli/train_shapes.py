@@ -20,6 +20,8 @@ def register(sub) -> None:
     for f in fields(TrainConfig):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
                        default=getattr(defaults, f.name), help=f"(default {getattr(defaults, f.name)})")
+    p.add_argument("--start-from", type=Path, default=None, metavar="MODEL_DIR",
+                   help="a new run begins at the continuation phase from this trained model (official layout)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
@@ -52,7 +54,11 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = None if args.precision == "auto" else args.precision == "bf16"
-    trainer = Trainer(Path(args.out), cfg, device=device, log=log_stderr, bf16=bf16)
+    if args.start_from is not None and not (args.start_from / "ModelT2V.safetensors").is_file():
+        print(f"vidrd train-shapes: --start-from={args.start_from} is not a model folder (no ModelT2V.safetensors)",
+              file=sys.stderr)
+        return 2
+    trainer = Trainer(Path(args.out), cfg, device=device, log=log_stderr, bf16=bf16, start=args.start_from)
     log_stderr(f"vidrd train-shapes: device {device}, {torch.get_num_threads()} threads, "
                f"{'bf16 autocast' if trainer.bf16 else 'fp32'}; checkpoints in {args.out}")
     if not args.export_now:
@@ -81,7 +87,8 @@ def export(trainer, out: Path) -> Path:
                        sd_vae_weights=False)
     s = trainer.state
     info = {"config": asdict(trainer.cfg), "phase": s["phase"], "step": s["step"],
-            "direction_steps_done": s.get("dir_done", 0), "latent_scale": s["scale"],
+            "direction_steps_done": s.get("dir_done", 0), "continuation_steps_done": s.get("cont_done", 0),
+            "started_from": s.get("start"), "latent_scale": s["scale"],
             "train_minutes": round(s["wall"] / 60, 1), "device": str(trainer.device),
             "threads": torch.get_num_threads(), "bf16": trainer.bf16, "cpu": platform.processor() or platform.machine(),
             "final_losses": {k: (v[-1] if v else None) for k, v in s["losses"].items()},

@@ -116,16 +116,21 @@ def _inside(shape: str, px: torch.Tensor, py: torch.Tensor, r: float) -> torch.T
 
 def render(caption: Caption, motion: Motion, frames: int = FRAMES, size: int = SIZE) -> torch.Tensor:
     """One video (F,3,H,W) float32 in [0,1], anti-aliased by SUPERSAMPLE x SUPERSAMPLE coverage."""
+    dx, dy = VELOCITY[caption.direction]
+    centres = [(motion.x + dx * motion.speed * f, motion.y + dy * motion.speed * f) for f in range(frames)]
+    return draw(caption, centres, motion.radius, size)
+
+
+def draw(caption: Caption, centres, radius: float, size: int = SIZE) -> torch.Tensor:
+    """Frames (F,3,H,W) float32 in [0,1] of the caption's shape at each centre (x, y) in pixels (F centres)."""
     s = SUPERSAMPLE
     axis = (torch.arange(size * s, dtype=torch.float32) + 0.5) / s  # sample positions in pixels
     py, px = torch.meshgrid(axis, axis, indexing="ij")  # (H s, W s)
-    dx, dy = VELOCITY[caption.direction]
     fg = torch.tensor(COLORS[caption.color], dtype=torch.float32) / 255  # (3,)
     bg = torch.tensor(BACKGROUNDS[caption.background], dtype=torch.float32) / 255
-    out = torch.empty(frames, 3, size, size)
-    for f in range(frames):
-        cx, cy = motion.x + dx * motion.speed * f, motion.y + dy * motion.speed * f
-        hit = _inside(caption.shape, px - cx, py - cy, motion.radius).float()  # (H s, W s)
+    out = torch.empty(len(centres), 3, size, size)
+    for f, (cx, cy) in enumerate(centres):
+        hit = _inside(caption.shape, px - cx, py - cy, radius).float()  # (H s, W s)
         cover = hit.view(size, s, size, s).mean(dim=(1, 3))  # (H,W) coverage in [0,1]
         out[f] = bg[:, None, None] + (fg - bg)[:, None, None] * cover
     return out
@@ -153,6 +158,58 @@ def batch(step: int, n: int, seed: int = 0, frames: int = FRAMES, size: int = SI
     caps = [captions[i] for i in picks]
     vids = torch.stack([render(c, sample_motion(c, rng, frames, size), frames, size) for c in caps])
     return vids, [str(c) for c in caps]
+
+
+# Long videos: a track is one object moving through `segments` clips of `frames` frames that share `overlap` frames
+# (the frames a long video keeps with --assembly trim: F + (S-1)(F-O)); each segment has its own direction, so a
+# direction word can change between clips (a story). Slower than single clips, so three clips stay in the frame.
+TRACK_SPEED = (1.75, 3.0)  # pixels per frame
+WINDOWS = (0.3, 0.35, 0.35)  # how often a training window is the track's first, second, third clip
+
+
+def segment_of(frame: int, frames: int, overlap: int) -> int:
+    """Which segment (clip) a track frame belongs to: the first clip's F frames, then F-O new frames per clip."""
+    return 0 if frame < frames else 1 + (frame - frames) // (frames - overlap)
+
+
+def track(directions: list[str], rng: np.random.Generator, frames: int = FRAMES, overlap: int = 4,
+          size: int = SIZE) -> tuple[list[tuple[float, float]], float]:
+    """Centres (x, y) of a track through len(directions) segments, and the radius; the centre stays inside the frame
+    (as in sample_motion) for the whole track. The move into frame f follows the direction of f's segment."""
+    r = rng.uniform(*RADIUS) * size / SIZE
+    n = frames + (len(directions) - 1) * (frames - overlap)
+    steps = [VELOCITY[directions[segment_of(f, frames, overlap)]] for f in range(1, n)]
+    path = np.concatenate([np.zeros((1, 2)), np.cumsum(np.array(steps, dtype=np.float64), axis=0)])  # (T,2) unit
+    lo, hi = r * 0.6, size - r * 0.6
+    span = float((path.max(axis=0) - path.min(axis=0)).max())
+    v = min(rng.uniform(*TRACK_SPEED), (hi - lo) / span if span else TRACK_SPEED[1]) * size / SIZE
+    start = [rng.uniform(lo - v * path[:, k].min(), max(lo - v * path[:, k].min(), hi - v * path[:, k].max()))
+             for k in range(2)]
+    return [(start[0] + v * px, start[1] + v * py) for px, py in path], r
+
+
+def window_batch(step: int, n: int, seed: int = 0, frames: int = FRAMES, overlap: int = 4, turn: float = 0.5,
+                 size: int = SIZE, captions: tuple = TRAIN_CAPTIONS):
+    """Training batch `step` of clips cut from tracks, a function of (seed, step): videos (n,F,3,H,W) in [0,1], each
+    clip's caption (its own segment's direction), the index of its first new frame (0 for a first clip, else O:
+    the frames before it are the previous clip's last O frames) and the previous segment's direction (or None).
+    Each earlier segment keeps the next one's direction with probability 1 - `turn`."""
+    rng = np.random.default_rng([seed, step, 7])
+    vids, caps, first, before = [], [], [], []
+    for _ in range(n):
+        cap = captions[rng.integers(0, len(captions))]
+        w = int(rng.choice(len(WINDOWS), p=WINDOWS))
+        dirs = [cap.direction]
+        for _ in range(w):  # segments before the captioned one, latest first
+            keep = rng.random() >= turn
+            dirs.insert(0, dirs[0] if keep else str(rng.choice([d for d in DIRECTIONS if d != dirs[0]])))
+        centres, r = track(dirs, rng, frames, overlap, size)
+        a = w * (frames - overlap)
+        vids.append(draw(cap, centres[a:a + frames], r, size))
+        caps.append(str(cap))
+        first.append(overlap if w else 0)
+        before.append(dirs[-2] if w else None)
+    return torch.stack(vids), caps, first, before
 
 
 def palette_distance() -> float:

@@ -69,6 +69,16 @@ class TrainConfig:
     dir_switch: int = 643
     dir_margin: float = 0.05
     dir_t_min: int = 300  # the margin loss applies to timesteps >= this (below, the video itself shows its motion)
+    # Phase 4, continuation: clips cut from long tracks (data.window_batch), so a later clip of a long video is in
+    # distribution: it starts where the previous clip's last `cont_overlap` frames are (the frames the loop pins),
+    # anywhere in the frame, and its direction word may differ from theirs (stories). The margin loss of phase 3
+    # counts the new frames only; a turned clip's wrong caption is the previous direction half the time.
+    cont_steps: int = 1200
+    cont_lr: float = 1e-4
+    cont_weight: float = 0.3
+    cont_turn: float = 0.5  # probability that a clip's direction differs from the clip before
+    cont_overlap: int = 4
+    cont_before: float = 0.5  # probability that a turned clip's wrong caption names the previous direction
     # the weights exported: "ema" (EMA of the UNet and text encoder, decay `ema`) or "raw" (the last step's). The
     # shipped model is "raw": after the direction phase its EMA still averaged in pre-direction weights (48 samples:
     # direction 75% EMA, 92% raw; colour 100% both)
@@ -83,11 +93,12 @@ class TrainConfig:
             if isinstance(v, bool) or not isinstance(v, want) or not math.isfinite(v):
                 raise ValueError(f"{f.name}={v!r} must be a finite {type(f.default).__name__}")
         check_seed(self.seed)
-        for name in ("vae_lr", "unet_lr", "dir_lr", "min_snr"):
+        for name in ("vae_lr", "unet_lr", "dir_lr", "cont_lr", "min_snr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         for name in ("vae_steps", "unet_steps", "dir_steps", "warmup", "dir_switch", "offset_noise_from", "kl_weight",
-                     "object_weight", "offset_noise", "dir_weight", "dir_weight_late", "dir_margin", "dir_t_min"):
+                     "object_weight", "offset_noise", "dir_weight", "dir_weight_late", "dir_margin", "dir_t_min",
+                     "cont_steps", "cont_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.dir_t_min >= 1000:
@@ -97,6 +108,11 @@ class TrainConfig:
         for name in ("vae_batch", "unet_batch", "scale_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("cont_turn", "cont_before"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a probability in [0, 1]")
+        if not 1 <= self.cont_overlap < data.FRAMES:
+            raise ValueError(f"cont_overlap={self.cont_overlap} must be in 1..{data.FRAMES - 1}")
         if self.ship not in ("ema", "raw"):
             raise ValueError(f"ship={self.ship!r} must be 'ema' or 'raw'")
         if not 0 <= self.caption_dropout < 1:
@@ -156,7 +172,8 @@ def object_mask(x: torch.Tensor) -> torch.Tensor:
 class Trainer:
     """Holds the model, optimisers and EMA; `run` trains both phases and checkpoints into `folder`."""
 
-    def __init__(self, folder: Path, cfg: TrainConfig, device: str = "cpu", log=print, bf16: bool | None = None):
+    def __init__(self, folder: Path, cfg: TrainConfig, device: str = "cpu", log=print, bf16: bool | None = None,
+                 start: Path | None = None):
         cfg.validate()
         self.folder, self.cfg, self.device, self.log = Path(folder), cfg, torch.device(device), log
         self.bf16 = bf16_available(self.device) if bf16 is None else bf16
@@ -170,7 +187,8 @@ class Trainer:
                                      lr=cfg.unet_lr, weight_decay=0.01)
         self.state = {"phase": "vae", "step": 0, "scale": None, "wall": 0.0, "losses": {"vae": [], "unet": []}}
         self.ab = alphas_cumprod(self.model.config.scheduler).to(self.device)  # (1000,)
-        self._resume()
+        if not self._resume() and start is not None:
+            self._start_from(Path(start))
 
     def autocast(self):
         """bf16 matrix products where the hardware has bf16 units (AVX512-BF16/AMX, or a GPU); else float32."""
@@ -185,7 +203,7 @@ class Trainer:
     def _resume(self) -> None:
         path = self.folder / STATE
         if not path.exists():
-            return
+            return False
         s = torch.load(path, map_location=self.device, weights_only=True)
         added = {k: v for k, v in asdict(self.cfg).items() if k not in s["config"]}
         if added:  # a checkpoint from before these settings existed: it continues with them (later phases)
@@ -204,6 +222,21 @@ class Trainer:
         self.state = s["progress"]
         self.log(f"resumed from {path}: phase {self.state['phase']}, step {self.state['step']}, "
                  f"{self.state['wall'] / 60:.1f} min trained so far")
+        return True
+
+    def _start_from(self, folder: Path) -> None:
+        """A new run that begins at the continuation phase from a trained model in the official layout (its VAE,
+        latent scale, UNet and text encoder; fresh optimiser state)."""
+        from vidrd.ref.weights import load_dir
+        m = load_dir(folder)
+        self.model.vae.load_state_dict(m.vae.state_dict())
+        self.model.unet.load_state_dict(m.unet.state_dict())
+        self.model.text_encoder.load_state_dict(m.text_encoder.state_dict())
+        self.ema = {k: v.detach().clone() for k, v in self._diffusion_params().items()}
+        # the earlier phases are the start model's: a finished run does not go back to them
+        self.state.update(phase="continuation", step=0, scale=m.config.vae.scaling_factor, start=str(folder),
+                          dir_done=self.cfg.dir_steps)
+        self.log(f"starting at the continuation phase from the model in {folder}")
 
     def checkpoint(self) -> None:
         _save_atomic({"config": asdict(self.cfg), "vae": self.model.vae.state_dict(),
@@ -252,8 +285,11 @@ class Trainer:
 
     def _noised(self, step: int, phase: int, seed: int):
         """Training batch `step` of a diffusion phase, noised: (x_t (B,C,F,h,w), t (B,), noise, captions, generator)."""
+        return self._noise(*data.batch(step, self.cfg.unet_batch, seed=seed), step, phase)
+
+    def _noise(self, vids: torch.Tensor, caps: list[str], step: int, phase: int):
+        """Videos (B,F,3,H,W) in [0,1] encoded and noised at random timesteps; captions dropped to "" at random."""
         cfg, m = self.cfg, self.model
-        vids, caps = data.batch(step, cfg.unet_batch, seed=seed)  # (B,F,3,H,W)
         b, f = vids.shape[:2]
         g = _gen(cfg.seed, phase, step, self.device)
         with torch.no_grad():
@@ -265,7 +301,7 @@ class Trainer:
         caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
         t = torch.randint(0, len(self.ab), (b,), generator=g, device=self.device)
         noise = torch.randn(z.shape, generator=g, device=self.device)
-        if cfg.offset_noise and (phase == 3 or step >= cfg.offset_noise_from):
+        if cfg.offset_noise and (phase >= 3 or step >= cfg.offset_noise_from):
             # a per-video, per-channel constant in the noise lets the model move a whole frame's mean (the plain
             # backgrounds), which zero-mean noise at SD's terminal SNR (alpha_bar 0.005) almost never asks for
             noise = noise + cfg.offset_noise * torch.randn((b, z.shape[1], 1, 1, 1), generator=g, device=self.device)
@@ -323,15 +359,45 @@ class Trainer:
         self._update(loss, cfg.unet_steps + step, lr)
         return float(loss.detach())
 
+    def continuation_step(self, step: int) -> float:
+        """The plain loss on clips cut from long tracks, plus the direction margin on each clip's new frames."""
+        cfg, m = self.cfg, self.model
+        vids, caps, first, before = data.window_batch(step, cfg.unet_batch, seed=cfg.seed + 3,
+                                                      overlap=cfg.cont_overlap, turn=cfg.cont_turn)
+        x_t, t, noise, caps, g = self._noise(vids, caps, step, 4)
+        b, f = len(caps), vids.shape[1]
+        other = torch.randint(1, len(data.DIRECTIONS), (b,), generator=g, device=self.device).tolist()
+        pick = (torch.rand(b, generator=g, device=self.device) < cfg.cont_before).tolist()
+        wrong = []
+        for c, o, p, d in zip(caps, other, pick, before):
+            cap = data.parse(c)
+            turned = cap is not None and d is not None and d != cap.direction
+            wrong.append(str(replace(cap, direction=d)) if turned and p else with_direction(c, o))
+        ids = tokenize(m.tokenizer, caps + wrong).to(self.device)  # (2B,77)
+        with self.autocast():
+            pred = m.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), m.text_encoder(ids)).float()
+        sq = (pred - torch.cat([noise, noise])).square().mean(dim=(1, 3, 4))  # (2B,F)
+        new = (torch.arange(f, device=self.device)[None] >= torch.tensor(first, device=self.device)[:, None]).float()
+        new = torch.cat([new, new])  # (2B,F) the frames the clip adds
+        err_new = (sq * new).sum(1) / new.sum(1)  # (2B,)
+        use = torch.tensor([bool(c) for c in caps], device=self.device) & (t >= cfg.dir_t_min)
+        margin = torch.relu(err_new[:b].log() - err_new[b:].log() + cfg.dir_margin) * use
+        loss = (sq[:b].mean(1) * self._snr_weight(t)).mean() + cfg.cont_weight * margin.sum() / use.sum().clamp(min=1)
+        self._update(loss, cfg.unet_steps + cfg.dir_steps + step, _lr(step, cfg.cont_steps, cfg.cont_lr, 50))
+        return float(loss.detach())
+
     def run(self, checkpoint_every: float = 300.0, stop_after: float | None = None) -> bool:
         """Train until both phases are done (True) or `stop_after` seconds have passed (False); checkpoints often."""
         start = last_ckpt = time.monotonic()
         wall0 = self.state["wall"]
         phases = (("vae", self.cfg.vae_steps, self.vae_step), ("unet", self.cfg.unet_steps, self.unet_step),
-                  ("direction", self.cfg.dir_steps, self.direction_step))
+                  ("direction", self.cfg.dir_steps, self.direction_step),
+                  ("continuation", self.cfg.cont_steps, self.continuation_step))
         if self.state["phase"] == "done" and self.cfg.dir_steps > self._dir_done():
             # a finished run whose settings now ask for direction steps: go on with that phase
             self.state["phase"], self.state["step"] = "direction", self._dir_done()
+        elif self.state["phase"] == "done" and self.cfg.cont_steps > self.state.get("cont_done", 0):
+            self.state["phase"], self.state["step"] = "continuation", self.state.get("cont_done", 0)
         for name, total, fn in phases:
             if self.state["phase"] != name:
                 continue
@@ -369,8 +435,11 @@ class Trainer:
                 self.checkpoint()
             elif name == "unet":
                 self.state["phase"], self.state["step"] = "direction", 0
-            if name == "direction":
+            elif name == "direction":
                 self.state["dir_done"] = self.state["step"]
+                self.state["phase"], self.state["step"] = "continuation", self.state.get("cont_done", 0)
+            else:
+                self.state["cont_done"] = self.state["step"]
         self.state["phase"] = "done"
         self.checkpoint()
         return True
