@@ -266,6 +266,31 @@ def test_a_job_running_when_the_service_dies_resumes_from_its_last_clip(model, t
     assert not list(job_dir(tmp_path, job).glob(".*"))
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the simulated crash
+def test_a_job_with_a_prompt_per_clip_keeps_them_through_a_crash_and_resumes(model, tmp_path):
+    """clip_prompts are part of the stored request: after a crash in clip 2 the next service resumes the job with
+    them, and its video is the uninterrupted run's."""
+    config = ServeConfig(results=str(tmp_path), limits=LIMITS)
+    body = {"continuation": "forward", "assembly": "trim", "clip_prompts": ["wood on fire", "a red car"], "steps": 3}
+
+    def die():
+        raise SystemExit
+
+    with serving(model, config) as (client, service):
+        reached = hold_in_clip(service, clip=2, step=1, then=die)
+        job = post(client, **body)
+        assert reached.wait(60)
+        service._thread.join(60)
+        assert client.get(f"/v1/videos/{job}").json()["clips_done"] == 2
+    with serving(model, config) as (client, service):
+        st = wait(client, job)
+        assert st["state"] == "done" and st["request"]["clip_prompts"] == body["clip_prompts"]
+        again, plain = post(client, **body), post(client, **{**body, "clip_prompts": None})
+        assert wait(client, again)["state"] == "done" and wait(client, plain)["state"] == "done"
+        same_videos(videos(client, job), videos(client, again), tmp_path)
+        assert videos(client, plain) != videos(client, again)
+
+
 def test_done_and_cancelled_jobs_are_kept_across_a_restart(model, tmp_path):
     config = ServeConfig(results=str(tmp_path), limits=LIMITS)
     with serving(model, config) as (client, service):

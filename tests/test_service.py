@@ -27,7 +27,8 @@ from vidrd.runtime.serve.jobs import Registry, ServeConfig, job_dir  # noqa: E40
 from vidrd.runtime.video_io import read_video  # noqa: E402
 
 TINY = {"height": 32, "width": 32, "frames": 4, "overlap": 2}  # 32x32 pixels, 4 frames per clip
-LIMITS = dict(queue_size=4, limits=Limits(batch=2, frames=4, height=48, width=48, steps=12, overlap=2, clips=3),
+LIMITS = dict(queue_size=4, limits=Limits(batch=2, frames=4, height=48, width=48, steps=12, overlap=2, clips=3,
+                                          video_prompts=2),
               max_prompt_chars=300, max_body_bytes=16384)
 FINISHED = ("done", "failed", "cancelled")
 
@@ -242,6 +243,19 @@ BAD = [  # (what, method, path, body or raw bytes, status, field named in the 42
     ("gif over 100 fps", "post", "/v1/videos", {"prompts": ["a"], "format": "gif", "fps": 110.0, "steps": 2, **TINY},
      422, "fps"),
     ("deeply nested JSON", "post", "/v1/videos", b'{"prompts": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None),
+    # a prompt per clip: the rules of Request.clip_prompts, checked before the job
+    ("clip prompts with a batch", "post", "/v1/videos", {"prompts": ["a", "b"], "clip_prompts": ["c"], **TINY}, 422,
+     "clip_prompts"),
+    ("empty clip prompt", "post", "/v1/videos", {"prompts": ["a"], "clip_prompts": ["c", " "], "clips": 3, **TINY},
+     422, "clip_prompts"),
+    ("more clip prompts than clips", "post", "/v1/videos", {"prompts": ["a"], "clip_prompts": ["b", "c"], "clips": 2,
+                                                           **TINY}, 422, "clip_prompts"),
+    ("clip prompts a string", "post", "/v1/videos", {"prompts": ["a"], "clip_prompts": "b", **TINY}, 422,
+     "clip_prompts"),
+    ("clip prompts over the limit", "post", "/v1/videos", {"prompts": ["a"], "clip_prompts": ["b", "c"], "clips": 3,
+                                                          "steps": 2, **TINY}, 422, "clip_prompts"),
+    ("negatives mismatch with clip prompts", "post", "/v1/videos",
+     {"prompts": ["a"], "negative_prompts": ["x", "y"], "clip_prompts": ["b"], **TINY}, 422, "negative_prompts"),
 ]
 
 

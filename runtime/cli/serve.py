@@ -49,6 +49,8 @@ def register(sub) -> None:
     j.add_argument("--ttl", type=float, default=D.ttl_s, help="seconds a finished job's files are kept")
     for name in ("batch", "frames", "height", "width", "steps", "clips", "overlap"):
         j.add_argument(f"--max-{name}", type=int, default=getattr(D.limits, name), help=f"largest {name} of a request")
+    j.add_argument("--max-video-prompts", type=int, default=D.limits.video_prompts,
+                   help="distinct prompts in one video (the prompt and its clip_prompts): a text context each")
     j.add_argument("--max-prompt-chars", type=int, default=D.max_prompt_chars)
     j.add_argument("--max-body-bytes", type=int, default=D.max_body_bytes, help="larger request bodies get 413")
     j.add_argument("--read-timeout", type=float, default=D.read_timeout_s,
@@ -85,7 +87,8 @@ def register(sub) -> None:
 
 def config_from(args) -> ServeConfig:
     limits = Limits(batch=args.max_batch, frames=args.max_frames, height=args.max_height, width=args.max_width,
-                    steps=args.max_steps, overlap=args.max_overlap, clips=args.max_clips)
+                    steps=args.max_steps, overlap=args.max_overlap, clips=args.max_clips,
+                    video_prompts=args.max_video_prompts)
     c = ServeConfig(results=args.results, queue_size=args.queue_size, ttl_s=args.ttl, limits=limits,
                     max_prompt_chars=args.max_prompt_chars,
                     max_body_bytes=args.max_body_bytes, read_timeout_s=args.read_timeout, api_key=args.api_key or None,

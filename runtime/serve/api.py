@@ -66,6 +66,9 @@ def request_model(config: ServeConfig) -> type[BaseModel]:
         __config__=ConfigDict(extra="forbid", strict=True, allow_inf_nan=False),
         prompts=(list[str], Field(min_length=1, description="one video per prompt (a batch)")),
         negative_prompts=(Optional[list[str]], Field(None, description=f"one per prompt ({negative})")),
+        clip_prompts=(Optional[list[str]], Field(None, description="the prompts of clips 2, 3, ... of a one-prompt "
+                                                 "request (clip k+1 follows clip_prompts[k-1], the last holds for "
+                                                 "later clips; at most clips - 1 of them)")),
         **_setting_fields(dict(config.defaults)),
         quality=(Optional[Literal[QUALITIES]], Field(None, description=QUALITY_HELP)),
         seed=(int, Field(42, ge=SEED_MIN, le=SEED_MAX)),
@@ -129,6 +132,17 @@ def to_spec(req: BaseModel, config: ServeConfig) -> dict:
                 (check_prompt if name == "prompts" else check_text)(f"{name}[{i}]", text)
             except ValueError as e:
                 raise _field_error((name, i), str(e)) from None
+    clip_prompts = list(req.clip_prompts or ())
+    if clip_prompts and len(req.prompts) != 1:
+        raise _field_error("clip_prompts", f"clip_prompts needs a single prompt, not a batch of {len(req.prompts)} "
+                           "(prompts): per-clip prompts describe one video")
+    for i, text in enumerate(clip_prompts):
+        if len(text) > config.max_prompt_chars:
+            raise _field_error(("clip_prompts", i), f"{len(text)} characters exceed {config.max_prompt_chars}")
+        try:
+            check_prompt(f"clip_prompts[{i}]", text)
+        except ValueError as e:
+            raise _field_error(("clip_prompts", i), str(e)) from None
     # what the request left out (or sent as null) is the service's default: its model's own, else the official one
     given = {k: getattr(req, k) for k in SETTINGS if k in req.model_fields_set and getattr(req, k) is not None}
     try:
@@ -144,8 +158,11 @@ def to_spec(req: BaseModel, config: ServeConfig) -> dict:
         check_reuse(s, config.feature_reuse_off, spell=lambda name: name)
     except ValueError as e:  # a contradiction names "quality", or the setting the preset or the runtime cannot take
         raise _settings_error(e, req) from None
+    if 1 + len(clip_prompts) > s.clips:
+        raise _field_error("clip_prompts", f"clip_prompts has {len(clip_prompts)} prompts, so {1 + len(clip_prompts)} "
+                           f"with the first, for clips={s.clips}; give at most {s.clips - 1}, or more clips")
     try:  # the runtime's own checks, before the job is queued
-        config.limits.check(s, len(req.prompts))
+        config.limits.check(s, len(req.prompts), len(set(req.prompts[:1] + clip_prompts)))
         if config.scheduler is not None:  # the model's schedule has no room (leading spacing: 999 of 1000 steps)
             DDIM(config.scheduler).check_steps(s.steps, s.spacing)
     except ValueError as e:
@@ -163,7 +180,8 @@ def to_spec(req: BaseModel, config: ServeConfig) -> dict:
             check_url(req.callback_url, config.allow_private_callbacks)
         except ValueError as e:
             raise _field_error("callback_url", str(e)) from None
-    return {"prompts": list(req.prompts), "negative_prompts": list(negatives), "settings": asdict(s),
+    return {"prompts": list(req.prompts), "negative_prompts": list(negatives), "clip_prompts": clip_prompts or None,
+            "settings": asdict(s),
             "quality": None if quality is None else quality.summary(), "seed": req.seed, "format": req.format,
             "fps": req.fps, "callback_url": req.callback_url}
 
@@ -172,8 +190,8 @@ def _settings_error(e: ValueError, req) -> RequestValidationError:
     """A settings ValueError as a 422 on the field its message starts with ("name=value ..." or "name value ...");
     "batch=N" (Limits.check) is the prompts field."""
     m = re.match(r"(\w+)[= ]", str(e))
-    name = {"batch": "prompts"}.get(m.group(1), m.group(1)) if m else None
-    field = name if name in SETTINGS + ("quality", "prompts") else "settings"
+    name = {"batch": "prompts", "video_prompts": "clip_prompts"}.get(m.group(1), m.group(1)) if m else None
+    field = name if name in SETTINGS + ("quality", "prompts", "clip_prompts") else "settings"
     return _field_error(field, str(e), getattr(req, field, None))
 
 

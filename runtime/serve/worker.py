@@ -89,7 +89,7 @@ def run_job(rt, results, job_id: str, spec: dict, registry, min_free_bytes: int 
     after each clip and continue from it when there is one. Raises Cancelled when the registry flags the job,
     Interrupted when `stop` is set (after a step), or whatever failed."""
     request = Request(tuple(spec["prompts"]), tuple(spec["negative_prompts"]), SamplerSettings(**spec["settings"]),
-                      spec["seed"], checkpoints=durable)
+                      spec["seed"], checkpoints=durable, clip_prompts=tuple(spec.get("clip_prompts") or ()) or None)
     fmt, fps = spec["format"], spec["fps"]
     folder, state = job_dir(results, job_id), job_dir(results, job_id) / "resume"
     folder.mkdir(exist_ok=True)  # exists when this is a retry
