@@ -19,6 +19,7 @@ COMMANDS = (
     "vidrd.runtime.cli.train_shapes",
     "vidrd.runtime.cli.train_decoder",
     "vidrd.runtime.cli.eval",
+    "vidrd.runtime.cli.strip",
 )
 
 
