@@ -146,6 +146,7 @@ class Generation:
         self.generator = torch.Generator().manual_seed(request.seed)
         self.previews = None  # preview.Previews when the caller asked for previews (Runtime.generate)
         self.clip_ctx: list | None = None  # per-clip prompts: each clip's context, a view of ctx_unet or ctx_more
+        self.blend: tuple | None = None  # (previous, own) contexts while a new prompt is blended in (prompt_blend)
 
     def initial_noise(self) -> None:
         """Official randn_progressive: one (B,C,1,h,w) draw per frame in frame order (unit variance, see sampler)."""
@@ -173,13 +174,30 @@ class Generation:
         self.rt.history.restart(self.lat, self.noise)
 
     def use_clip_prompt(self, c: int) -> None:
-        """Before clip c's first step: with per-clip prompts the UNet reads clip c's context (a view, no copy)."""
+        """Before clip c's first step: with per-clip prompts the UNet reads clip c's context (a view, no copy); a
+        new prompt is blended in over its first steps under prompt_blend (blend_prompt)."""
+        self.blend = None
         if self.clip_ctx is not None:
             self.ctx_unet = self.clip_ctx[c]
+            if c > 0 and self.clip_ctx[c] is not self.clip_ctx[c - 1] and self.weights[0] < 1:
+                self.blend = (self.clip_ctx[c - 1], self.clip_ctx[c])
+
+    def blend_prompt(self, i: int) -> None:
+        """Step i of a clip with a new prompt: the UNet reads lerp(previous, own, w_i) from ctx_blend, as the
+        reference computes it, then its own context once w_i = 1."""
+        w = self.weights[i]
+        if w < 1:
+            torch.lerp(*self.blend, w, out=self.ctx_blend)  # (2 or 1,77,D)
+            self.ctx_unet = self.ctx_blend
+            self.rt.unet.new_context()  # the same buffer with new values: drop the cross-attention keys of the last
+        else:
+            self.ctx_unet, self.blend = self.blend[1], None
 
     def step(self, c: int, i: int) -> None:
         """Step i of clip c, in place: staged guidance and history, UNet call, guidance combine, DDIM (eta = 0)."""
         rt, lat, x_in, eps, g, tmp = self.rt, self.lat, self.x_in, self.eps, self.guided, self.scratch
+        if self.blend is not None:
+            self.blend_prompt(i)
         rt.history.guide_and_record(i, lat, c > 0)
         b, coef, plan = self.b, rt.coef[i], self.plan[i]
         self.ts.copy_(rt.ts_table[i, : self.ts.shape[0]])
@@ -316,6 +334,7 @@ class Runtime:
         self.ctx_unet = self.ctx if unet.dtype == text.dtype else buf(2 * b * 77 * d, unet.dtype)
         # (P-1,2,77,D) the contexts of a video's other distinct prompts (per-clip prompts: batch 1), P = video_prompts
         self.ctx_more = buf((lim.video_prompts - 1) * 2 * 77 * d, unet.dtype)
+        self.ctx_blend = buf(2 * 77 * d, unet.dtype)  # (2,77,D) a new prompt's context blended in (prompt_blend)
         self.latents = buf(n)  # (B,C,F,h,w) float32 whatever the backend dtype
         self.x_in = buf(2 * n, unet.dtype)  # (2B,C,F,h,w) the guidance-doubled UNet input
         self.eps = buf(2 * n, unet.dtype)  # (2B,C,F,h,w) UNet output
@@ -480,6 +499,7 @@ class Runtime:
             ctx.copy_(job.ctx)  # (2 or 1,77,D)
         if per_clip:
             job.clip_ctx = [job.ctx_unet if p == prompts[0] else bank[more.index(p)] for p in per_clip]
+            job.weights, job.ctx_blend = s.prompt_weights(), self.ctx_blend[: nb * 77 * d].view(nb, 77, d)
         texts = negatives + prompts if s.cfg else prompts  # [uncond; cond] under guidance
         job.ids.copy_(tokenize(self.tokenizer, texts))
         self.text(job.ids, job.ctx)

@@ -17,7 +17,7 @@ def buffer_bytes(cfg, lim, text_dtype, unet_dtype, vae_dtype, device) -> int:
     fp32 = 4 * (7 * n + (n if torch.device(device).type != "cpu" else 0)  # latents ... d_last, history, noise
                 + lim.steps * b * c * lim.overlap * h * w)  # history of the overlap frames (T,B,C,O,h,w)
     text = 2 * b * 77 * d * (size(text_dtype) + (0 if unet_dtype == text_dtype else size(unet_dtype)))
-    text += (lim.video_prompts - 1) * 2 * 77 * d * size(unet_dtype)  # ctx_more: the other prompts of a video
+    text += lim.video_prompts * 2 * 77 * d * size(unet_dtype)  # ctx_more: the other prompts of a video; ctx_blend
     unet = 2 * 2 * n * size(unet_dtype)  # x_in, eps (2B,C,F,h,w)
     vae = n * size(vae_dtype) + pixels * (size(vae_dtype) + (0 if vae_dtype == torch.float32 else 4) + 1)
     return fp32 + text + unet + vae

@@ -42,8 +42,10 @@ def run(rt, request):
 
 
 @pytest.mark.parametrize("kw", [{}, {"continuation": "forward", "assembly": "trim"},
-                                {"solver": "dpmpp-2m", "guidance_scale": 1.0}],
-                         ids=["official", "forward-trim", "dpmpp-no-guidance"])
+                                {"solver": "dpmpp-2m", "guidance_scale": 1.0},
+                                {"continuation": "forward", "assembly": "trim", "prompt_blend": 0.7},
+                                {"prompt_blend": 1.0, "guidance_scale": 1.0}],
+                         ids=["official", "forward-trim", "dpmpp-no-guidance", "forward-blend", "blend-no-guidance"])
 def test_runtime_matches_the_reference_sampler_with_a_prompt_per_clip(model, kw):
     request = Request((STORY[0],), None, settings(**kw), seed=5, float_video=True, clip_prompts=STORY[1])
     rt = open_runtime(model, limits=LIMITS)
@@ -99,10 +101,11 @@ class Recorded(Backend):
             self.backend(*args)
 
 
-def test_clips_with_their_own_prompts_allocate_nothing_outside_backend_calls(model):
+@pytest.mark.parametrize("blend", [0.0, 0.7])
+def test_clips_with_their_own_prompts_allocate_nothing_outside_backend_calls(model, blend):
     rt = open_runtime(model, limits=LIMITS)
     rt.unet = Recorded(rt.unet)
-    s = settings(steps=3, clips=3)
+    s = settings(steps=3, clips=3, prompt_blend=blend)
     request = Request((STORY[0],), None, s, clip_prompts=STORY[1])
     job = rt.prepare(*rt.check(request), request)
     with torch.no_grad():
@@ -153,6 +156,22 @@ def test_a_bad_request_is_refused_when_generate_is_called(model, bad, needle, ba
 def test_limits_refuse_a_bad_prompt_count():
     with pytest.raises(ValueError, match="video_prompts=0 must be an integer >= 1"):
         Limits(video_prompts=0)
+    with pytest.raises(ValueError, match="prompt_blend=1.5 must be between 0 and 1"):
+        settings(prompt_blend=1.5)
+
+
+def test_a_blend_changes_the_first_steps_of_a_new_prompt_only(model):
+    assert settings(steps=10, prompt_blend=0.3).prompt_weights() == [0.25, 0.5, 0.75] + [1.0] * 7
+    assert settings(steps=10).prompt_weights() == [1.0] * 10
+    rt = open_runtime(model, limits=LIMITS)
+    switch = run(rt, Request((STORY[0],), None, settings(), seed=5, float_video=True, clip_prompts=STORY[1]))[1]
+    blend = run(rt, Request((STORY[0],), None, settings(prompt_blend=0.7), seed=5, float_video=True,
+                            clip_prompts=STORY[1]))[1]
+    same = run(rt, Request((STORY[0],), None, settings(prompt_blend=0.7), seed=5, float_video=True,
+                           clip_prompts=(STORY[0],)))[1]
+    plain = run(rt, Request((STORY[0],), None, settings(), seed=5, float_video=True))[1]
+    assert torch.equal(blend[0], switch[0]) and not torch.equal(blend[1], switch[1])
+    assert torch.equal(same, plain)  # nothing to blend when the prompt stays
 
 
 def test_batch_runs_are_unchanged_by_the_prompt_bank(model):

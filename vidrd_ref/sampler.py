@@ -59,6 +59,9 @@ class GenerationSettings:
     spacing: str = setting("leading", "timestep spacing: leading (official: the first step at t = 1000 - 1000/steps + "
                             "1) or trailing (the first step at t = 999, the initial noise's level: better colour in "
                             "few steps)", SPACINGS)
+    prompt_blend: float = setting(0.0, "a prompt per clip: the fraction of a new prompt's first steps over which its "
+                                   "text context moves linearly from the previous clip's prompt to its own (0: a "
+                                   "switch at the clip boundary)")
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,8 @@ class SamplerSettings(ReuseSettings, GenerationSettings):
             raise ValueError(f"overlap={self.overlap!r} must be an integer with 0 <= overlap < frames={self.frames}")
         if not (_is_number(self.denoise_guidance) and 0.0 <= self.denoise_guidance <= 1.0):
             raise ValueError(f"denoise_guidance={self.denoise_guidance!r} must be between 0 and 1")
+        if not (_is_number(self.prompt_blend) and 0.0 <= self.prompt_blend <= 1.0):
+            raise ValueError(f"prompt_blend={self.prompt_blend!r} must be between 0 and 1")
         for name in ("noise_recycle", "noise_prior", "guidance_scale"):
             v = getattr(self, name)
             if not (_is_number(v) and 0 <= v <= MAX_WEIGHT):  # also refuses NaN and inf
@@ -112,6 +117,12 @@ class SamplerSettings(ReuseSettings, GenerationSettings):
         n = len(model.config.unet.up_block_types)
         if self.cache_interval > 1 and self.cache_depth > n:
             raise ValueError(f"cache_depth={self.cache_depth} exceeds the UNet's {n} up blocks")
+
+    def prompt_weights(self) -> list[float]:
+        """Per step of a clip whose prompt differs from the previous clip's: the weight of its own prompt's context
+        in lerp(previous, own, w): (i + 1) / (n + 1) for the first n = round(prompt_blend * steps) steps, then 1."""
+        n = round(self.prompt_blend * self.steps)
+        return [(i + 1) / (n + 1) if i < n else 1.0 for i in range(self.steps)]
 
     def reuse(self) -> ReuseSettings:
         """The feature- and guidance-reuse part of these settings."""
@@ -314,6 +325,7 @@ def generate(model, prompts, negative_prompts=None, settings: SamplerSettings = 
         raise ValueError(f"generator on {generator.device}: the official noise order needs a CPU torch.Generator")
 
     per_clip = check_clip_prompts(model.tokenizer, prompts, clip_prompts, s.clips, warn=warn)
+    weights = s.prompt_weights()  # per step of a clip with a new prompt: its own context's weight
     ctx = encode_prompts(model, prompts, negative_prompts, s.cfg)  # (2B or B,77,D)
     contexts = {p: ctx if p == prompts[0] else encode_prompts(model, [p], negative_prompts, s.cfg)
                 for p in dict.fromkeys(per_clip)}  # distinct prompt -> (2 or 1,77,D)
@@ -335,6 +347,7 @@ def generate(model, prompts, negative_prompts=None, settings: SamplerSettings = 
         cache.feature, d_last = None, None  # each clip measures its own features and guidance difference
         if per_clip:
             ctx = contexts[per_clip[c]]
+        turn = bool(per_clip) and c > 0 and per_clip[c] != per_clip[c - 1]  # a new prompt: blended in (prompt_blend)
         if c > 0:
             latents = torch.empty_like(latents)  # the previous clip's final latents stay as returned
             # (a) overlap frames restart from the previous clip's reversed initial latents
@@ -345,6 +358,9 @@ def generate(model, prompts, negative_prompts=None, settings: SamplerSettings = 
             mixed = r / math.sqrt(1 + r * r) * hist[0][:, :, o:] + fresh[:, :, o:].to(device)
             latents[:, :, o:] = mixed.to(dtype)
         for i, t in enumerate(timesteps):
+            if turn:
+                own, w = contexts[per_clip[c]], weights[i]
+                ctx = own if w == 1 else torch.lerp(contexts[per_clip[c - 1]], own, w)  # (2 or 1,77,D)
             if c > 0:
                 for k in range(pinned[i]):  # staged guidance: pin overlap frame k to the previous clip, same step
                     latents[:, :, k] = hist[i][:, :, k]
