@@ -232,6 +232,12 @@ def score_video(video: torch.Tensor, caption, frames_per_clip: int | Sequence[in
     }
 
 
+def _median(values):
+    """The median of sorted `values` (the mean of the middle two for an even count), None when empty."""
+    n = len(values)
+    return None if n == 0 else (values[n // 2] + values[(n - 1) // 2]) / 2
+
+
 def _std(values):
     m = _mean(values)
     return None if m is None else math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
@@ -261,7 +267,9 @@ def summarize(records: Sequence[dict]) -> dict:
         return [_mean(r[f][k] for r in rs if len(r[f]) > k) for k in range(n)]
 
     def means(rs):
+        ratios = sorted(r["boundary_ratio"] for r in rs if r["boundary_ratio"] is not None)
         return {"n": len(rs), **{k: _mean(r[f] for r in rs) for k, f in SUMMARY.items()},
+                "boundary_ratio_median": _median(ratios),
                 **{k: by_clip(rs, f) for k, f in PER_CLIP.items()},
                 **{k: _mean(all(r[f]) for r in rs) for k, f in EVERY_CLIP.items()}}
     return {"all": means(records), "trained": means([r for r in records if not r["held_out"]]),
