@@ -25,6 +25,7 @@ from vidrd.ref.sampler import SamplerSettings, check_clip_prompts, check_prompts
 from vidrd.ref.text import tokenize
 
 from .backends import Backend
+from .fifo import Diagonal, FifoBuffers
 from .history import History
 from .memory import check_memory
 
@@ -147,6 +148,7 @@ class Generation:
         self.previews = None  # preview.Previews when the caller asked for previews (Runtime.generate)
         self.clip_ctx: list | None = None  # per-clip prompts: each clip's context, a view of ctx_unet or ctx_more
         self.blend: tuple | None = None  # (previous, own) contexts while a new prompt is blended in (prompt_blend)
+        self.diagonal: Diagonal | None = None  # continuation "fifo": its rounds replace the clips' steps (fifo.py)
 
     def initial_noise(self) -> None:
         """Official randn_progressive: one (B,C,1,h,w) draw per frame in frame order (unit variance, see sampler)."""
@@ -192,6 +194,12 @@ class Generation:
             self.rt.unet.new_context()  # the same buffer with new values: drop the cross-attention keys of the last
         else:
             self.ctx_unet, self.blend = self.blend[1], None
+
+    def denoise(self, c: int):
+        """Clip c's steps, yielding each step's index once it is done (continuation "fifo": Diagonal.clip)."""
+        for i in range(self.s.steps):
+            self.step(c, i)
+            yield i
 
     def step(self, c: int, i: int) -> None:
         """Step i of clip c, in place: staged guidance and history, UNet call, guidance combine, DDIM (eta = 0)."""
@@ -348,6 +356,7 @@ class Runtime:
         self.gscale = torch.empty((), device=dev)  # guidance scale
         self.gscale_m1 = torch.empty((), device=dev)  # guidance scale - 1 (guidance reuse)
         self.d_last: torch.Tensor | None = None  # (B,C,F,h,w) guidance reuse's eps_c - eps_u: made by prepare
+        self.fifo: FifoBuffers | None = None  # continuation "fifo"'s buffers: made by prepare, the first time
         self.history = History(n, b * c * lim.overlap * h * w, lim.steps, f, dev)
         self.noise_cpu = buf(n, device="cpu")  # (B,C,F,h,w) random draws come from a CPU generator (parity)
         self.noise_frame = buf(b * c * h * w, device="cpu")  # (B,C,1,h,w) one frame of the initial noise
@@ -389,6 +398,8 @@ class Runtime:
         for be in (self.text, self.unet, self.vae):  # exported graphs and engines: the request must fit their ranges
             be.check_shapes(len(prompts), s.frames, s.height, s.width, guidance=s.cfg, temporal=s.temporal_decode)
         self.check_reuse(len(prompts), s)
+        if s.continuation == "fifo":
+            self.check_fifo(request)
         if request.resume is not None:
             self.check_resume(request.resume, len(prompts), s)
         return prompts, negatives, s
@@ -406,6 +417,17 @@ class Runtime:
                 raise ValueError(f"resume.{name} is {t.dtype} {tuple(t.shape)}; this request needs float32 {shape}")
         if r.rng.dtype != torch.uint8 or r.rng.shape != torch.Generator().get_state().shape:
             raise ValueError(f"resume.rng is {r.rng.dtype} {tuple(r.rng.shape)}, not a CPU generator's state")
+
+    def check_fifo(self, request: Request) -> None:
+        """Diagonal denoising needs a UNet that takes a timestep per frame, and its queue spans clips, so it has no
+        clip-boundary checkpoint to resume from. ValueError naming what is refused."""
+        if not self.unet.frame_timesteps:
+            raise ValueError("continuation='fifo' runs the UNet with a timestep per frame, which exported graphs "
+                             f"({type(self.unet).__name__}: onnxruntime, tensorrt, aoti) do not take: use the torch "
+                             "UNet (--unet-backend torch) or another continuation")
+        if request.checkpoints or request.resume is not None:
+            raise ValueError("continuation='fifo' has no clip-boundary checkpoints (its queue of frames spans "
+                             "clips), so it cannot be checkpointed or resumed: use another continuation")
 
     def check_reuse(self, batch: int, s: SamplerSettings) -> None:
         """The UNet backend must run what the request's reuse plan asks: a FeatureCache for feature reuse, and the
@@ -524,6 +546,10 @@ class Runtime:
         self.ts_table[: s.steps].copy_(table.expand(-1, 2 * self.limits.batch))
         self.gscale.fill_(s.guidance_scale)
         self.gscale_m1.fill_(s.guidance_scale - 1.0)  # rounded to float32 once, as the reference's python scalar
+        if s.continuation == "fifo":  # its buffers once, then its tables (it rewrites the first rows of ts/coef)
+            if self.fifo is None:
+                self.fifo = FifoBuffers(self)
+            job.diagonal = Diagonal(self, job, self.fifo)
         if request.resume is None:
             job.initial_noise()
         else:  # the next clip restarts from these (Generation.restart)
@@ -536,11 +562,10 @@ class Runtime:
         first = 0 if job.request.resume is None else job.request.resume.clip + 1
         try:
             for c in range(first, s.clips):
-                if c > 0:
+                if c > 0 and job.diagonal is None:
                     job.restart()
                 job.use_clip_prompt(c)
-                for i in range(s.steps):
-                    job.step(c, i)
+                for i in job.denoise(c) if job.diagonal is None else job.diagonal.clip(c):
                     if on_step is not None:
                         on_step(c, i)
                     if pending is not None and pending.done():
@@ -548,7 +573,7 @@ class Runtime:
                         pending = None
                 if pending is not None:  # the previous clip's decode must finish before dec_in is reused
                     yield pending.result()
-                handoff = job.handoff()
+                handoff = job.handoff() if job.diagonal is None else job.diagonal.handoff()
                 saved = job.checkpoint(c) if job.request.checkpoints else None
                 if self._decoder is not None:
                     pending = self._inflight = self._decoder.submit(self._decode, job, c, *handoff, saved)

@@ -17,7 +17,7 @@ ASSEMBLIES = ("official", "trim")
 # Upper bound of guidance_scale, noise_recycle and noise_prior: far above any useful value (official: 10, 4, 0), and
 # low enough that guidance times the UNet's output stays finite in float32 and bf16 (1e300 overflowed mid-job).
 MAX_WEIGHT = 1000.0
-CONTINUATIONS = ("official", "forward")
+CONTINUATIONS = ("official", "forward", "fifo")
 RECYCLE_ORDERS = ("index", "shifted")
 SOLVERS = ("ddim", "dpmpp-2m")
 
@@ -50,7 +50,9 @@ class GenerationSettings:
                              "frames", ASSEMBLIES)
     continuation: str = setting("official", "official: a new clip replays the previous clip's end backwards (the "
                                  "paper's reversed noise and overlap); forward: it continues in the same frame order "
-                                 "(use with --assembly trim)", CONTINUATIONS)
+                                 "(use with --assembly trim); fifo: diagonal denoising, a queue of frames at "
+                                 "increasing noise levels, one frame out per steps // frames UNet calls (FIFO-"
+                                 "Diffusion; torch UNet only)", CONTINUATIONS)
     recycle_order: str = setting("index", "forward continuation: the previous clip's noise a later clip's frame j "
                                   "recycles: index (frame j's) or shifted (frame (j + F - O) mod F's: the noise "
                                   "moves on with the clip, as its overlap frames do)", RECYCLE_ORDERS)
@@ -100,6 +102,8 @@ class SamplerSettings(ReuseSettings, GenerationSettings):
         if self.recycle_order == "shifted" and self.continuation != "forward":
             raise ValueError(f"recycle_order={self.recycle_order!r} needs continuation='forward' (the official "
                              "continuation recycles the reversed noise)")
+        if self.continuation == "fifo":
+            self.check_fifo()
         if not isinstance(self.temporal_decode, bool):
             raise ValueError(f"temporal_decode={self.temporal_decode!r} must be True or False")
         self.reuse().validate()  # messages name the value: cache_interval=0 must be ...
@@ -109,6 +113,19 @@ class SamplerSettings(ReuseSettings, GenerationSettings):
                 raise ValueError(f"{f.name}={v!r} must be one of {choices}")
             if isinstance(f.default, float):
                 object.__setattr__(self, f.name, float(v))
+
+    def check_fifo(self) -> None:
+        """ValueError naming the setting that diagonal denoising (vidrd_ref/fifo.py) cannot take."""
+        if self.steps < self.frames:
+            raise ValueError(f"steps={self.steps} must be at least frames={self.frames} with continuation='fifo' (the "
+                             "queue's frames are steps // frames levels apart)")
+        if self.solver != "ddim":
+            raise ValueError(f"solver={self.solver!r} does not run with continuation='fifo' (its frames are at "
+                             "different steps; a multistep history is per step): use solver 'ddim'")
+        if any(p.unet != "full" or p.guidance != "both" for p in self.plan()):
+            raise ValueError(f"cache_interval={self.cache_interval}, guidance_reuse_after={self.guidance_reuse_after}"
+                             ": feature and guidance reuse are per step of a clip, not of the diagonal queue; leave "
+                             "them off with continuation='fifo'")
 
     def check_model(self, model) -> None:
         """ValueError unless `model`'s scheduler has at least `steps` training timesteps and, with feature reuse,
@@ -329,6 +346,10 @@ def generate(model, prompts, negative_prompts=None, settings: SamplerSettings = 
     ctx = encode_prompts(model, prompts, negative_prompts, s.cfg)  # (2B or B,77,D)
     contexts = {p: ctx if p == prompts[0] else encode_prompts(model, [p], negative_prompts, s.cfg)
                 for p in dict.fromkeys(per_clip)}  # distinct prompt -> (2 or 1,77,D)
+    if s.continuation == "fifo":  # diagonal denoising: its own loop (imported here: fifo.py builds on this module)
+        from .fifo import generate as generate_fifo
+        return generate_fifo(model, [contexts[p] for p in per_clip] if per_clip else [ctx] * s.clips, s, generator,
+                             callback)
     dtype, device = ctx.dtype, ctx.device
     b, f, o, r = len(prompts), s.frames, s.overlap, s.noise_recycle
     shape = (b, model.unet.cfg.in_channels, f, s.height // LATENT_FACTOR, s.width // LATENT_FACTOR)  # (B,C,F,h,w)

@@ -34,7 +34,8 @@ class TimestepEmbedding(nn.Module):
 
 
 class UNet3D(nn.Module):
-    """sample (B,4,F,h,w), timestep () or (B,), context (B,L,Dc) or its CrossKV -> noise prediction (B,4,F,h,w)."""
+    """sample (B,4,F,h,w), timestep () or (B,) or (B,F) (one per frame), context (B,L,Dc) or its CrossKV -> noise
+    prediction (B,4,F,h,w)."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -71,11 +72,17 @@ class UNet3D(nn.Module):
                 cache: FeatureCache | None = None) -> torch.Tensor:
         """cache None: the full UNet. "store": the full UNet, keeping the deep feature in the cache; "reuse": only
         the shallow path (conv_in, the first skips, the last cache.depth up blocks) on the stored deep feature."""
-        b = sample.shape[0]
+        b, f = sample.shape[0], sample.shape[2]
         dtype = self.conv_in.weight.dtype
         t = torch.as_tensor(timestep, device=sample.device)
-        t = t.reshape(-1).expand(b) if t.numel() == 1 else t.reshape(b)  # (B,)
-        emb = self.time_embedding(timestep_embedding(t, self.conv_in.out_channels).to(dtype))  # (B,Dt)
+        if t.dim() == 2:  # a timestep per frame (diagonal denoising): an embedding per frame
+            if tuple(t.shape) != (b, f):
+                raise ValueError(f"timestep of shape {tuple(t.shape)} must be (), (B,) or (B,F) = {(b, f)}")
+            emb = self.time_embedding(timestep_embedding(t.reshape(b * f), self.conv_in.out_channels).to(dtype))
+            emb = emb.view(b, f, -1)  # (B,F,Dt): the ResNet blocks add it per frame
+        else:
+            t = t.reshape(-1).expand(b) if t.numel() == 1 else t.reshape(b)  # (B,)
+            emb = self.time_embedding(timestep_embedding(t, self.conv_in.out_channels).to(dtype))  # (B,Dt)
         x = sample.to(dtype)
         if not isinstance(context, CrossKV):  # a CrossKV holds keys/values already in the layers' dtype
             context = context.to(dtype)

@@ -45,7 +45,8 @@ class TemporalConv(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    """diffusers ResnetBlock2D on 5-D tensors: GroupNorm spans frames, convs per frame. temb (B,Dt) or None."""
+    """diffusers ResnetBlock2D on 5-D tensors: GroupNorm spans frames, convs per frame. temb (B,Dt), (B,F,Dt) or
+    None."""
 
     def __init__(self, cin: int, cout: int, temb: int | None, groups: int, eps: float):
         super().__init__()
@@ -59,7 +60,11 @@ class ResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         h = conv2d_5d(self.conv1, F.silu(self.norm1(x)))
         if self.time_emb_proj is not None:
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None, None]  # (B,C,1,1,1): shared by frames
+            e = self.time_emb_proj(F.silu(temb))  # (B,C), or (B,F,C) with a timestep per frame
+            if e.dim() == 2:
+                h = h + e[:, :, None, None, None]  # (B,C,1,1,1): shared by frames
+            else:
+                h = h + e.transpose(1, 2)[:, :, :, None, None]  # (B,C,F,1,1)
         h = conv2d_5d(self.conv2, F.silu(self.norm2(h)))
         skip = x if self.conv_shortcut is None else conv2d_5d(self.conv_shortcut, x)
         return skip + h

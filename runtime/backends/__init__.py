@@ -2,7 +2,7 @@
 tell them apart.
 
     text(ids (B,77) int64, out (B,77,D))
-    unet(sample (N,C,F,h,w), timestep (N,) float32, context (N,77,D), out (N,C,F,h,w)[, cache: FeatureCache])
+    unet(sample (N,C,F,h,w), timestep (N,) or (N,F) float32, context (N,77,D), out (N,C,F,h,w)[, cache: FeatureCache])
     vae(latents (B,C,F,h,w) already / scaling factor, out (B,F,3,H,W) raw decoder output, temporal: bool)
 
 Exported graphs (ONNX Runtime sessions, TensorRT engines, AOTInductor packages: `Graph`) are bound from their export spec: the text and

@@ -11,10 +11,12 @@ from vidrd.export.spec import ComponentSpec
 class Backend(abc.ABC):
     """One component on one backend. `dtype`: the float dtype of its float inputs and outputs; `device`: where they
     live. Calls write into the caller's buffers (shapes in the module docstring). `feature_cache`: a UNet that takes
-    a vidrd.ref.reuse.FeatureCache after its buffers (UNet feature reuse); exported graphs cannot."""
+    a vidrd.ref.reuse.FeatureCache after its buffers (UNet feature reuse); exported graphs cannot. `frame_timesteps`:
+    a UNet that takes a timestep per frame, (N,F) (continuation "fifo"); exported graphs take (N,) only."""
     dtype: torch.dtype
     device: torch.device
     feature_cache: bool = False
+    frame_timesteps: bool = False
 
     def check_shapes(self, batch: int, frames: int, height: int, width: int, *, guidance: bool = True,
                      temporal: bool = False) -> None:

@@ -41,6 +41,7 @@ class TorchUNet(Backend):
         self.fn = self.net if compile is None else _compiled(self.net, compile, device)
         # A compiled graph takes tensors only; a FeatureCache holds a tensor between calls (runtime/README.md, quality presets).
         self.feature_cache = compile is None
+        self.frame_timesteps = True  # timestep (N,F): diagonal denoising (vidrd.ref.unet.UNet3D.forward)
         # eager: cross-attention keys/values of the request's context and, under guidance reuse, of its conditional
         # half (a view of it), keyed on the view; new_context() drops them when a request writes a new context
         self.cross_kv: dict[tuple, CrossKV] = {}
