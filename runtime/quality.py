@@ -158,6 +158,13 @@ def resolve(quality: str, settings: SamplerSettings, options: RuntimeOptions | N
     change["steps"] = min(req, max(MIN_STEPS, raw))
     why["steps"] = f"{p.step_fraction:g} x {req} requested" + (
         "" if change["steps"] == raw else f", kept within {min(MIN_STEPS, req)}..{req}")
+    if settings.continuation == "fifo":  # diagonal denoising: DDIM, nothing reused, at least a level per frame
+        for name in ("solver",) + REUSE_FIELDS:
+            change.pop(name, None)
+        if change["steps"] < min(req, settings.frames):
+            change["steps"] = min(req, settings.frames)
+            why["steps"] += f", at least frames={settings.frames} with continuation fifo"
+        why["solver"] = "continuation fifo runs DDIM without reuse"
     if blocker and "cache_interval" not in explicit and p.reuse.cache_interval > 1:
         change["cache_interval"] = 1
         why["reuse"] = blocker

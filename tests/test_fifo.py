@@ -122,3 +122,11 @@ def test_refusals():
     rt.unet.frame_timesteps = False  # what an exported graph's backend says (Backend's default)
     with pytest.raises(ValueError, match="continuation='fifo' runs the UNet with a timestep per frame"):
         rt.generate(Request(("a",), None, s))
+
+
+def test_presets_keep_ddim_and_a_level_per_frame():
+    from vidrd.runtime.quality import resolve
+    r = resolve("balanced", SamplerSettings(steps=25, frames=8, continuation="fifo"))
+    assert (r.settings.solver, r.settings.steps, r.settings.guidance_reuse_after) == ("ddim", 15, 1.0)
+    r = resolve("fast", SamplerSettings(steps=10, frames=8, continuation="fifo"))
+    assert r.settings.steps == 8 and "at least frames=8" in r.why["steps"]
