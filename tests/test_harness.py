@@ -191,7 +191,8 @@ def test_ground_truth_stories_score_every_clip_against_its_own_caption():
     report = score_videos(videos, stories, [8, 4, 4], trimmed=True)
     for group in ("all", "trained", "held_out"):
         m = report["summary"][group]
-        for key in ("clip_direction_acc", "clip_color_acc", "clip_shape_acc", "clip_found_rate"):
+        for key in ("clip_direction_acc", "clip_direction_own_acc", "clip_color_acc", "clip_shape_acc",
+                    "clip_found_rate"):
             assert len(m[key]) == 3 and min(m[key]) >= 0.98, (group, key, m[key])
         for key in ("direction_every_clip", "color_every_clip", "shape_every_clip"):
             assert m[key] >= 0.98, (group, key, m)
@@ -221,7 +222,9 @@ def test_a_trimmed_clip_is_measured_with_the_frame_before_it():
     video = data.render(cap, data.Motion(20, 32, 8, 2.0), 10)  # clips of 8, then 2 added frames
     video[9] = 0  # the second added frame loses the object
     caps = [str(cap)] * 2
-    assert score_videos([video], [caps], [8, 2])["videos"][0]["clip_directions"] == ["right", "none"]
+    report = score_videos([video], [caps], [8, 2])
+    assert report["videos"][0]["clip_directions"] == ["right", "none"]
+    assert report["summary"]["all"]["clip_direction_own_acc"] == [1.0, 0.0]
     assert score_videos([video], [caps], [8, 2], trimmed=True)["videos"][0]["clip_directions"] == ["right", "right"]
 
 

@@ -216,6 +216,7 @@ def score_video(video: torch.Tensor, caption, frames_per_clip: int | Sequence[in
         "caption": str(cap), "held_out": any(str(c) in data.HELD_OUT for c in caps),
         "clip_captions": [str(c) for c in caps], "story": len({c.direction for c in caps}) > 1,
         "clip_directions": clip_dirs, "clip_direction_ok": [d == c.direction for d, c in zip(clip_dirs, caps)],
+        "clip_direction_own_ok": [d == c.direction for d, c in zip(dirs, caps)],  # its own frames only
         "clip_color_ok": [v == c.color for v, c in zip(clip_colors, caps)],
         "clip_shape_ok": [v == c.shape for v, c in zip(clip_shapes, caps)],
         "clip_found": [_mean(f.color is not None for f in c) for c in clips],
@@ -252,7 +253,8 @@ SUMMARY = {"color_acc": "color_ok", "shape_acc": "shape_ok", "background_acc": "
 
 
 # summary key -> per-video list with one entry per clip: a list of rates by clip
-PER_CLIP = {"clip_direction_acc": "clip_direction_ok", "clip_color_acc": "clip_color_ok",
+PER_CLIP = {"clip_direction_acc": "clip_direction_ok", "clip_direction_own_acc": "clip_direction_own_ok",
+            "clip_color_acc": "clip_color_ok",
             "clip_shape_acc": "clip_shape_ok", "clip_found_rate": "clip_found"}
 # summary key -> per-video list: the rate of videos where it holds in every clip
 EVERY_CLIP = {"direction_every_clip": "clip_direction_ok", "color_every_clip": "clip_color_ok",
