@@ -29,7 +29,7 @@ class Diagonal:
         s, (b, c, f, h, w) = job.s, job.shape
         n, nb = ref_fifo.substeps(s), job.ts.shape[0]
         self.rt, self.job, self.s, self.n, self.f = rt, job, s, n, f
-        self.sizes = ref_fifo.clip_sizes(s)
+        self.sizes, self.calls = ref_fifo.clip_sizes(s), ref_fifo.clip_calls(s)
         self.window = bufs.window[: b * c * f * h * w].view(job.shape)  # (B,C,F,h,w)
         self.ts = bufs.ts[: n * nb * f].view(n, nb, f)  # (n,2B,F)
         self.coef = bufs.coef[: n * 4 * f].view(n, 4, 1, 1, f, 1, 1)  # (n,4,1,1,F,1,1): broadcast on (B,C,F,h,w)
@@ -48,9 +48,10 @@ class Diagonal:
         self.filled = 0  # frames of the window written by the current clip's rounds
 
     def clip(self, c: int):
-        """Clip c's work (clip 0: the warm-up first), yielding a running index after every UNet call."""
+        """Clip c's work (clip 0: the warm-up first), yielding after every UNet call the step it reports
+        (vidrd_ref/fifo.py progress)."""
         job, lat, n, f = self.job, self.job.lat, self.n, self.f
-        calls = 0
+        calls, total, steps = 0, self.calls[c], self.s.steps
         if c == 0:
             for i in range((f - 1) * n + 1):  # frame k joins the queue (the window, for now) before step (F-1-k) n
                 if i % n == 0:
@@ -59,7 +60,7 @@ class Diagonal:
                 if i == (f - 1) * n:
                     break
                 job.step(0, i)
-                yield calls
+                yield ref_fifo.progress(calls, total, steps)
                 calls += 1
             lat.copy_(self.window)
         size = self.sizes[c]
@@ -70,7 +71,7 @@ class Diagonal:
         for r in range(size):
             for u in range(n):
                 self.substep(u)
-                yield calls
+                yield ref_fifo.progress(calls, total, steps)
                 calls += 1
             self.window[:, :, keep + r].copy_(lat[:, :, 0])  # the front frame is clean
             if not (c == len(self.sizes) - 1 and r == size - 1):

@@ -50,7 +50,7 @@ def _run(s, seed=4, **request):
     rt = open_runtime(random_model("tiny", 3), limits=LIMITS)
     calls = []
     clips = list(rt.generate(Request(("a",), None, s, seed=seed, float_video=True, **request),
-                             on_step=lambda c, i: calls.append(c)))
+                             on_step=lambda c, i: calls.append((c, i))))
     return clips, calls
 
 
@@ -67,7 +67,10 @@ def test_runtime_matches_reference(kw):
     for clip, window in zip(clips, windows):
         torch.testing.assert_close(clip.latents, window, rtol=0, atol=1e-5)
     n = fifo.substeps(s)  # UNet calls: the warm-up's (F-1) n, then n per output frame
-    assert len(calls) == (s.frames - 1) * n + s.output_frames() * n
+    assert len(calls) == (s.frames - 1) * n + s.output_frames() * n == sum(fifo.clip_calls(s))
+    for c in range(s.clips):  # progress as in the other modes: steps 0..T-1 of each clip, increasing
+        steps = [i for k, i in calls if k == c]
+        assert steps == sorted(steps) and steps[0] >= 0 and steps[-1] == s.steps - 1
 
 
 def test_trimmed_clips_continue_the_window():

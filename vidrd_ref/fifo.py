@@ -38,6 +38,18 @@ def clip_sizes(s: SamplerSettings) -> list[int]:
     return [s.frames] + [later] * (s.clips - 1)
 
 
+def clip_calls(s: SamplerSettings) -> list[int]:
+    """UNet calls of each clip: the warm-up's (F-1) n and n per new frame for clip 1, n per new frame after it."""
+    n = substeps(s)
+    return [(s.frames - 1) * n * (c == 0) + size * n for c, size in enumerate(clip_sizes(s))]
+
+
+def progress(call: int, calls: int, steps: int) -> int:
+    """The step (0..steps-1) that a clip's call-th of `calls` UNet calls reports to callbacks, so that progress reads
+    as in the other modes (steps per clip; the last call reports steps-1); increasing, values may repeat."""
+    return ((call + 1) * steps - 1) // calls
+
+
 def frame_steps(s: SamplerSettings, u: int) -> list[int]:
     """Step of the L-step schedule at which each queue slot k (0 = front) runs sub-step u of a round: (F-1-k) n + u."""
     n, f = substeps(s), s.frames
@@ -73,7 +85,7 @@ def ddim_frames(model_output, x, coef: torch.Tensor, v_prediction: bool) -> torc
 def generate(model, contexts: list, s: SamplerSettings, generator, callback=None):
     """Diagonal denoising of a whole request; contexts[c] is clip c's text context ([uncond; cond] (2B,77,D) under
     guidance, else (B,77,D)). -> video (B,3,frames_out,H,W) in [0,1], latents (clips,B,C,F,h,w): each clip's
-    decoded window. callback(clip, i) after every UNet call, i counting the clip's calls (clip 0: the warm-up's too)."""
+    decoded window. callback(clip, i) after every UNet call, i its progress() step."""
     f, n = s.frames, substeps(s)
     levels = n * f
     ctx = contexts[0]
@@ -93,7 +105,7 @@ def generate(model, contexts: list, s: SamplerSettings, generator, callback=None
     # warm-up: the first clip at one noise level, frame k taken onto the diagonal before step (F-1-k) n
     x = initial_noise(shape, generator, s.noise_prior, ctx.dtype, ctx.device)
     queue = torch.empty_like(x)
-    calls = 0
+    calls, total = 0, clip_calls(s)
     for i in range((f - 1) * n + 1):
         if i % n == 0:
             k = f - 1 - i // n
@@ -103,7 +115,7 @@ def generate(model, contexts: list, s: SamplerSettings, generator, callback=None
         a, ap = model.scheduler.alphas(int(ts[i]), levels, s.spacing)
         x = model.scheduler.update(guided(x, ts[i], ctx), x, a, ap)
         if callback is not None:
-            callback(0, calls)
+            callback(0, progress(calls, total[0], s.steps))
         calls += 1
 
     coefs = [ddim_factors(model.scheduler, s, u).to(x.device) for u in range(n)]  # (4,F) per sub-step
@@ -119,7 +131,7 @@ def generate(model, contexts: list, s: SamplerSettings, generator, callback=None
                 t = t_frames[u].expand(ctx.shape[0], f)  # (2B or B,F): a timestep per frame
                 queue = ddim_frames(guided(queue, t, ctx), queue, coefs[u], v_pred)
                 if callback is not None:
-                    callback(c, calls)
+                    callback(c, progress(calls, total[c], s.steps))
                 calls += 1
             emitted.append(queue[:, :, :1])  # (B,C,1,h,w) clean
             last = c == len(sizes) - 1 and r == size - 1
