@@ -82,6 +82,8 @@ def export(trainer, out: Path) -> Path:
     from vidrd.runtime.shapes.train import tokenizer_folder
 
     model = to(trainer.trained_model(), dtype=torch.float16)  # fp16 at rest; the loader casts back to float32
+    if (out / "ModelT2V.safetensors").is_file():  # an earlier export: its train.json is ours to replace too
+        (out / "train.json").unlink(missing_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         write_official(model, out, safetensors=True, force=True, tokenizer_dir=tokenizer_folder(Path(tmp) / "tok"),
                        sd_vae_weights=False)
