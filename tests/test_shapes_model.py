@@ -16,6 +16,10 @@ PROMPTS = ["a red circle moving right on a black background", "a green square mo
            "a blue triangle moving down on a black background", "a yellow circle moving up on a gray background",
            "a white square moving right on a gray background", "a magenta circle moving left on a black background"]
 FLOOR_SETTINGS = dict(height=64, width=64, frames=8, steps=12, clips=1)
+# Long-video floors (two clips, 12 steps, seed 0; measured on an AVX-512 host: boundary ratio median 1.50 single,
+# 3.06 story; later-clip direction 4/6 single, 5/6 story; colour in every clip 5/6), with a margin for other CPUs'
+# rounding; continuity lost (independent clips) reads about 10.
+CONTINUITY_BOUNDARY, STORY_BOUNDARY = 2.5, 6.0
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +66,7 @@ def test_generate_with_no_model_flag_uses_the_embedded_model_at_its_settings(tmp
     assert main(["generate", "a red boat moving left on a lake", "-o", str(out), "--steps", "2", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "vidrd-shapes" in err and "boat, lake" in err  # the unknown words, listed
-    assert read_video(out).shape == (24, 64, 64, 3)  # 3 clips of 8 frames at 64x64
+    assert read_video(out).shape == (16, 64, 64, 3)  # 3 clips at 64x64: 8 frames, then 4 new frames each (trim)
 
 
 def test_service_requests_get_the_embedded_models_settings():
@@ -94,3 +98,36 @@ def test_quality_presets_keep_the_floor(shapes_model, quality):
     assert s["color_acc"] >= 5 / 6, s
     assert s["background_acc"] >= 5 / 6, s
     assert s["direction_acc"] >= 4 / 6, s
+
+
+def _long_video_summary(shapes_model, prompts, batch):
+    """Two clips at the embedded model's long-video settings (forward, trim, its staged guidance), 12 steps."""
+    from dataclasses import replace
+
+    from vidrd.ref.sampler import SamplerSettings
+    from vidrd.runtime import shapes
+    from vidrd.runtime.options import RuntimeOptions
+    s = replace(SamplerSettings(**{**shapes.SETTINGS, **FLOOR_SETTINGS}), clips=2)
+    report = evaluate(shapes_model, s, prompts, [0], RuntimeOptions("torch"), batch=batch, negative_prompt="",
+                      progress=False)
+    return report["summary"]["all"]
+
+
+def test_long_video_continuity_floor(shapes_model):
+    """One caption over two clips: the second clip starts where the first ends (no jump at the boundary) and
+    keeps the caption's direction and colour. Independent clips jump (boundary ratio ~10)."""
+    s = _long_video_summary(shapes_model, PROMPTS, batch=6)
+    assert s["boundary_ratio_median"] <= CONTINUITY_BOUNDARY, s
+    assert s["clip_direction_own_acc"][1] >= 3 / 6, s
+    assert s["color_every_clip"] >= 4 / 6 and s["found_rate"] >= 0.85, s
+
+
+def test_two_clip_story_floor(shapes_model):
+    """A caption per clip, the direction turning at the boundary: each clip moves as its own caption says."""
+    turn = {"right": "down", "left": "up", "down": "left", "up": "right"}
+    stories = [(p, p.replace(f"moving {d}", f"moving {turn[d]}")) for p in PROMPTS
+               for d in [data.parse(p).direction]]
+    s = _long_video_summary(shapes_model, stories, batch=1)
+    assert s["clip_direction_own_acc"][1] >= 4 / 6, s
+    assert s["boundary_ratio_median"] <= STORY_BOUNDARY, s
+    assert s["color_every_clip"] >= 4 / 6 and s["found_rate"] >= 0.85, s
