@@ -109,3 +109,13 @@ def test_shifted_needs_forward():
 def test_bad_continuation_is_refused():
     with pytest.raises(ValueError, match="continuation='backward'"):
         SamplerSettings(continuation="backward")
+
+
+def test_a_single_clip_with_overlap_past_its_frames_runs_forward():
+    """One clip reads no history, so overlap >= frames is allowed there, in every continuation mode."""
+    model = random_model("tiny", 2)
+    for mode in ("official", "forward"):
+        s = SamplerSettings(height=32, width=32, frames=2, overlap=4, steps=1, clips=1, continuation=mode)
+        assert len(s.source_frames()) == 2
+        video = generate(model, ["a"], settings=s, generator=torch.Generator().manual_seed(0))[0]  # (B,3,F,H,W)
+        assert video.shape[2] == 2

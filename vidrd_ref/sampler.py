@@ -173,7 +173,7 @@ class SamplerSettings(ReuseSettings, GenerationSettings):
         stride F - O as its overlap frames are; the frames past the previous clip's end (j >= O) wrap round to its
         first frames' noise (a rolling window over F noise frames: no two frames of a clip share a source).
         """
-        f, o = self.frames, self.overlap
+        f, o = self.frames, min(self.overlap, self.frames)  # only a single clip may have overlap >= frames
         if self.continuation == "official":
             return list(range(f - 1, -1, -1))
         if self.recycle_order == "shifted":
