@@ -8,6 +8,7 @@ overlap frames (`overlap[i]`, for staged guidance). Each clip reads an entry bef
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -40,17 +41,26 @@ class History:
         self.consts.copy_(torch.tensor([r / math.sqrt(1 + r * r), math.sqrt(1 + r * r)]))
         self.recycle, self.fresh_div = self.consts[0], self.consts[1]
 
+    def rows(self, r0: int, r1: int) -> "History":
+        """Rows r0..r1-1 of the bound request (one job of a batch of jobs): the same history, as views (no copy)."""
+        assert 0 <= r0 < r1 <= self.shape[0], (r0, r1, self.shape)
+        view = copy.copy(self)
+        view.shape, view.overlap_shape = (r1 - r0, *self.shape[1:]), (*self.overlap_shape[:1], r1 - r0,
+                                                                       *self.overlap_shape[2:])
+        view.init_src = self.init_src[r0:r1]  # (b,C,F,h,w)
+        view.overlap = [o[r0:r1] for o in self.overlap]  # T x (b,C,O,h,w)
+        return view
+
     def save(self) -> tuple[torch.Tensor, torch.Tensor]:
         """CPU copies of what the next clip reads: init_src (B,C,F,h,w) and overlap (T,B,C,O,h,w) (a checkpoint)."""
-        t, n = self.overlap_shape[0], math.prod(self.overlap_shape[1:])
-        return (self.init_src.to("cpu", copy=True),
-                self.overlap_flat[: t * n].view(self.overlap_shape).to("cpu", copy=True))
+        return self.init_src.to("cpu", copy=True), torch.stack(self.overlap).to("cpu")
 
     def load(self, init_src: torch.Tensor, overlap: torch.Tensor) -> None:
         """Put back what save() returned, after start() for the same request shape (a resumed generation)."""
-        t, n = self.overlap_shape[0], math.prod(self.overlap_shape[1:])
+        assert tuple(overlap.shape) == self.overlap_shape, (tuple(overlap.shape), self.overlap_shape)
         self.init_src.copy_(init_src)
-        self.overlap_flat[: t * n].view(self.overlap_shape).copy_(overlap)
+        for dst, src in zip(self.overlap, overlap):
+            dst.copy_(src)
 
     def restart(self, latents: torch.Tensor, fresh: torch.Tensor) -> None:
         """A later clip's initial latents: overlap frames from init_src, the rest recycled noise + fresh (B,C,F,h,w).

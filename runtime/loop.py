@@ -10,6 +10,7 @@ and calls the backends.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -116,34 +117,51 @@ class NonFiniteOutput(RuntimeError):
 
 
 class Generation:
-    """One request's views of the runtime's buffers and its denoising state (built before step 0)."""
+    """One request's views of the runtime's buffers and its denoising state (built before step 0).
 
-    def __init__(self, rt: "Runtime", b: int, s: SamplerSettings, request: Request):
+    `rows=(r0, total)` makes it one job of a batch of jobs (batch.py): the runtime's buffers hold `total` rows, laid
+    out as for one request of `total` prompts ([uncond; cond] under guidance), and this job's views are its rows
+    r0..r0+b of them. Without `rows` it is the whole request (r0 = 0, total = b)."""
+
+    def __init__(self, rt: "Runtime", b: int, s: SamplerSettings, request: Request, rows: tuple | None = None):
         cfg = rt.model.config
         c, f, d = cfg.unet.in_channels, s.frames, cfg.text.hidden_size
         h, w = s.height // LATENT_FACTOR, s.width // LATENT_FACTOR
-        nb, n = (2 * b if s.cfg else b), b * c * f * h * w
+        r0, total = rows or (0, b)
+        assert 0 <= r0 and r0 + b <= total <= rt.limits.batch, (r0, b, total, rt.limits.batch)
+        nb, n = (2 * total if s.cfg else total), total * c * f * h * w
+
+        def own(flat, *shape):  # this job's rows of a (total, *shape) view of a flat buffer
+            return flat[: total * math.prod(shape)].view(total, *shape)[r0:r0 + b]
+
         self.rt, self.s, self.request, self.b = rt, s, request, b
         self.shape = (b, c, f, h, w)
-        self.lat = rt.latents[:n].view(b, c, f, h, w)
+        self.lat = own(rt.latents, c, f, h, w)
+        # the UNet's input and output (NB,C,F,h,w), NB = 2 total under guidance; eps_u, eps_c: this job's rows of
+        # the unconditional and conditional halves (eps_c: the only branch without guidance)
         self.x_in = rt.x_in[: nb * c * f * h * w].view(nb, c, f, h, w)
         self.eps = rt.eps[: nb * c * f * h * w].view(nb, c, f, h, w)
-        self.guided, self.scratch = rt.guided[:n].view(self.shape), rt.scratch[:n].view(self.shape)
+        self.eps_u = self.eps[r0:r0 + b] if s.cfg else None
+        self.eps_c = self.eps[total + r0: total + r0 + b] if s.cfg else self.eps[r0:r0 + b]
+        self.guided, self.scratch = own(rt.guided, c, f, h, w), own(rt.scratch, c, f, h, w)
         # DPM-Solver++(2M): the previous step's data prediction; DDIM with v prediction: a second temporary
-        self.prev_x0 = rt.prev_x0[:n].view(self.shape)
+        self.prev_x0 = own(rt.prev_x0, c, f, h, w)
         self.ts, self.ids, self.ctx = rt.timestep[:nb], rt.ids[:nb], rt.ctx[: nb * 77 * d].view(nb, 77, d)
         self.ctx_unet = rt.ctx_unet[: nb * 77 * d].view(nb, 77, d)
-        self.noise_cpu, self.noise = rt.noise_cpu[:n].view(self.shape), rt.noise[:n].view(self.shape)
-        self.noise_frame = rt.noise_frame[: n // f].view(b, c, 1, h, w)
+        self.noise_cpu, self.noise = own(rt.noise_cpu, c, f, h, w), own(rt.noise, c, f, h, w)
+        self.noise_frame = rt.noise_frame[: b * c * h * w].view(b, c, 1, h, w)  # scratch of initial_noise
         self.plan = s.plan()  # per step of every clip: unet full/store/reuse, guidance both/cond_reuse
         # feature reuse: the cache holds a reference to the UNet's own deep feature, no buffer of ours
         self.cache = FeatureCache(depth=s.cache_depth) if any(p.unet != "full" for p in self.plan) else None
         # guidance reuse: eps_c - eps_u of the last step that ran both branches (B,C,F,h,w) float32
-        self.d_last = rt.d_last[:n].view(self.shape) if any(p.guidance == "cond_reuse" for p in self.plan) else None
-        self.dec_in = rt.dec_in[:n].view(self.shape)
-        self.dec_out = rt.dec_out[: b * f * 3 * s.height * s.width].view(b, f, 3, s.height, s.width)
-        self.dec_f32 = rt.dec_f32[: b * f * 3 * s.height * s.width].view(b, f, 3, s.height, s.width)
-        self.u8 = rt.frames_u8[: b * f * s.height * s.width * 3].view(b, f, s.height, s.width, 3)
+        self.d_last = own(rt.d_last, c, f, h, w) if any(p.guidance == "cond_reuse" for p in self.plan) else None
+        # guidance scale and scale - 1, float32 scalars: the runtime's, or this job's entry of the batch's table
+        self.gscale, self.gscale_m1 = (rt.gscale, rt.gscale_m1) if rows is None else rt.job_gscale[r0].unbind()
+        self.history = rt.history if rows is None else rt.history.rows(r0, r0 + b)
+        self.dec_in = own(rt.dec_in, c, f, h, w)
+        self.dec_out = own(rt.dec_out, f, 3, s.height, s.width)
+        self.dec_f32 = own(rt.dec_f32, f, 3, s.height, s.width)
+        self.u8 = own(rt.frames_u8, f, s.height, s.width, 3)
         self.generator = torch.Generator().manual_seed(request.seed)
         self.previews = None  # preview.Previews when the caller asked for previews (Runtime.generate)
         self.clip_ctx: list | None = None  # per-clip prompts: each clip's context, a view of ctx_unet or ctx_more
@@ -165,7 +183,7 @@ class Generation:
 
     def checkpoint(self, c: int) -> Checkpoint:
         """After clip c's last step (before the next clip's restart): copies of the history and RNG state."""
-        init_src, overlap = self.rt.history.save()
+        init_src, overlap = self.history.save()
         return Checkpoint(c, init_src, overlap, self.generator.get_state())
 
     def restart(self) -> None:
@@ -173,7 +191,7 @@ class Generation:
         torch.randn(self.shape, generator=self.generator, out=self.noise_cpu)
         if self.noise is not self.noise_cpu:
             self.noise.copy_(self.noise_cpu)
-        self.rt.history.restart(self.lat, self.noise)
+        self.history.restart(self.lat, self.noise)
 
     def use_clip_prompt(self, c: int) -> None:
         """Before clip c's first step: with per-clip prompts the UNet reads clip c's context (a view, no copy); a
@@ -203,37 +221,52 @@ class Generation:
 
     def step(self, c: int, i: int) -> None:
         """Step i of clip c, in place: staged guidance and history, UNet call, guidance combine, DDIM (eta = 0)."""
-        rt, lat, x_in, eps, g, tmp = self.rt, self.lat, self.x_in, self.eps, self.guided, self.scratch
         if self.blend is not None:
             self.blend_prompt(i)
-        rt.history.guide_and_record(i, lat, c > 0)
-        b, coef, plan = self.b, rt.coef[i], self.plan[i]
-        self.ts.copy_(rt.ts_table[i, : self.ts.shape[0]])
+        self.history.guide_and_record(i, self.lat, c > 0)
+        self.predict(i)
+        self.combine(i)
+        self.update(c, i)
+
+    def predict(self, i: int) -> None:
+        """Step i's UNet call on every row of x_in: eps (both halves under guidance, the conditional half alone on
+        a guidance-reuse step)."""
+        b, lat, x_in, plan = self.b, self.lat, self.x_in, self.plan[i]
+        self.ts.copy_(self.rt.ts_table[i, : self.ts.shape[0]])
         if self.cache is not None and i == 0:
             self.cache.feature = None  # each clip stores its own features first
-        if self.s.cfg and plan.guidance == "cond_reuse":  # the conditional half only: eps_c + (scale - 1) d_last
+        if self.s.cfg and plan.guidance == "cond_reuse":  # the conditional half only
             x_in[b:].copy_(lat)
-            self.unet(plan, x_in[b:], self.ts[b:], self.ctx_unet[b:], eps[b:])  # (B,C,F,h,w)
-            torch.mul(self.d_last, rt.gscale_m1, out=g)  # as vidrd.ref.reuse.guided_eps_reuse computes it
-            g.add_(eps[b:])
+            self.unet(plan, x_in[b:], self.ts[b:], self.ctx_unet[b:], self.eps[b:])  # (B,C,F,h,w)
         else:
             x_in[:b].copy_(lat)
             if self.s.cfg:
                 x_in[b:].copy_(lat)
-            self.unet(plan, x_in, self.ts, self.ctx_unet, eps)
-            if self.s.cfg:  # eps_u + scale * (eps_c - eps_u), as the reference computes it
-                g.copy_(eps[b:])
-                g.sub_(eps[:b])
-                if self.d_last is not None:  # the guidance difference later cond_reuse steps take
-                    self.d_last.copy_(g)
-                g.mul_(rt.gscale)
-                g.add_(eps[:b])
-            else:
-                g.copy_(eps)
+            self.unet(plan, x_in, self.ts, self.ctx_unet, self.eps)
+
+    def combine(self, i: int) -> None:
+        """Step i's guidance combine of this request's rows of eps into `guided`, with its own guidance scale."""
+        g, eps_u, eps_c = self.guided, self.eps_u, self.eps_c
+        if self.s.cfg and self.plan[i].guidance == "cond_reuse":  # eps_c + (scale - 1) d_last
+            torch.mul(self.d_last, self.gscale_m1, out=g)  # as vidrd.ref.reuse.guided_eps_reuse computes it
+            g.add_(eps_c)
+        elif self.s.cfg:  # eps_u + scale * (eps_c - eps_u), as the reference computes it
+            g.copy_(eps_c)
+            g.sub_(eps_u)
+            if self.d_last is not None:  # the guidance difference later cond_reuse steps take
+                self.d_last.copy_(g)
+            g.mul_(self.gscale)
+            g.add_(eps_u)
+        else:
+            g.copy_(eps_c)
+
+    def update(self, c: int, i: int) -> None:
+        """Step i's solver update of the latents from the guided prediction, in place (eta = 0)."""
+        lat, g, tmp, coef = self.lat, self.guided, self.scratch, self.rt.coef[i]
         if self.s.solver == "dpmpp-2m":
             self.multistep_update(i)
             self.keep_x0(c, i, self.scratch)
-        elif rt.v_prediction:
+        elif self.rt.v_prediction:
             self.ddim_v_update(i)
             self.keep_x0(c, i, self.scratch)
         else:
@@ -355,6 +388,7 @@ class Runtime:
         self.prev_x0 = buf(n)  # (B,C,F,h,w) DPM-Solver++(2M): previous data prediction; DDIM-v: a temporary
         self.gscale = torch.empty((), device=dev)  # guidance scale
         self.gscale_m1 = torch.empty((), device=dev)  # guidance scale - 1 (guidance reuse)
+        self.job_gscale = torch.empty(b, 2, device=dev)  # (B,2) a batch of jobs: scale, scale - 1 at a job's 1st row
         self.d_last: torch.Tensor | None = None  # (B,C,F,h,w) guidance reuse's eps_c - eps_u: made by prepare
         self.fifo: FifoBuffers | None = None  # continuation "fifo"'s buffers: made by prepare, the first time
         self.history = History(n, b * c * lim.overlap * h * w, lim.steps, f, dev)
@@ -508,8 +542,7 @@ class Runtime:
     @torch.no_grad()
     def prepare(self, prompts, negatives, s: SamplerSettings, request: Request) -> Generation:
         """Before step 0: bind views, encode the prompts, fill the per-step tables, draw the initial noise."""
-        if self.d_last is None and any(p.guidance == "cond_reuse" for p in s.plan()):
-            self.d_last = torch.empty_like(self.latents)  # (B,C,F,h,w) of the limits: once, for guidance reuse
+        self.reserve(s)
         job = Generation(self, len(prompts), s, request)
         per_clip = check_clip_prompts(self.tokenizer, prompts, request.clip_prompts, s.clips, warn=False)
         more = [p for p in dict.fromkeys(per_clip) if p != prompts[0]]  # each distinct prompt encoded once
@@ -522,13 +555,37 @@ class Runtime:
         if per_clip:
             job.clip_ctx = [job.ctx_unet if p == prompts[0] else bank[more.index(p)] for p in per_clip]
             job.weights, job.ctx_blend = s.prompt_weights(), self.ctx_blend[: nb * 77 * d].view(nb, 77, d)
-        texts = negatives + prompts if s.cfg else prompts  # [uncond; cond] under guidance
+        self.encode(job, negatives + prompts if s.cfg else prompts)  # [uncond; cond] under guidance
+        self.history.start(job.shape, s, self.scheduler)
+        self.tables(s)
+        self.gscale.fill_(s.guidance_scale)
+        self.gscale_m1.fill_(s.guidance_scale - 1.0)  # rounded to float32 once, as the reference's python scalar
+        if s.continuation == "fifo":  # its buffers once, then its tables (it rewrites the first rows of ts/coef)
+            if self.fifo is None:
+                self.fifo = FifoBuffers(self)
+            job.diagonal = Diagonal(self, job, self.fifo)
+        if request.resume is None:
+            job.initial_noise()
+        else:  # the next clip restarts from these (Generation.restart)
+            self.history.load(request.resume.init_src, request.resume.overlap)
+            job.generator.set_state(request.resume.rng)
+        return job
+
+    def reserve(self, s: SamplerSettings) -> None:
+        """Buffers only some requests need, made the first time one does (before its step 0)."""
+        if self.d_last is None and any(p.guidance == "cond_reuse" for p in s.plan()):
+            self.d_last = torch.empty_like(self.latents)  # (B,C,F,h,w) of the limits: once, for guidance reuse
+
+    def encode(self, job: Generation, texts: list[str]) -> None:
+        """The text backend's context of `texts` (one per row of the UNet's input) into job.ctx and ctx_unet."""
         job.ids.copy_(tokenize(self.tokenizer, texts))
         self.text(job.ids, job.ctx)
         if job.ctx_unet is not job.ctx:
             job.ctx_unet.copy_(job.ctx)
         self.unet.new_context()
-        self.history.start(job.shape, s, self.scheduler)
+
+    def tables(self, s: SamplerSettings) -> None:
+        """The per-step tables of `s`'s schedule: timesteps, DDIM and DPM-Solver++(2M) factors."""
         timesteps = self.scheduler.timesteps(s.steps, s.spacing).tolist()
         rows = []
         for t in timesteps:  # DDIM factors, from the same python floats as the reference's step
@@ -544,18 +601,6 @@ class Runtime:
             self.mcoef[: s.steps].copy_(torch.tensor(mrows, dtype=torch.float32))
         table = torch.tensor(timesteps, dtype=torch.float32)[:, None]  # (T,1)
         self.ts_table[: s.steps].copy_(table.expand(-1, 2 * self.limits.batch))
-        self.gscale.fill_(s.guidance_scale)
-        self.gscale_m1.fill_(s.guidance_scale - 1.0)  # rounded to float32 once, as the reference's python scalar
-        if s.continuation == "fifo":  # its buffers once, then its tables (it rewrites the first rows of ts/coef)
-            if self.fifo is None:
-                self.fifo = FifoBuffers(self)
-            job.diagonal = Diagonal(self, job, self.fifo)
-        if request.resume is None:
-            job.initial_noise()
-        else:  # the next clip restarts from these (Generation.restart)
-            self.history.load(request.resume.init_src, request.resume.overlap)
-            job.generator.set_state(request.resume.rng)
-        return job
 
     def _run(self, job: Generation, on_step):
         s, pending = job.s, None
