@@ -289,6 +289,7 @@ class Batch:
         self._bound = True
 
     def _remove(self, gone: list[Member]) -> None:
+        gone = [m for m in gone if m in self.members]
         if gone:
             self.members = [m for m in self.members if m not in gone]
             for m in gone:
@@ -305,7 +306,7 @@ class Batch:
                 try:
                     m.on_preview(clip, step, frames[r0:r1])
                 except Exception as e:  # noqa: BLE001 - one job's preview consumer must not stop the others
-                    m.error = m.error or e
+                    m.error, m.live = m.error or e, False  # dropped: its rows run to the clip's end
 
     def _computing(self) -> bool:
         with self.rt._lock:
