@@ -11,6 +11,7 @@ from dataclasses import replace
 from vidrd.runtime import shapes
 from vidrd.runtime.cli.model_args import add_model_args, check_model_args, is_default_model
 from vidrd.runtime.cli.args import add_runtime_args, runtime_options
+from vidrd.runtime.batch import PER_JOB
 from vidrd.runtime.loop import Limits
 from vidrd.runtime.options import RuntimeOptions
 from vidrd.runtime.quality import feature_reuse_blocker
@@ -18,6 +19,7 @@ from vidrd.runtime.serve.jobs import ServeConfig
 from vidrd.runtime.serve.store import shared
 
 D = ServeConfig()
+BATCH_JOBS = 4  # --batch-jobs default: BENCHMARKS.md, "Serving": batched jobs
 MODEL_FLAGS = ("weights", "sd", "ckpt", "vae", "preset", "weights_seed")
 
 
@@ -69,6 +71,10 @@ def register(sub) -> None:
     j.add_argument("--allow-private-callbacks", action="store_true",
                    help="let callback URLs reach loopback, private and link-local addresses (default: refused at "
                    "submit time and again after the host is resolved)")
+    j.add_argument("--batch-jobs", type=int, metavar="K",
+                   help="run up to K queued jobs whose settings match (all but prompts, negatives, seed, "
+                   f"{', '.join(PER_JOB)}) in one UNet batch, joining and leaving between clips; 1: one job at a time (default {BATCH_JOBS}, measured in BENCHMARKS.md; 1 under --ray). The "
+                   "runtime's buffers hold K x --max-batch prompts")
     j.add_argument("--preview-every", type=int, default=D.preview_every, metavar="K",
                    help="a preview of a running job every K denoising steps (GET /v1/videos/ID/preview, `preview` "
                    "events), decoded by the model's tiny decoder (the embedded model ships one); 0: none")
@@ -97,11 +103,23 @@ def config_from(args) -> ServeConfig:
                     max_downloads=args.max_downloads, min_free_bytes=int(args.min_free_mb * 2**20),
                     feature_reuse_off=feature_reuse_blocker(runtime_options(args)), jobs_db=args.jobs_db,
                     callbacks=args.callbacks, allow_private_callbacks=args.allow_private_callbacks,
-                    preview_every=args.preview_every)
+                    preview_every=args.preview_every, batch_jobs=batch_jobs(args))
     if is_default_model(args):  # requests that leave a setting out get the embedded model's own
         c = replace(c, defaults=tuple(shapes.SETTINGS.items()), negative_prompt=shapes.NEGATIVE)
     c.validate()
     return c
+
+
+def batch_jobs(args) -> int:
+    """--batch-jobs, or its default: BATCH_JOBS, 1 under --ray (a replica runs one job at a time). ValueError for
+    K < 1, or K > 1 under --ray."""
+    if args.batch_jobs is None:
+        return 1 if args.ray else BATCH_JOBS
+    if args.batch_jobs < 1:
+        raise ValueError(f"--batch-jobs {args.batch_jobs} must be an integer >= 1")
+    if args.ray and args.batch_jobs > 1:
+        raise ValueError(f"--batch-jobs {args.batch_jobs}: Ray replicas run one job at a time; drop --batch-jobs")
+    return args.batch_jobs
 
 
 def check(args) -> RuntimeOptions:
@@ -160,7 +178,7 @@ def run_local(args, config: ServeConfig, options: RuntimeOptions) -> int:
     try:
         model, what, _ = load_model(args, dtype=options.torch_dtype, device=options.device)
         config = config.for_model(model)
-        rt = open_runtime(model, options, config.limits)
+        rt = open_runtime(model, options, config.runtime_limits())
         # previews need a tiny decoder (only the embedded model ships one) and the lean runtime's loop
         tiny = (preview.load(shapes.MODEL_DIR / "tiny_decoder.safetensors")
                 if config.preview_every and is_default_model(args) and isinstance(rt, Runtime) else None)

@@ -87,9 +87,16 @@ class ServeConfig:
     lease_s: float = 30.0
     # a preview of a running job every this many steps (events.py), when the model has a tiny decoder; 0: none
     preview_every: int = 5
+    # jobs whose settings match (runtime/batch.py key) that share one UNet batch (serve/batching.py); 1: one job at a
+    # time. The runtime's buffers hold batch_jobs x limits.batch prompts (runtime_limits)
+    batch_jobs: int = 1
 
     def jobs_path(self) -> str:
         return self.jobs_db or os.path.join(self.results, "jobs.db")
+
+    def runtime_limits(self) -> Limits:
+        """The service runtime's buffers: a request's limits, with room for batch_jobs of the largest batch."""
+        return replace(self.limits, batch=self.limits.batch * self.batch_jobs)
 
     @property
     def durable(self) -> bool:
@@ -101,7 +108,7 @@ class ServeConfig:
                         ("steps", lim.steps), ("clips", lim.clips),
                         *((name, getattr(self, name)) for name in ("queue_size", "max_prompt_chars", "max_body_bytes",
                                                                    "max_records", "submit_burst", "max_header_bytes",
-                                                                   "max_downloads"))):
+                                                                   "max_downloads", "batch_jobs"))):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be an integer >= 1")
         if lim.height % LATENT_FACTOR or lim.width % LATENT_FACTOR:
@@ -230,24 +237,29 @@ class Job:
 
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 STAGES = ("queue_wait", "first_clip", "denoise_step", "run", "total")
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)  # jobs in one UNet batch
 
 
 @dataclass
 class Histogram:
     """Cumulative-bucket histogram, rendered in the Prometheus text format."""
-    counts: list = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
+    buckets: tuple = BUCKETS
+    counts: list = field(default_factory=list)
     total: float = 0.0
     n: int = 0
 
+    def __post_init__(self):
+        self.counts = self.counts or [0] * (len(self.buckets) + 1)
+
     def observe(self, v: float) -> None:
-        i = next((j for j, b in enumerate(BUCKETS) if v <= b), len(BUCKETS))
+        i = next((j for j, b in enumerate(self.buckets) if v <= b), len(self.buckets))
         self.counts[i] += 1
         self.total += v
         self.n += 1
 
     def lines(self, name: str, labels: str) -> list[str]:
         out, acc = [], 0
-        for b, c in zip((*BUCKETS, "+Inf"), self.counts):
+        for b, c in zip((*self.buckets, "+Inf"), self.counts):
             acc += c
             out.append(f'{name}_bucket{{{labels},le="{b}"}} {acc}')
         return out + [f"{name}_sum{{{labels}}} {self.total:.6f}", f"{name}_count{{{labels}}} {self.n}"]
@@ -263,6 +275,8 @@ class Registry:
         self.jobs: dict[str, Job] = {}
         self.rejected = 0
         self.hist = {stage: Histogram() for stage in STAGES}
+        self.batch_hist = Histogram(BATCH_BUCKETS)  # jobs in the UNet batch of each finished clip of each job
+        self.batch_sizes: Counter = Counter()  # the same, by exact size (benchmarks)
         self.frames_total, self.run_seconds_total, self.last_fps = 0, 0.0, 0.0
         self._leased: dict[str, float] = {}  # job id: when its lease was last renewed
         self._lock = threading.Lock()
@@ -383,8 +397,11 @@ class Registry:
             self._publish(job, "step")
             return job.cancel
 
-    def clip_done(self, job_id: str, k: int) -> None:
+    def clip_done(self, job_id: str, k: int, batch: int = 1) -> None:
+        """Clip k of the job is published; it ran in a UNet batch of `batch` jobs."""
         with self._lock:
+            self.batch_hist.observe(batch)
+            self.batch_sizes[batch] += 1
             job = self.jobs[job_id]
             assert k == job.clips_done, f"clip {k} published out of order (expected {job.clips_done})"
             job.clips_done = k + 1
@@ -476,6 +493,9 @@ class Registry:
                       "# TYPE vidrd_stage_seconds histogram"]
             for stage, h in self.hist.items():
                 lines += h.lines("vidrd_stage_seconds", f'stage="{stage}"')
+            lines += ["# HELP vidrd_batch_jobs Jobs in the UNet batch that ran a clip (one observation per job and "
+                      "finished clip; --batch-jobs is the most).", "# TYPE vidrd_batch_jobs histogram"]
+            lines += self.batch_hist.lines("vidrd_batch_jobs", f'batch_jobs_max="{self.config.batch_jobs}"')
             lines += ["# HELP vidrd_frames_total Frames of finished videos (all prompts of a batch).",
                       "# TYPE vidrd_frames_total counter", f"vidrd_frames_total {self.frames_total}",
                       "# HELP vidrd_run_seconds_total Seconds spent running jobs that finished.",

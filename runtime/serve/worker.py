@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from vidrd.ref.sampler import SamplerSettings, shorten
 
-from ..loop import Cancelled, Checkpoint, Request
+from ..loop import Cancelled, Checkpoint, Request, Runtime
 from ..video_io import VideoWriter
 from .jobs import Registry, ServeConfig, clip_path, job_dir, new_id, published, storage_health, video_path
 from .store import Store
@@ -79,26 +79,75 @@ def load_resume(folder: Path) -> Checkpoint | None:
         return None
 
 
+def spec_request(spec: dict, durable: bool = False) -> Request:
+    """The runtime Request of a job's validated spec (api.to_spec)."""
+    return Request(tuple(spec["prompts"]), tuple(spec["negative_prompts"]), SamplerSettings(**spec["settings"]),
+                   spec["seed"], checkpoints=durable, clip_prompts=tuple(spec.get("clip_prompts") or ()) or None)
+
+
+class JobFiles:
+    """A job's folder: its resume state, each clip's files and the whole videos, every file published atomically
+    (VideoWriter writes a temp file and renames it), so a client never reads a partial clip.
+
+    Made before the job runs: leftovers of a run that died are removed, and a results folder with under
+    `min_free_bytes` free fails the job before any file is opened (a writer failing on a full disk can keep its file
+    descriptor: PyAV's mp4 muxer). `durable`: `resume` is the checkpoint of the last clip saved, if any."""
+
+    def __init__(self, results, job_id: str, spec: dict, min_free_bytes: int = 0, durable: bool = False):
+        self.results, self.job_id, self.spec = results, job_id, spec
+        self.folder, self.state = job_dir(results, job_id), job_dir(results, job_id) / "resume"
+        self.folder.mkdir(exist_ok=True)  # exists when this is a retry
+        for tmp in self.folder.glob(".*"):  # temporary files of a run that died: nobody else writes here
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(self.folder).free
+        if free < min_free_bytes:
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: the results folder has {free} bytes free, "
+                          f"under this service's minimum of {min_free_bytes}")
+        self.resume = load_resume(self.state) if durable else None
+        self.videos: list[VideoWriter] = []
+
+    def open(self, first: int) -> None:
+        """The whole videos' writers, with the frames of clips 0..first-1 (done before a restart) written again."""
+        fmt, fps = self.spec["format"], self.spec["fps"]
+        for v in range(len(self.spec["prompts"])):
+            self.videos.append(VideoWriter(video_path(self.results, self.job_id, v, fmt), fps, force=True))
+        for k in range(first):  # the clips done before: their frames as they were, into the whole videos
+            for v, frames in enumerate(load_file(self.state / f"frames-{k:03d}.safetensors")["frames"].numpy()):
+                self.videos[v].write(frames)
+
+    def write(self, clip) -> None:
+        """A finished clip: its file per video, appended to the whole videos, its resume state when it has one."""
+        fmt, fps = self.spec["format"], self.spec["fps"]
+        for v, frames in enumerate(clip.frames):  # (F',H,W,3) uint8 per prompt
+            with VideoWriter(clip_path(self.results, self.job_id, clip.index, v, fmt), fps, force=True) as w:
+                w.write(frames)
+            self.videos[v].write(frames)
+        if clip.checkpoint is not None:
+            save_clip(self.state, clip)
+
+    def close(self) -> int:
+        """Publish the whole videos; the frames written (all videos of the batch)."""
+        try:
+            for w in self.videos:
+                w.close()  # on failure it drops its own temporary file
+        except BaseException:
+            self.abort()  # the ones not published yet
+            raise
+        return sum(w.frames_written for w in self.videos)
+
+    def abort(self) -> None:
+        for w in self.videos:
+            w.abort()  # never raises; removes the temporary file (a full disk, a removed folder)
+
+
 def run_job(rt, results, job_id: str, spec: dict, registry, min_free_bytes: int = 0, durable: bool = False,
             stop: threading.Event | None = None) -> int:
-    """Generate `spec` on `rt` into the job's folder; returns the frames written (all videos of the batch).
+    """Generate `spec` on `rt` into the job's folder (JobFiles); returns the frames written (all videos of the batch).
 
-    Every file is published atomically (VideoWriter writes a temp file and renames it), so a client never reads a
-    partial clip. A results folder with under `min_free_bytes` free fails the job before any file is opened (a
-    writer failing on a full disk can keep its file descriptor: PyAV's mp4 muxer). `durable`: save the resume state
-    after each clip and continue from it when there is one. Raises Cancelled when the registry flags the job,
-    Interrupted when `stop` is set (after a step), or whatever failed."""
-    request = Request(tuple(spec["prompts"]), tuple(spec["negative_prompts"]), SamplerSettings(**spec["settings"]),
-                      spec["seed"], checkpoints=durable, clip_prompts=tuple(spec.get("clip_prompts") or ()) or None)
-    fmt, fps = spec["format"], spec["fps"]
-    folder, state = job_dir(results, job_id), job_dir(results, job_id) / "resume"
-    folder.mkdir(exist_ok=True)  # exists when this is a retry
-    for tmp in folder.glob(".*"):  # temporary files of a run that died: nobody else writes here
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-    free = shutil.disk_usage(folder).free
-    if free < min_free_bytes:
-        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: the results folder has {free} bytes free, under "
-                      f"this service's minimum of {min_free_bytes}")
+    `durable`: save the resume state after each clip and continue from it when there is one. Raises Cancelled when
+    the registry flags the job, Interrupted when `stop` is set (after a step), or whatever failed."""
+    request = spec_request(spec, durable)
+    files = JobFiles(results, job_id, spec, min_free_bytes, durable)
 
     def on_step(c: int, i: int) -> None:  # runs after every denoising step: a cancel stops within one step
         if registry.step(job_id, c, i):
@@ -112,42 +161,25 @@ def run_job(rt, results, job_id: str, spec: dict, registry, min_free_bytes: int 
     if getattr(rt, "previews", None) is None:  # LocalService attaches them when the model has a tiny decoder
         on_preview = None
 
-    resume, stream = load_resume(state) if durable else None, None
+    resume, stream = files.resume, None
     if resume is not None:
         try:  # validated now, generated when iterated
             stream = rt.generate(replace(request, resume=resume), on_step=on_step, on_preview=on_preview)
         except ValueError as e:  # a checkpoint of another request shape: the request itself is checked below
             log.warning("job %s: its resume state does not fit its request, it starts over: %s", job_id, e)
             resume = None
-    videos, first = [], 0 if resume is None else resume.clip + 1
+    first = 0 if resume is None else resume.clip + 1
     registry.start_at(job_id, first)
     try:
-        for v in range(len(request.prompts)):
-            videos.append(VideoWriter(video_path(results, job_id, v, fmt), fps, force=True))
-        for k in range(first):  # the clips done before: their frames as they were, into the whole videos
-            for v, frames in enumerate(load_file(state / f"frames-{k:03d}.safetensors")["frames"].numpy()):
-                videos[v].write(frames)
+        files.open(first)
         for clip in stream or rt.generate(request, on_step=on_step, on_preview=on_preview):
             assert clip.index >= first, f"clip {clip.index} of a generation resumed at clip {first}"
-            for v, frames in enumerate(clip.frames):  # (F',H,W,3) uint8 per prompt
-                with VideoWriter(clip_path(results, job_id, clip.index, v, fmt), fps, force=True) as w:
-                    w.write(frames)
-                videos[v].write(frames)
-            if clip.checkpoint is not None:
-                save_clip(state, clip)
+            files.write(clip)
             registry.clip_done(job_id, clip.index)
     except BaseException:
-        for w in videos:
-            w.abort()  # never raises; removes the temporary file (a full disk, a removed folder)
+        files.abort()
         raise
-    try:
-        for w in videos:
-            w.close()  # on failure it drops its own temporary file
-    except BaseException:
-        for w in videos:
-            w.abort()  # the ones not published yet
-        raise
-    return sum(w.frames_written for w in videos)
+    return files.close()
 
 
 def execute(rt, config: ServeConfig, job_id: str, spec: dict, registry, stop: threading.Event | None = None) -> str:
@@ -179,7 +211,9 @@ def worker_name() -> str:
 
 
 class LocalService:
-    """The backend of `vidrd serve`: the in-process Registry and one worker thread that owns the Runtime.
+    """The backend of `vidrd serve`: the in-process Registry and one worker thread that owns the Runtime: one job
+    at a time, or with config.batch_jobs > 1 batches of compatible jobs (batching.BatchWorker; `rt` then needs the
+    buffers of config.runtime_limits()).
 
     The async methods are what the HTTP routes call (api.make_app); ray.RayBackend has the same ones. Jobs the
     store holds open from an earlier run are taken first, in submission order: the one that was running resumes
@@ -188,6 +222,12 @@ class LocalService:
 
     def __init__(self, rt, config: ServeConfig, store: Store | None = None, tiny=None):
         self.rt, self.config = rt, config
+        if config.batch_jobs > 1 and not isinstance(rt, Runtime):
+            raise ValueError(f"batch_jobs={config.batch_jobs} needs the lean runtime (not {type(rt).__name__})")
+        if config.batch_jobs > 1 and rt.limits.batch < config.runtime_limits().batch:
+            raise ValueError(f"batch_jobs={config.batch_jobs} needs a runtime with room for "
+                             f"{config.runtime_limits().batch} prompts (ServeConfig.runtime_limits); this one has "
+                             f"{rt.limits.batch}")
         self.previews = tiny is not None and config.preview_every > 0
         if self.previews:
             from ..preview import Previews
@@ -203,6 +243,11 @@ class LocalService:
 
     def _work(self) -> None:
         name = worker_name()
+        if self.config.batch_jobs > 1:  # compatible jobs share the UNet batch (batching.py)
+            from .batching import BatchWorker
+            BatchWorker(self.rt, self.config, self.registry, self.config.batch_jobs, name, self._stop,
+                        self.previews).run(self._queue)
+            return
         while (job_id := self._queue.get()) is not None and not self._stop.is_set():
             spec = self.registry.take(job_id, name)
             if spec is not None:  # None: cancelled while queued
