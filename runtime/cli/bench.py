@@ -18,6 +18,11 @@ def register(sub) -> None:
     add_quality_arg(p)  # for the runtime measured; the reference baseline stays exact (float32, the workload's steps)
     add_runtime_args(p.add_argument_group("execution (the runtime measured)"))
     p.set_defaults(func=run)
+    from vidrd.runtime.bench import service
+    s = sub.add_parser("serve-bench", help="load benchmark of `vidrd serve`: N clients, --batch-jobs K (JSON row)",
+                       description=service.__doc__.split("\n\n")[2].replace("\n", " "))
+    service.add_args(s)
+    s.set_defaults(func=lambda args: service.run(args) and 0)
 
 
 def run(args) -> int:
