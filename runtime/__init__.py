@@ -4,7 +4,7 @@ videos (`Runtime.generate(Request)`); `open_runtime` builds one from `RuntimeOpt
     from vidrd.runtime import Limits, Request, RuntimeOptions, open_runtime
 
 Where things live: loop.py (the denoising loop and its buffers), history.py (reuse-and-diffuse bookkeeping),
-options.py (execution options, open_runtime), quality.py (presets), precision.py, memory.py (what the limits
+batch.py (several requests in one UNet batch), options.py (execution options, open_runtime), quality.py (presets), precision.py, memory.py (what the limits
 need), preview.py (the tiny preview decoder), video_io.py; backends/, cli/, serve/, bench/ and shapes/ (the
 embedded demo model) are packages of their own. Names load on first use, so importing a subpackage does not
 import them all.
@@ -15,7 +15,7 @@ import importlib
 
 _API = {
     "Cancelled": "loop", "Checkpoint": "loop", "Clip": "loop", "Limits": "loop", "NonFiniteOutput": "loop", "Request": "loop",
-    "Runtime": "loop", "Superseded": "loop",
+    "Runtime": "loop", "Superseded": "loop", "Batch": "batch",
     "RuntimeOptions": "options", "open_runtime": "options",
     "QUALITIES": "quality", "resolve": "quality",
     "VideoWriter": "video_io", "read_video": "video_io",
