@@ -129,7 +129,7 @@ class Generation:
         h, w = s.height // LATENT_FACTOR, s.width // LATENT_FACTOR
         r0, total = rows or (0, b)
         assert 0 <= r0 and r0 + b <= total <= rt.limits.batch, (r0, b, total, rt.limits.batch)
-        nb, n = (2 * total if s.cfg else total), total * c * f * h * w
+        nb = 2 * total if s.cfg else total  # rows of the UNet's input
 
         def own(flat, *shape):  # this job's rows of a (total, *shape) view of a flat buffer
             return flat[: total * math.prod(shape)].view(total, *shape)[r0:r0 + b]

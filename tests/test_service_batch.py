@@ -12,7 +12,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
-from test_service import TINY, model, submit, wait  # noqa: E402,F401 - the module-scoped tiny model fixture
+from test_service import model, submit, wait  # noqa: E402,F401 - model: the module-scoped tiny model fixture
 from tolerances import BATCHED_MP4_MEAN  # noqa: E402
 from vidrd.runtime.bench import service as serve_bench  # noqa: E402
 from vidrd.runtime.cli import main  # noqa: E402
@@ -157,3 +157,36 @@ def test_batch_jobs_flag_is_checked_before_anything_loads(tmp_path, capsys):
     assert main(["serve", "--results", str(tmp_path), "--batch-jobs", "2", "--ray", "--preset", "tiny"]) == 2
     assert "Ray replicas run one job at a time" in capsys.readouterr().err
 
+
+
+def test_a_batch_stopped_mid_clip_resumes_each_job_from_its_last_clip(model, tmp_path):
+    """A clean stop (SIGTERM) while two jobs share a batch: both stay running, and the next service resumes both
+    from their own checkpoints, in one batch again; their videos equal an uninterrupted batch of the same requests."""
+    from contextlib import closing
+
+    from test_job_store import hold_in_clip, same_videos, videos
+    from vidrd.runtime.serve.store import Store
+
+    config = ServeConfig(results=str(tmp_path), queue_size=8, limits=LIMITS, batch_jobs=2)
+    bodies = [dict(prompts=["a boat"], seed=1), dict(prompts=["a cat", "a dog"], seed=2, guidance_scale=4.0)]
+    with serve_bench.serving(model, config) as (base, service), httpx.Client(base_url=base, timeout=30) as client:
+        reached = hold_in_clip(service, clip=1, step=1)
+        blocker = hold(client)
+        jobs = [submit(client, steps=4, clips=3, **body) for body in bodies]
+        release(client, blocker)
+        assert reached.wait(60)
+    with closing(Store(config.jobs_path())) as store:
+        states = {r["id"]: (r["state"], r["clips_done"]) for r in store.load()}
+    assert [states[j] for j in jobs] == [("running", 1)] * 2
+    with serve_bench.serving(model, config) as (base, service), httpx.Client(base_url=base, timeout=30) as client:
+        for job_id in jobs:
+            st = wait(client, job_id)
+            assert st["state"] == "done" and st["attempts"] == 2
+        assert overlap(service, *jobs)
+        blocker = hold(client)
+        again = [submit(client, steps=4, clips=3, **body) for body in bodies]
+        release(client, blocker)
+        for job_id, first in zip(again, jobs):
+            assert wait(client, job_id)["state"] == "done"
+            n = len(client.get(f"/v1/videos/{job_id}").json()["request"]["prompts"])
+            same_videos(videos(client, first, n), videos(client, job_id, n), tmp_path)

@@ -125,7 +125,7 @@ def summarize(results: list[dict], wall: float) -> dict:
     return {"done": len(done), "cancelled": sum(r.get("state") == "cancelled" for r in results),
             "errors": sum("error" in r for r in results), "rejected_429": sum(r["rejected"] for r in results),
             "p50_s": pct(done, 50), "p95_s": pct(done, 95), "first_clip_p50_s": pct(first, 50),
-            "first_clip_p95_s": pct(first, 95), "jobs_per_s": round(len(done) / wall, 3), "wall_s": round(wall, 2)}
+            "first_clip_p95_s": pct(first, 95), "jobs_per_s": float(f"{len(done) / wall:.4g}"), "wall_s": round(wall, 2)}
 
 
 def machine() -> dict:

@@ -73,8 +73,9 @@ def register(sub) -> None:
                    "submit time and again after the host is resolved)")
     j.add_argument("--batch-jobs", type=int, metavar="K",
                    help="run up to K queued jobs whose settings match (all but prompts, negatives, seed, "
-                   f"{', '.join(PER_JOB)}) in one UNet batch, joining and leaving between clips; 1: one job at a time (default {BATCH_JOBS}, measured in BENCHMARKS.md; 1 under --ray). The "
-                   "runtime's buffers hold K x --max-batch prompts")
+                   f"{', '.join(PER_JOB)}) in one UNet batch, joining and leaving between clips; 1: one job at a "
+                   f"time (default {BATCH_JOBS}, measured in BENCHMARKS.md; 1 under --ray). The runtime's buffers "
+                   "hold K x --max-batch prompts")
     j.add_argument("--preview-every", type=int, default=D.preview_every, metavar="K",
                    help="a preview of a running job every K denoising steps (GET /v1/videos/ID/preview, `preview` "
                    "events), decoded by the model's tiny decoder (the embedded model ships one); 0: none")

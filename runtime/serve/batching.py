@@ -3,11 +3,12 @@ share one UNet batch of up to K jobs on the service's runtime (runtime/batch.py)
 
 Between two clips the worker admits queued jobs that fit the batch, in submission order (into an empty batch, every
 waiting job that fits the oldest one); while the oldest waiting job does not fit the running batch, nothing joins it,
-so that job starts once the batch has drained and no job waits behind a stream of newer compatible ones. A job is validated before it is admitted (a job that fails validation never enters a batch),
-and each job streams its clips to its own files as the one-at-a-time worker does (worker.JobFiles). A cancel ends the
-job after the current step (its record, files and events at once; its rows run to the end of the clip and are then
-freed); a job whose files cannot be written fails alone. A failure of the runtime itself fails every job of the
-batch. When the service stops, the running jobs stay running in the store and resume from their last clip.
+so that job starts once the batch has drained and no job waits behind a stream of newer compatible ones. A job is
+validated before it is admitted (a job that fails validation never enters a batch), and each job streams its clips
+to its own files as the one-at-a-time worker does (worker.JobFiles). A cancel ends the job after the current step
+(its record, files and events at once; its rows run to the end of the clip and are then freed); a job whose files
+cannot be written fails alone. A failure of the runtime itself fails every job of the batch. When the service stops,
+the running jobs stay running in the store and resume from their last clip.
 """
 from __future__ import annotations
 
