@@ -37,6 +37,17 @@ def key(s: SamplerSettings) -> tuple:
     return tuple((f.name, getattr(s, f.name)) for f in fields(s) if f.name not in PER_JOB) + (("cfg", s.cfg),)
 
 
+def alone(request: Request) -> str | None:
+    """Why `request` cannot share a batch (it runs alone, Runtime.generate), or None: per-clip prompts change its
+    text context between clips, and diagonal denoising (continuation "fifo") runs rounds with a timestep per frame
+    instead of clips in lockstep."""
+    if request.clip_prompts:
+        return "clip_prompts (a prompt per clip)"
+    if request.settings.continuation == "fifo":
+        return "continuation='fifo' (diagonal denoising)"
+    return None
+
+
 def mismatch(a: SamplerSettings, b: SamplerSettings) -> str | None:
     """The first setting of `a` that keeps it out of a batch running `b` ("steps=10 (the batch runs 25)"), or None."""
     for (name, va), (_, vb) in zip(key(a), key(b)):
@@ -104,6 +115,9 @@ class Batch:
         """Validate `request` alone (Runtime.check) and as a member of this batch: its settings match the batch's
         (`key`), and the jobs and rows fit. ValueError naming the value otherwise."""
         prompts, negatives, s = self.rt.check(request)
+        why = alone(request)
+        if why is not None:
+            raise ValueError(f"a request with {why} runs alone (Runtime.generate), not in a batch of jobs")
         if self.members:
             bad = mismatch(s, self.settings)
             if bad is not None:

@@ -156,6 +156,11 @@ def test_incompatible_requests_never_share_a_batch():
     with pytest.raises(ValueError, match=r"the batch is full \(2 jobs\)"):
         batch.admit(Request(("c",), None, s))
     assert len(batch.members) == 2
+    with pytest.raises(ValueError, match=r"clip_prompts \(a prompt per clip\) runs alone"):
+        Batch(rt).admit(Request(("a",), None, replace(s, clips=2), clip_prompts=("b",)))
+    fifo = SamplerSettings(height=32, width=32, frames=4, steps=4, clips=2, overlap=2, continuation="fifo")
+    with pytest.raises(ValueError, match=r"continuation='fifo' \(diagonal denoising\) runs alone"):
+        Batch(open_runtime(random_model("tiny", 0), limits=replace(LIMITS, steps=4))).admit(Request(("a",), None, fifo))
     rows = Batch(rt)
     rows.admit(Request(("a",) * 3, None, s))
     with pytest.raises(ValueError, match=r"batch=5 prompts in all exceeds the runtime's limit \(batch <= 4\)"):

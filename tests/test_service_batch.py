@@ -106,6 +106,18 @@ def test_incompatible_jobs_never_share_a_batch(server):
     assert service.registry.jobs[b].started >= service.registry.jobs[c].finished  # b waited: nothing overtook it
 
 
+def test_a_job_with_clip_prompts_runs_alone(server):
+    """Per-clip prompts change a job's text context between clips: it runs on its own, as with --batch-jobs 1."""
+    client, service = server
+    blocker = hold(client)
+    a, solo = submit(client, steps=2), submit(client, steps=2, clips=3, clip_prompts=["a cat"])
+    b = submit(client, steps=2)
+    release(client, blocker)
+    for job_id in (a, solo, b):
+        assert wait(client, job_id)["state"] == "done"
+    assert overlap(service, a, b) and not overlap(service, a, solo) and not overlap(service, b, solo)
+
+
 def test_cancel_removes_one_job_after_its_step(server):
     client, service = server
     blocker = hold(client)

@@ -8,7 +8,8 @@ validated before it is admitted (a job that fails validation never enters a batc
 to its own files as the one-at-a-time worker does (worker.JobFiles). A cancel ends the job after the current step
 (its record, files and events at once; its rows run to the end of the clip and are then freed); a job whose files
 cannot be written fails alone. A failure of the runtime itself fails every job of the batch. When the service stops,
-the running jobs stay running in the store and resume from their last clip.
+the running jobs stay running in the store and resume from their last clip. A job that cannot share a batch
+(batch.alone: per-clip prompts, continuation "fifo") runs on its own, as with K = 1, when no batch is running.
 """
 from __future__ import annotations
 
@@ -19,12 +20,12 @@ import threading
 import time
 from dataclasses import replace
 
-from vidrd.ref.sampler import SamplerSettings, shorten
+from vidrd.ref.sampler import shorten
 
-from ..batch import Batch, Member
+from ..batch import Batch, Member, alone
 from ..loop import Cancelled
 from .jobs import ServeConfig, job_dir
-from .worker import Interrupted, JobFiles, spec_request
+from .worker import Interrupted, JobFiles, execute, spec_request
 
 log = logging.getLogger("vidrd.serve")
 # An idle worker that takes a job waits this long before starting it, so that jobs submitted together start in one
@@ -77,9 +78,17 @@ class BatchWorker:
                 continue
             spec = st["request"]
             try:
-                fits = self.batch.fits(SamplerSettings(**spec["settings"]))
+                request = spec_request(spec)
+                solo, fits = alone(request) is not None, self.batch.fits(request.settings)
             except ValueError:  # admission fails it below, alone
-                fits = not self.batch.members
+                solo, fits = False, not self.batch.members
+            if solo and not self.batch.members:  # per-clip prompts, fifo: the one-at-a-time path, as K = 1 runs it
+                self.waiting.remove(job_id)
+                self.solo(job_id)
+                if self.stop.is_set():
+                    return
+                continue
+            fits = fits and not solo
             room = (len(self.batch.members) < self.batch.jobs
                     and self.batch.rows + len(spec["prompts"]) <= self.rt.limits.batch)
             if not (fits and room):
@@ -88,6 +97,12 @@ class BatchWorker:
                 continue
             self.waiting.remove(job_id)
             self.start(job_id)
+
+    def solo(self, job_id: str) -> None:
+        """A job that cannot share a batch (batch.alone), run on its own as the one-at-a-time worker runs it."""
+        spec = self.registry.take(job_id, self.name)
+        if spec is not None:  # None: cancelled meanwhile
+            execute(self.rt, self.config, job_id, spec, self.registry, self.stop)
 
     def start(self, job_id: str) -> None:
         """Take a job, check it, open its files, add it to the batch; any failure ends it here, alone."""
