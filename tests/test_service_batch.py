@@ -2,6 +2,7 @@
 job's video is the one it makes alone, incompatible jobs never share one, a cancel or a failure ends one job only, a
 job that fails validation never enters a batch, /metrics has the batch sizes, the flag's checks."""
 import asyncio
+import json
 import re
 import shutil
 
@@ -202,3 +203,15 @@ def test_a_batch_stopped_mid_clip_resumes_each_job_from_its_last_clip(model, tmp
             assert wait(client, job_id)["state"] == "done"
             n = len(client.get(f"/v1/videos/{job_id}").json()["request"]["prompts"])
             same_videos(videos(client, first, n), videos(client, job_id, n), tmp_path)
+
+
+def test_serve_bench_appends_one_row_with_batch_sizes_and_first_clip(tmp_path, capsys):
+    out = tmp_path / "rows.jsonl"
+    args = ["serve-bench", "--workload", "tiny", "--clients", "2", "--batch-jobs", "2", "--out", str(out)]
+    assert main(args) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["clients"] == 2 and row["batch_jobs"] == 2 and row["done"] == 2 and row["errors"] == 0
+    assert row["first_clip_p50_s"] <= row["p50_s"] and sum(row["batch_sizes"].values()) == 2 * 2  # job-clips
+    assert row["workload"]["name"] == "tiny" and "cpu_flags" in row and row["torch_threads"] == 1
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == row
+    assert main(["serve-bench", "--workload", "tiny", "--batch-jobs", "0"]) == 2
