@@ -189,3 +189,25 @@ def test_step_allocates_nothing_with_a_full_batch(solver):
                 batch.step(i)
     assert sum(e.name == "vidrd::backend" for e in prof.events()) == 2  # one UNet call per step for all jobs
     assert outside_backend(prof) == [] and outside_backend(later) == []
+
+
+def test_each_job_gets_previews_of_its_own_rows():
+    """With a tiny decoder every job's on_preview gets its rows of the batch's preview (its clip, the step), as
+    Runtime.generate hands a lone request's."""
+    from vidrd.runtime import preview
+    model = random_model("tiny", 0)
+    rt = open_runtime(model, limits=LIMITS)
+    dec = preview.TinyDecoder(model.config.vae.latent_channels).eval()
+    rt.previews = preview.Previews(dec, rt.limits, model.config.vae.scaling_factor, every=1, drop=False)
+    s = SamplerSettings(height=32, width=32, frames=4, steps=2, clips=2, overlap=2)
+    seen = {k: [] for k in "ab"}
+    batch = Batch(rt)
+    batch.admit(Request(("a",), None, s, seed=1), on_preview=lambda c, i, f: seen["a"].append((c, i, f.shape)))
+    batch.admit(Request(("b", "c"), None, replace(s, clips=1), seed=2),
+                on_preview=lambda c, i, f: seen["b"].append((c, i, f.shape)))
+    while batch.members:
+        assert all(m.error is None for m in batch.run_clip())
+    rt.previews.close()
+    assert seen["a"] == [(0, 1, (1, 4, 32, 32, 3)), (0, 2, (1, 4, 32, 32, 3)), (1, 1, (1, 4, 32, 32, 3)),
+                         (1, 2, (1, 4, 32, 32, 3))]
+    assert seen["b"] == [(0, 1, (2, 4, 32, 32, 3)), (0, 2, (2, 4, 32, 32, 3))]
