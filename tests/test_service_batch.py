@@ -183,7 +183,7 @@ def test_a_batch_stopped_mid_clip_resumes_each_job_from_its_last_clip(model, tmp
     config = ServeConfig(results=str(tmp_path), queue_size=8, limits=LIMITS, batch_jobs=2)
     bodies = [dict(prompts=["a boat"], seed=1), dict(prompts=["a cat", "a dog"], seed=2, guidance_scale=4.0)]
     with serve_bench.serving(model, config) as (base, service), httpx.Client(base_url=base, timeout=30) as client:
-        reached = hold_in_clip(service, clip=1, step=1)
+        reached = hold_in_clip(service, clip=1, step=1, then=lambda: service._stop.wait(60))  # until the stop
         blocker = hold(client)
         jobs = [submit(client, steps=4, clips=3, **body) for body in bodies]
         release(client, blocker)
