@@ -188,8 +188,9 @@ def same_videos(resumed: list[bytes], uninterrupted: list[bytes], tmp_path) -> N
     """The videos of a resumed job against an uninterrupted run's, as the service tests compare videos. The frames
     given to the encoder are the same (the runtime's are, and earlier clips are encoded again from their stored
     frames), but the service's mp4 files of one request differ between runs of the same process in a few
-    macroblocks, resumed or not."""
-    from tolerances import SERVICE_VS_CLI_MP4_MEAN
+    macroblocks, resumed or not. The service runs every job through the batched path (a job's rows anywhere in
+    buffers sized for K jobs, where kernels may round differently), so the batched tolerance applies."""
+    from tolerances import BATCHED_MP4_MEAN
     from vidrd.runtime.video_io import read_video
     for v, (a, b) in enumerate(zip(resumed, uninterrupted)):
         (tmp_path / f"resumed-{v}.mp4").write_bytes(a)
@@ -199,7 +200,7 @@ def same_videos(resumed: list[bytes], uninterrupted: list[bytes], tmp_path) -> N
         assert got.shape == want.shape
         diff = np.abs(got - want).mean()
         print(f"resumed vs uninterrupted, video {v}: mean {diff:.4f} levels, bytes equal: {a == b}")
-        assert diff <= SERVICE_VS_CLI_MP4_MEAN, diff
+        assert diff <= BATCHED_MP4_MEAN, diff
 
 
 def hold_in_clip(service, clip: int, step: int = 0, then=None):
