@@ -119,13 +119,3 @@ class Diagonal:
         torch.randn(job.noise_frame.shape, generator=job.generator, out=job.noise_frame)
         lat[:, :, f - 1:].copy_(job.noise_frame)
 
-    def handoff(self):
-        """After a clip's rounds: the window / scaling factor into the VAE input; a CPU copy of the window."""
-        job = self.job
-        torch.div(self.window, self.rt.model.vae.cfg.scaling_factor, out=job.scratch)
-        job.dec_in.copy_(job.scratch)
-        ready = None
-        if self.rt._decode_stream is not None:
-            ready = torch.cuda.Event()
-            ready.record()
-        return self.window.to("cpu", copy=True), ready

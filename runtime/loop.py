@@ -323,15 +323,17 @@ class Generation:
         lat.add_(g)
         prev.copy_(x0)
 
-    def handoff(self):
-        """After a clip's last step: latents / scaling factor into the VAE input; a CPU copy of the latents."""
-        torch.div(self.lat, self.rt.model.vae.cfg.scaling_factor, out=self.scratch)
+    def handoff(self, latents: torch.Tensor | None = None):
+        """After a clip's last step: `latents` (default the clip's; fifo: its window) / scaling factor into the VAE
+        input; a CPU copy of them."""
+        lat = self.lat if latents is None else latents  # (B,C,F,h,w)
+        torch.div(lat, self.rt.model.vae.cfg.scaling_factor, out=self.scratch)
         self.dec_in.copy_(self.scratch)
         ready = None
         if self.rt._decode_stream is not None:
             ready = torch.cuda.Event()
             ready.record()
-        return self.lat.to("cpu", copy=True), ready
+        return lat.to("cpu", copy=True), ready
 
 
 def _check_setup(be: Backend, lim: Limits) -> None:
@@ -618,7 +620,7 @@ class Runtime:
                         pending = None
                 if pending is not None:  # the previous clip's decode must finish before dec_in is reused
                     yield pending.result()
-                handoff = job.handoff() if job.diagonal is None else job.diagonal.handoff()
+                handoff = job.handoff(None if job.diagonal is None else job.diagonal.window)
                 saved = job.checkpoint(c) if job.request.checkpoints else None
                 if self._decoder is not None:
                     pending = self._inflight = self._decoder.submit(self._decode, job, c, *handoff, saved)

@@ -7,8 +7,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from allocations import outside_backend
-from test_runtime import Recorded
+from allocations import Recorded, outside_backend
 from tolerances import BATCHED_LATENT_REL, BATCHED_VIDEO
 from vidrd.ref.sampler import SamplerSettings
 from vidrd.ref.weights import load_dir, random_model

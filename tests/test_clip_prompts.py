@@ -6,9 +6,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, profile
 
-from allocations import outside_backend
+from allocations import Recorded, outside_backend
 from tolerances import RUNTIME_LATENT_REL, RUNTIME_VIDEO, assert_uint8_close
 from vidrd.ref.sampler import SamplerSettings, generate
 from vidrd.ref.weights import random_model
@@ -88,17 +88,6 @@ def test_each_distinct_prompt_is_encoded_once(model):
     rt.text = Counted(rt.text)
     list(rt.generate(Request(("a boat",), None, settings(clips=4), clip_prompts=("a car", "a boat", "a car"))))
     assert rt.text.texts == 2
-
-
-class Recorded(Backend):
-    """A real backend whose calls are marked in the profiler, so the loop's own allocations can be told apart."""
-
-    def __init__(self, backend):
-        self.backend, self.dtype, self.device = backend, backend.dtype, backend.device
-
-    def __call__(self, *args):
-        with record_function("vidrd::backend"):
-            self.backend(*args)
 
 
 @pytest.mark.parametrize("blend", [0.0, 0.7])

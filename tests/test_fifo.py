@@ -2,14 +2,13 @@
 against the reference, no allocation in its rounds, and what it refuses."""
 import pytest
 import torch
-from allocations import outside_backend
+from allocations import Recorded, outside_backend
 from tolerances import RUNTIME_VIDEO
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, profile
 
 from vidrd.ref import fifo
 from vidrd.ref.sampler import SamplerSettings, generate
 from vidrd.ref.weights import random_model
-from vidrd.runtime.backends import Backend
 from vidrd.runtime.loop import Limits, Request
 from vidrd.runtime.options import open_runtime
 
@@ -81,18 +80,6 @@ def test_trimmed_clips_continue_the_window():
     for a, b in zip(clips, clips[1:]):
         assert torch.equal(b.latents[:, :, :2], a.latents[:, :, 2:])
         assert b.frames.shape[1] == 2
-
-
-class Recorded(Backend):
-    """A real backend whose calls are marked in the profiler, so the loop's own allocations can be told apart."""
-
-    def __init__(self, backend):
-        self.backend, self.dtype, self.device = backend, backend.dtype, backend.device
-        self.frame_timesteps = backend.frame_timesteps
-
-    def __call__(self, *args):
-        with record_function("vidrd::backend"):
-            self.backend(*args)
 
 
 def test_rounds_allocate_nothing_outside_backend_calls():

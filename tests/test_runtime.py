@@ -4,15 +4,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, profile
 
-from allocations import outside_backend
+from allocations import Recorded, outside_backend
 from tolerances import (BF16_LATENT_REL_NORM, BF16_VAE_VIDEO, GOLDEN, ORT_LATENT_REL, ORT_VIDEO, RUNTIME_LATENT_REL,
                         RUNTIME_VIDEO, V_VS_EPSILON_MIN_REL, VAE_CHANNELS_LAST_VIDEO, assert_uint8_close)
 from vidrd.ref.loading import load_official
 from vidrd.ref.sampler import SamplerSettings, generate
 from vidrd.ref.weights import random_model
-from vidrd.runtime.backends import Backend
 from vidrd.runtime.loop import Cancelled, Limits, Request
 from vidrd.runtime.options import RuntimeOptions, open_runtime
 
@@ -132,17 +131,6 @@ def test_v_prediction_matches_reference(solver, guidance):
     assert (ref_latents - eps_latents).abs().max() > V_VS_EPSILON_MIN_REL * eps_latents.abs().max()
     assert (latents - ref_latents).abs().max() <= RUNTIME_LATENT_REL * ref_latents.abs().max()
     assert (video - ref_video).abs().max() <= RUNTIME_VIDEO
-
-
-class Recorded(Backend):
-    """A real backend whose calls are marked in the profiler, so the loop's own allocations can be told apart."""
-
-    def __init__(self, backend):
-        self.backend, self.dtype, self.device = backend, backend.dtype, backend.device
-
-    def __call__(self, *args):
-        with record_function("vidrd::backend"):
-            self.backend(*args)
 
 
 def test_step_loop_allocates_nothing_outside_backend_calls():
