@@ -77,6 +77,35 @@ def test_long_tracks_and_their_clips_continue_and_turn():
         assert float(cx[-1] - cx[a]) * dx + float(cy[-1] - cy[a]) * dy > 5, (c, k)
 
 
+def test_tracks_of_several_clips_leave_room_for_the_clips_after_a_first_clip():
+    import numpy as np
+    o, f = 4, data.FRAMES
+    vids, caps, first, before = data.window_batch(5, 48, seed=2, overlap=o, turn=0.0, segments=3)
+    again = data.window_batch(5, 48, seed=2, overlap=o, turn=0.0, segments=3)
+    assert torch.equal(vids, again[0]) and (caps, first, before) == again[1:]
+    assert set(first) == {0, o} and all((b is None) == (k == 0) for b, k in zip(before, first))
+    assert all(b is None or b == data.parse(c).direction for b, c in zip(before, caps))  # turn 0: no turns
+    ys, xs = torch.arange(64.0)[:, None], torch.arange(64.0)[None, :]
+    room = []
+    for v, c, k in zip(vids, caps, first):
+        if k:
+            continue
+        cap = data.parse(c)
+        bg = torch.tensor(data.BACKGROUNDS[cap.background]) / 255
+        obj = ((v - bg[:, None, None]).abs().amax(dim=1) > 0.3).float()  # (F,H,W)
+        cx, cy = (obj * xs).sum((1, 2)) / obj.sum((1, 2)), (obj * ys).sum((1, 2)) / obj.sum((1, 2))
+        dx, dy = data.VELOCITY[cap.direction]
+        speed = float(((cx[-1] - cx[0]) * dx + (cy[-1] - cy[0]) * dy) / (f - 1))
+        end = float(cx[-1]) if dx else float(cy[-1])
+        ahead = end if dx + dy < 0 else 64 - end
+        room.append(ahead / speed)  # frames of travel left in the frame after the first clip
+    assert room and min(room) >= 2 * (f - o) - 1  # two more clips of F-O new frames still fit (edge: 60% of r)
+    with pytest.raises(ValueError, match="segments=4"):
+        data.window_batch(0, 1, segments=4)
+    with pytest.raises(ValueError, match="cont_segments=9"):
+        TrainConfig(cont_segments=9).validate()
+
+
 def test_continuation_phase_starts_from_a_trained_model(tmp_path):
     from vidrd.runtime.shapes import MODEL_DIR
     tr = Trainer(tmp_path, TINY_RUN, log=lambda m: None, bf16=False, start=MODEL_DIR)

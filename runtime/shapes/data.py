@@ -189,26 +189,36 @@ def track(directions: list[str], rng: np.random.Generator, frames: int = FRAMES,
 
 
 def window_batch(step: int, n: int, seed: int = 0, frames: int = FRAMES, overlap: int = 4, turn: float = 0.5,
-                 size: int = SIZE, captions: tuple = TRAIN_CAPTIONS):
+                 size: int = SIZE, captions: tuple = TRAIN_CAPTIONS, segments: int = 0):
     """Training batch `step` of clips cut from tracks, a function of (seed, step): videos (n,F,3,H,W) in [0,1], each
     clip's caption (its own segment's direction), the index of its first new frame (0 for a first clip, else O:
     the frames before it are the previous clip's last O frames) and the previous segment's direction (or None).
-    Each earlier segment keeps the next one's direction with probability 1 - `turn`."""
+    Each earlier segment keeps the next one's direction with probability 1 - `turn`. `segments` > 0: every track
+    has that many clips (len(WINDOWS) at most), the captioned one among them, so that a first clip is placed and paced
+    to leave room in the frame for the clips after it (a long video's first clip); 0: the track ends at the
+    captioned clip."""
+    if not 0 <= segments <= len(WINDOWS):
+        raise ValueError(f"segments={segments} must be in 0..{len(WINDOWS)}")
     rng = np.random.default_rng([seed, step, 7])
     vids, caps, first, before = [], [], [], []
     for _ in range(n):
         cap = captions[rng.integers(0, len(captions))]
         w = int(rng.choice(len(WINDOWS), p=WINDOWS))
+        if segments:
+            w = min(w, segments - 1)
         dirs = [cap.direction]
         for _ in range(w):  # segments before the captioned one, latest first
             keep = rng.random() >= turn
             dirs.insert(0, dirs[0] if keep else str(rng.choice([d for d in DIRECTIONS if d != dirs[0]])))
+        for _ in range(max(0, segments - w - 1)):  # and after it, which only place and pace the track
+            keep = rng.random() >= turn
+            dirs.append(dirs[-1] if keep else str(rng.choice([d for d in DIRECTIONS if d != dirs[-1]])))
         centres, r = track(dirs, rng, frames, overlap, size)
         a = w * (frames - overlap)
         vids.append(draw(cap, centres[a:a + frames], r, size))
         caps.append(str(cap))
         first.append(overlap if w else 0)
-        before.append(dirs[-2] if w else None)
+        before.append(dirs[w - 1] if w else None)
     return torch.stack(vids), caps, first, before
 
 

@@ -79,6 +79,9 @@ class TrainConfig:
     cont_turn: float = 0.5  # probability that a clip's direction differs from the clip before
     cont_overlap: int = 4
     cont_before: float = 0.5  # probability that a turned clip's wrong caption names the previous direction
+    # clips per track (data.window_batch's `segments`): 0, a track ends at the captioned clip (the 1200-step trial);
+    # 3, first clips too are placed and paced so that two more clips fit in the frame
+    cont_segments: int = 0
     # the weights exported: "ema" (EMA of the UNet and text encoder, decay `ema`) or "raw" (the last step's). The
     # shipped model is "raw": after the direction phase its EMA still averaged in pre-direction weights (48 samples:
     # direction 75% EMA, 92% raw; colour 100% both)
@@ -111,6 +114,8 @@ class TrainConfig:
         for name in ("cont_turn", "cont_before"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a probability in [0, 1]")
+        if not 0 <= self.cont_segments <= len(data.WINDOWS):
+            raise ValueError(f"cont_segments={self.cont_segments} must be in 0..{len(data.WINDOWS)}")
         if not 1 <= self.cont_overlap < data.FRAMES:
             raise ValueError(f"cont_overlap={self.cont_overlap} must be in 1..{data.FRAMES - 1}")
         if self.ship not in ("ema", "raw"):
@@ -363,7 +368,8 @@ class Trainer:
         """The plain loss on clips cut from long tracks, plus the direction margin on each clip's new frames."""
         cfg, m = self.cfg, self.model
         vids, caps, first, before = data.window_batch(step, cfg.unet_batch, seed=cfg.seed + 3,
-                                                      overlap=cfg.cont_overlap, turn=cfg.cont_turn)
+                                                      overlap=cfg.cont_overlap, turn=cfg.cont_turn,
+                                                      segments=cfg.cont_segments)
         x_t, t, noise, caps, g = self._noise(vids, caps, step, 4)
         b, f = len(caps), vids.shape[1]
         other = torch.randint(1, len(data.DIRECTIONS), (b,), generator=g, device=self.device).tolist()
