@@ -215,3 +215,24 @@ def test_serve_bench_appends_one_row_with_batch_sizes_and_first_clip(tmp_path, c
     assert row["workload"]["name"] == "tiny" and "cpu_flags" in row and row["torch_threads"] == 1
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == row
     assert main(["serve-bench", "--workload", "tiny", "--batch-jobs", "0"]) == 2
+
+
+def test_unet_rows_benchmark_reports_the_per_row_gain_of_larger_batches(tmp_path, capsys):
+    import json
+
+    from vidrd.runtime.bench import rows
+
+    out = tmp_path / "rows.jsonl"
+    assert rows.main(["--model", "tiny", "--size", "32", "--frames", "2", "--rows", "1,2", "--repeats", "1",
+                      "--out", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert row == json.loads(capsys.readouterr().out)
+    assert row["bench"] == "vidrd.unet_rows" and set(row["rows"]) == {"1", "2"}
+    one, two = row["rows"]["1"], row["rows"]["2"]
+    assert one["gain_vs_first"] == 1.0 and two["per_row_min_s"] == pytest.approx(two["min_s"] / 2, rel=1e-3)
+    assert two["gain_vs_first"] == pytest.approx(one["per_row_min_s"] / two["per_row_min_s"], rel=1e-2)
+    assert rows.summarize({2: [4.0, 2.0], 8: [4.0]}) == {
+        "2": {"min_s": 2.0, "median_s": 3.0, "per_row_min_s": 1.0, "gain_vs_first": 1.0},
+        "8": {"min_s": 4.0, "median_s": 4.0, "per_row_min_s": 0.5, "gain_vs_first": 2.0}}
+    with pytest.raises(SystemExit):
+        rows.main(["--rows", "2,x"])
