@@ -6,7 +6,8 @@ Sections (SECTIONS, in this order): the fixture parity cases on CUDA in float32;
 (pytest -m gpu); the Triton kernels against SDPA; the UNet with Triton attention against SDPA; bf16 and fp16 against fp32 (quality
 numbers); torch.compile reduce-overhead; the ONNX Runtime and TensorRT backends (when a CUDA onnxruntime or TensorRT
 is installed); AOTInductor packages (tiny runtime, sd21-base UNet) and --dtype fp8 (sm 8.9+; `--only aoti,fp8` fits a
-15-minute GPU loan); the sd21-base benchmark workload (float32 reference against the GPU configurations, best marked).
+15-minute GPU loan); step-level batching of 8 jobs (batch); the sd21-base benchmark workload (float32 reference
+against the GPU configurations, best marked).
 Each section runs in a process of its own with a time limit, so a CUDA fault or a hang costs that section only; the
 whole run keeps within --budget-min minutes and reports every section it skipped, and why.
 
@@ -27,6 +28,7 @@ import time
 import traceback
 from pathlib import Path
 
+from vidrd.runtime.bench.batched import gpu_check as batch  # step-level batching of 8 jobs, K = 1..8
 from vidrd.runtime.bench.metrics import psnr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: its sibling modules
@@ -475,7 +477,7 @@ def sd21_base() -> dict:
 SECTIONS = [("parity", 240, parity), ("presets", 420, presets), ("gpu_tests", 480, gpu_tests), ("kernels", 240, kernels),
             ("triton_unet", 180, triton_unet), ("precision", 240, precision), ("compile", 360, compiled),
             ("onnxruntime", 240, onnxruntime), ("tensorrt", 480, tensorrt), ("aoti", 480, aoti), ("fp8", 240, fp8),
-            ("sd21_base", 600, sd21_base)]
+            ("batch", 300, batch), ("sd21_base", 600, sd21_base)]
 
 
 # ------------------------------------------------------------------------------------------------------- driver

@@ -61,4 +61,7 @@ def gist(name: str, r: dict) -> str:
     if name == "fp8":
         return (f"UNet {_f(r['fp8_row']['ms'])} vs bf16 {_f(r['bf16']['ms'])} ms (row scales), video PSNR "
                 f"{_f(r['video_psnr_db_vs_bf16'])} dB")
+    if name == "batch":
+        from vidrd.runtime.bench.batched import gist as batch_gist
+        return batch_gist(r)
     return f"{len(r.get('rows', []))} runs (table below)"

@@ -210,3 +210,25 @@ def test_each_job_gets_previews_of_its_own_rows():
     assert seen["a"] == [(0, 1, (1, 4, 32, 32, 3)), (0, 2, (1, 4, 32, 32, 3)), (1, 1, (1, 4, 32, 32, 3)),
                          (1, 2, (1, 4, 32, 32, 3))]
     assert seen["b"] == [(0, 1, (2, 4, 32, 32, 3)), (0, 2, (2, 4, 32, 32, 3))]
+
+
+def test_batching_benchmark_runs_jobs_k_at_a_time_with_the_frames_of_k1():
+    """runtime/bench/batched.py (the GPU check's `batch` section, on the CPU here): 3 jobs at K = 1 and 2, newcomers
+    joining between clips; each job's frames within a level of its K = 1 frames (the trained model)."""
+    import gpu_check
+    from vidrd.runtime.bench import batched
+
+    rows = batched.run("embedded", 3, [2], steps=2, clips=2)
+    assert [r["batch_jobs"] for r in rows] == [1, 2] and all(r["jobs"] == 3 for r in rows)
+    one, two = rows
+    assert one["batch_sizes"] == {1: 6} and two["batch_sizes"] == {2: 4, 1: 2}  # the third job joins after clip 2
+    assert one["frames_max_levels"] == 0 and two["frames_max_levels"] <= 1, two
+    assert two["vs_k1"] == pytest.approx(one["wall_s"] / two["wall_s"], rel=1e-2)
+    assert all(r["p50_s"] <= r["p95_s"] <= r["wall_s"] and r["first_clip_p50_s"] <= r["p50_s"] for r in rows)
+    assert "batch" in [n for n, _, _ in gpu_check.SECTIONS]
+    cell = gpu_check.gist("batch", {"status": "ok", "batched": rows})
+    assert cell == f"embedded: K={max(rows, key=lambda r: r['vs_k1'])['batch_jobs']} " \
+                   f"{max(r['vs_k1'] for r in rows):.2f}x jobs/s of K=1, frames within " \
+                   f"{max(rows, key=lambda r: r['vs_k1'])['frames_max_levels']} levels"
+    with pytest.raises(ValueError, match="unknown workload 'nope'"):
+        batched.setup("nope", "cpu", "fp32")

@@ -146,6 +146,8 @@ WORKLOADS = {
     "embedded": ("embedded", {}),
     "small": ("small", {"height": 256, "width": 256, "frames": 8, "steps": 10, "clips": 3, "overlap": 4}),
     "tiny": ("tiny", {"height": 32, "width": 32, "frames": 4, "steps": 2, "clips": 2, "overlap": 2}),
+    # the GPU benchmark's shapes (BENCHMARKS.md, GPU check): SD2.1-base at 256x256, 16 frames, 20 steps x 2 clips
+    "sd21-base": ("sd21-base", {"height": 256, "width": 256, "frames": 16, "steps": 20, "clips": 2, "overlap": 4}),
 }
 
 
