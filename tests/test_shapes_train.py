@@ -116,6 +116,10 @@ def test_continuation_phase_starts_from_a_trained_model(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
     again = Trainer(tmp_path, TINY_RUN, log=lambda m: None, bf16=False, start=MODEL_DIR)  # resumes, not restarts
     assert again.state["phase"] == "done" and again.run() and all(torch.equal(after[k], again.ema[k]) for k in after)
+    from vidrd.runtime.cli.train_shapes import export
+    info = json.loads((export(again, tmp_path / "model") / "train.json").read_text())
+    assert info["started_from"] == str(MODEL_DIR) and info["continuation_steps_done"] == 2
+    assert info["start_model"] == json.loads((MODEL_DIR / "train.json").read_text())  # how the start model was made
 
 
 def _params(trainer):

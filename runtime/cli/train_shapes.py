@@ -95,5 +95,8 @@ def export(trainer, out: Path) -> Path:
             "threads": torch.get_num_threads(), "bf16": trainer.bf16, "cpu": platform.processor() or platform.machine(),
             "final_losses": {k: (v[-1] if v else None) for k, v in s["losses"].items()},
             "losses": s["losses"]}
+    start = Path(s["start"]) / "train.json" if s.get("start") else None
+    if start is not None and start.is_file():  # a run from a trained model: how that model was made, as it said
+        info["start_model"] = json.loads(start.read_text())
     (out / "train.json").write_text(json.dumps(info, indent=1) + "\n")
     return out
