@@ -24,6 +24,7 @@ import torch
 
 from vidrd.ref.sampler import SamplerSettings
 
+from .rows import counts
 from .service import PROMPTS, WORKLOADS, machine
 
 
@@ -145,7 +146,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m vidrd.runtime.bench.batched", description=__doc__.split("\n")[0])
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="embedded")
     p.add_argument("--jobs", type=int, default=4, help="jobs submitted at t = 0")
-    p.add_argument("--batch-jobs", default="1,4", metavar="K,K", help="comma-separated K (1 is always run first)")
+    p.add_argument("--batch-jobs", type=counts, default="1,4", metavar="K,K",
+                   help="comma-separated K (1 is always run first)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--steps", type=int)
@@ -153,14 +155,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", metavar="FILE", help="append the JSON rows to this file")
     a = p.parse_args(argv)
-    try:
-        ks = [int(x) for x in a.batch_jobs.split(",")]
-    except ValueError:
-        p.error(f"--batch-jobs {a.batch_jobs!r} must be comma-separated integers")
-    if min(ks) < 1 or a.jobs < 1 or a.threads < 1:
-        p.error(f"--batch-jobs {a.batch_jobs!r}, --jobs {a.jobs} and --threads {a.threads} must be >= 1")
+    if a.jobs < 1 or a.threads < 1:
+        p.error(f"--jobs {a.jobs} and --threads {a.threads} must be >= 1")
     torch.set_num_threads(a.threads)
-    rows = run(a.workload, a.jobs, ks, a.device, a.dtype, steps=a.steps, clips=a.clips)
+    rows = run(a.workload, a.jobs, a.batch_jobs, a.device, a.dtype, steps=a.steps, clips=a.clips)
     for row in rows:
         row.update(machine())
         print(json.dumps(row), flush=True)

@@ -18,6 +18,17 @@ import time
 import torch
 
 
+def counts(text: str) -> list[int]:
+    """argparse type: comma-separated integers >= 1 ("2,8")."""
+    try:
+        out = [int(x) for x in text.split(",")]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be comma-separated integers >= 1")
+    return out
+
+
 def measure(unet, shape: tuple, context: tuple, rows: list[int], repeats: int, calls: int = 3) -> dict:
     """{N: [seconds a call, one per round]} for inputs of `shape` (C,F,h,w) and a context of `context` (77,D)."""
     g = torch.Generator().manual_seed(0)
@@ -52,19 +63,16 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m vidrd.runtime.bench.rows", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="embedded", help="embedded (vidrd-shapes) or a random-weight preset")
-    p.add_argument("--rows", default="2,4,8,16", help="comma-separated row counts N (2 rows = one job)")
+    p.add_argument("--rows", type=counts, default="2,4,8,16", help="comma-separated row counts N (2 rows = one job)")
     p.add_argument("--size", type=int, help="height = width in pixels (default: the model's own, 256 for a preset)")
     p.add_argument("--frames", type=int, help="frames a clip (default: the model's own, 8 for a preset)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=8, help="interleaved rounds")
     p.add_argument("--out", metavar="FILE", help="append the JSON row to this file")
     a = p.parse_args(argv)
-    try:
-        rows = [int(x) for x in a.rows.split(",")]
-    except ValueError:
-        p.error(f"--rows {a.rows!r} must be comma-separated integers")
-    if not rows or min(rows) < 1 or a.threads < 1 or a.repeats < 1:
-        p.error(f"--rows {a.rows!r}, --threads {a.threads} and --repeats {a.repeats} must be >= 1")
+    rows = a.rows
+    if a.threads < 1 or a.repeats < 1:
+        p.error(f"--threads {a.threads} and --repeats {a.repeats} must be >= 1")
     torch.set_num_threads(a.threads)
     if a.model == "embedded":
         model, size, frames = load_dir(shapes.MODEL_DIR), shapes.SETTINGS["height"], shapes.SETTINGS["frames"]
