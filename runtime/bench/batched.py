@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from dataclasses import replace
 
@@ -25,26 +24,16 @@ import torch
 from vidrd.ref.sampler import SamplerSettings
 
 from .rows import counts
-from .service import PROMPTS, WORKLOADS, machine
+from .service import PROMPTS, WORKLOADS, machine, percentile, workload_model
 
 
 def setup(workload: str, device: str, dtype: str, **override):
     """(model on `device`, SamplerSettings, negative prompt) of a serve-bench workload; override: steps, clips..."""
-    from vidrd.ref.weights import load_dir, random_model
-    from vidrd.runtime import shapes
-    from vidrd.runtime.options import RuntimeOptions
+    from vidrd.runtime.options import OFFICIAL_NEGATIVE, RuntimeOptions
 
-    if workload not in WORKLOADS:
-        raise ValueError(f"unknown workload {workload!r}; choose one of {sorted(WORKLOADS)}")
-    which, body = WORKLOADS[workload]
-    torch_dtype = RuntimeOptions(dtype=dtype).torch_dtype
-    if which == "embedded":
-        model, defaults, negative = load_dir(shapes.MODEL_DIR, dtype=torch_dtype, device=device), shapes.SETTINGS, \
-            shapes.NEGATIVE
-    else:
-        model, defaults, negative = random_model(which, 0, dtype=torch_dtype, device=device), {}, "watermark"
-    fields = {**defaults, **body, **{k: v for k, v in override.items() if v is not None}}
-    return model, SamplerSettings(**fields), negative
+    model, defaults, negative = workload_model(workload, RuntimeOptions(dtype=dtype).torch_dtype, device)
+    fields = {**(defaults or {}), **WORKLOADS[workload][1], **{k: v for k, v in override.items() if v is not None}}
+    return model, SamplerSettings(**fields), OFFICIAL_NEGATIVE if negative is None else negative
 
 
 def requests(s: SamplerSettings, jobs: int, negative: str):
@@ -97,10 +86,9 @@ def run_k(model, s: SamplerSettings, reqs: list, k: int, device: str, dtype: str
     wall = time.perf_counter() - t0
     rt.close()
     videos = [np.concatenate(f) for f in frames]  # (T,H,W,3) each
-    q = statistics.quantiles(end, n=20, method="inclusive") if len(end) > 1 else end * 19
     row = {"batch_jobs": k, "jobs": len(reqs), "jobs_per_s": round(len(reqs) / wall, 4), "wall_s": round(wall, 3),
-           "p50_s": round(statistics.median(end), 3), "p95_s": round(q[18], 3),
-           "first_clip_p50_s": round(statistics.median(first), 3), "batch_sizes": sizes or {1: len(reqs) * s.clips}}
+           "p50_s": percentile(end, 50), "p95_s": percentile(end, 95), "first_clip_p50_s": percentile(first, 50),
+           "batch_sizes": sizes or {1: len(reqs) * s.clips}}
     return row, videos
 
 

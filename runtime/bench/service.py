@@ -115,13 +115,16 @@ def load(base: str, clients: int, body: dict, cancel_every: int = 0, poll_s: flo
     return results, time.perf_counter() - t0
 
 
+def percentile(values, q: float) -> float | None:
+    """The q-th percentile of `values` (linear interpolation) to 3 decimals; None when there are none."""
+    return round(float(np.percentile(values, q)), 3) if values else None
+
+
 def summarize(results: list[dict], wall: float) -> dict:
     done = [r["latency_s"] for r in results if r.get("state") == "done"]
     first = [r["first_clip_s"] for r in results if r.get("state") == "done" and "first_clip_s" in r]
 
-    def pct(values, q):
-        return round(float(np.percentile(values, q)), 3) if values else None
-
+    pct = percentile
     return {"done": len(done), "cancelled": sum(r.get("state") == "cancelled" for r in results),
             "errors": sum("error" in r for r in results), "rejected_429": sum(r["rejected"] for r in results),
             "p50_s": pct(done, 50), "p95_s": pct(done, 95), "first_clip_p50_s": pct(first, 50),
@@ -151,27 +154,36 @@ WORKLOADS = {
 }
 
 
+def workload_model(name: str, dtype=None, device="cpu"):
+    """(model, its own sampler defaults, its negative prompt) of a workload: the embedded model with its settings,
+    or a preset's seeded random weights (None, None: the official defaults and negative prompt)."""
+    import torch
+
+    from vidrd.ref.weights import load_dir, random_model
+    from vidrd.runtime import shapes
+
+    if name not in WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}; choose one of {sorted(WORKLOADS)}")
+    which, dtype = WORKLOADS[name][0], dtype or torch.float32
+    if which == "embedded":
+        return load_dir(shapes.MODEL_DIR, dtype=dtype, device=device), dict(shapes.SETTINGS), shapes.NEGATIVE
+    return random_model(which, 0, dtype=dtype, device=device), None, None
+
+
 def workload(name: str, results: str, clients: int, queue: int, batch_jobs: int, **override):
     """(model, ServeConfig, request body) of a workload; `override`: body fields (size, frames, ...) to change."""
     from dataclasses import replace
 
     from vidrd.ref.sampler import SamplerSettings
-    from vidrd.ref.weights import load_dir, random_model
-    from vidrd.runtime import shapes
     from vidrd.runtime.loop import Limits
     from vidrd.runtime.serve.jobs import ServeConfig
 
-    if name not in WORKLOADS:
-        raise ValueError(f"unknown workload {name!r}; choose one of {sorted(WORKLOADS)}")
-    which, body = WORKLOADS[name]
-    body = {**body, **{k: v for k, v in override.items() if v is not None}, "format": "mp4"}
+    model, defaults, negative = workload_model(name)
+    body = {**WORKLOADS[name][1], **{k: v for k, v in override.items() if v is not None}, "format": "mp4"}
     config = ServeConfig(results=results, queue_size=queue, submit_rate=1e9, submit_burst=10**9,  # one address
                          batch_jobs=batch_jobs, max_records=max(2000, 2 * clients))
-    if which == "embedded":
-        model = load_dir(shapes.MODEL_DIR)
-        config = replace(config, defaults=tuple(shapes.SETTINGS.items()), negative_prompt=shapes.NEGATIVE)
-    else:
-        model = random_model(which, 0)
+    if defaults is not None:
+        config = replace(config, defaults=tuple(defaults.items()), negative_prompt=negative)
     s = SamplerSettings(**{**dict(config.defaults), **{k: v for k, v in body.items() if k != "format"}})
     limits = Limits(height=s.height, width=s.width, frames=s.frames, steps=s.steps, overlap=max(s.overlap, 1),
                     clips=s.clips)

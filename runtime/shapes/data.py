@@ -188,6 +188,12 @@ def track(directions: list[str], rng: np.random.Generator, frames: int = FRAMES,
     return [(start[0] + v * px, start[1] + v * py) for px, py in path], r
 
 
+def _neighbour(direction: str, rng: np.random.Generator, turn: float) -> str:
+    """The direction of a segment next to one moving `direction`: another one with probability `turn`."""
+    keep = rng.random() >= turn
+    return direction if keep else str(rng.choice([d for d in DIRECTIONS if d != direction]))
+
+
 def window_batch(step: int, n: int, seed: int = 0, frames: int = FRAMES, overlap: int = 4, turn: float = 0.5,
                  size: int = SIZE, captions: tuple = TRAIN_CAPTIONS, segments: int = 0):
     """Training batch `step` of clips cut from tracks, a function of (seed, step): videos (n,F,3,H,W) in [0,1], each
@@ -208,11 +214,9 @@ def window_batch(step: int, n: int, seed: int = 0, frames: int = FRAMES, overlap
             w = min(w, segments - 1)
         dirs = [cap.direction]
         for _ in range(w):  # segments before the captioned one, latest first
-            keep = rng.random() >= turn
-            dirs.insert(0, dirs[0] if keep else str(rng.choice([d for d in DIRECTIONS if d != dirs[0]])))
+            dirs.insert(0, _neighbour(dirs[0], rng, turn))
         for _ in range(max(0, segments - w - 1)):  # and after it, which only place and pace the track
-            keep = rng.random() >= turn
-            dirs.append(dirs[-1] if keep else str(rng.choice([d for d in DIRECTIONS if d != dirs[-1]])))
+            dirs.append(_neighbour(dirs[-1], rng, turn))
         centres, r = track(dirs, rng, frames, overlap, size)
         a = w * (frames - overlap)
         vids.append(draw(cap, centres[a:a + frames], r, size))
